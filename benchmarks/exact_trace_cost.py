@@ -1,0 +1,132 @@
+"""What does one exact NTK-trace computation cost, in training steps?
+
+Problem: 1-D Poisson-type residual (u_xx - f) and a boundary-type term (u - g), N points per term,
+tanh MLP of `depth` hidden layers × `width`. Times (medians over repeats, one process, one device):
+
+- a plain training step: weighted loss, backward, Adam step;
+- exact traces through the torch.func path (residual written with lightning_ntk.derivatives);
+- exact traces of the same residual in the ordinary autograd style (per-point loop), timed on
+  `--loop-points` points per term and scaled linearly to N (its cost is linear in the points).
+
+    python benchmarks/exact_trace_cost.py                      # N=4096, 3×256, CPU
+    python benchmarks/exact_trace_cost.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_ntk import PINNModule, ntk_traces  # noqa: E402
+from lightning_ntk.derivatives import partial  # noqa: E402
+from lightning_ntk.estimators.exact import exact_traces  # noqa: E402
+
+
+def mlp(width: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(1, width), nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+def f(x):
+    return -16 * math.pi**2 * torch.sin(4 * math.pi * x)
+
+
+class FastPoisson(PINNModule):
+    def __init__(self, width, depth):
+        super().__init__(terms=["bc", "pde"])
+        self.net = mlp(width, depth)
+
+    def residuals(self, batch):
+        x_b, x_r = batch
+        return {"bc": self.net(x_b), "pde": partial(self.net, x_r, 0, 0) - f(x_r)}
+
+
+class AutogradPoisson(FastPoisson):
+    def residuals(self, batch):
+        x_b, x_r = batch
+        x_r = x_r.requires_grad_(True)
+        u = self.net(x_r)
+        u_x = torch.autograd.grad(u.sum(), x_r, create_graph=True)[0]
+        u_xx = torch.autograd.grad(u_x.sum(), x_r, create_graph=True)[0]
+        return {"bc": self.net(x_b), "pde": u_xx - f(x_r)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats, device, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=4096, help="points per term")
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--loop-points", type=int, default=64, help="points per term for the per-point loop timing")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    model = FastPoisson(args.width, args.depth).to(device)
+    batch = (torch.rand(args.n, 1, device=device), torch.rand(args.n, 1, device=device))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.weighted_loss(batch)
+        loss.backward()
+        opt.step()
+
+    options = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
+    step = median_time(train_step, args.repeats, device)
+    exact = median_time(lambda: ntk_traces(model, batch, **options), args.repeats, device)
+    paths = exact_traces(model, batch, **options).info["paths"]
+
+    slow = AutogradPoisson(args.width, args.depth).to(device)
+    slow.load_state_dict(model.state_dict())
+    m = min(args.loop_points, args.n)
+    small = (batch[0][:m].clone(), batch[1][:m].clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop = median_time(lambda: ntk_traces(slow, small), max(1, args.repeats // 2), device) * args.n / m
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"device={device}  N={args.n} per term  MLP {args.depth}x{args.width} tanh  P={params}  torch {torch.__version__}")
+    print(f"exact paths: {paths}")
+    print(f"{'computation':<44} {'median [s]':>11} {'× train step':>13}")
+    print(f"{'plain training step (loss, backward, Adam)':<44} {step:11.4f} {1.0:13.2f}")
+    print(f"{'exact traces, torch.func vmap path':<44} {exact:11.4f} {exact / step:13.2f}")
+    print(f"{'exact traces, per-point autograd loop (est.)':<44} {loop:11.4f} {loop / step:13.2f}")
+    print(f"vmap path is {loop / exact:.1f}x faster than the per-point loop")
+
+
+if __name__ == "__main__":
+    main()

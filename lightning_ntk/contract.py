@@ -1,0 +1,115 @@
+"""The residuals contract shared by the pure-torch core and the Lightning layer.
+
+A module that takes part in NTK weighting declares named loss terms and implements
+``residuals(batch) -> Mapping[str, Tensor]``: for every term, the per-point predictor output whose
+Jacobian with respect to the trainable parameters is that term's block of the NTK. Row ``n`` of a
+term's tensor (``shape[0]``) belongs to collocation point ``n``; every entry is one row of ``J_i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_residuals", "check_terms", "evaluate_residuals"]
+
+
+def check_terms(terms: Sequence[str]) -> tuple[str, ...]:
+    """Validate declared term names: a non-empty sequence of distinct, non-empty strings.
+
+    Example:
+        >>> check_terms(["bc", "pde"])
+        ('bc', 'pde')
+    """
+    if isinstance(terms, str) or not isinstance(terms, Sequence):
+        raise TypeError(f"`terms` must be a sequence of term names such as ['bc', 'pde'], got {terms!r}.")
+    names = tuple(terms)
+    if not names:
+        raise ValueError("`terms` is empty: declare at least one loss term, e.g. terms=['bc', 'pde'].")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Every term name must be a non-empty string, got {name!r} in {list(names)}.")
+        if "/" in name:
+            raise ValueError(f"Term name {name!r} contains '/', which would split its TensorBoard tag.")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"`terms` declares {duplicates} more than once; term names must be distinct.")
+    return names
+
+
+def check_residuals(
+    residuals: object, terms: Sequence[str] | None = None, *, require_grad: bool = True
+) -> dict[str, Tensor]:
+    """Check what ``residuals(batch)`` returned against the declared terms.
+
+    Args:
+        residuals: The value returned by ``module.residuals(batch)``.
+        terms: The declared term names; ``None`` accepts whatever names are returned.
+        require_grad: Also demand that every residual depends on a trainable parameter (true whenever
+            autograd is recording, i.e. outside ``torch.no_grad`` / ``torch.inference_mode``).
+
+    Returns:
+        The residuals as a ``dict`` in declaration order.
+
+    Raises:
+        TypeError: If the value is not a mapping or an entry is not a floating-point tensor.
+        ValueError: If names differ from the declared terms, or a residual is empty, has no point
+            dimension, or does not depend on any trainable parameter.
+    """
+    if not isinstance(residuals, Mapping):
+        raise TypeError(
+            f"`residuals(batch)` must return a mapping from term name to tensor, got {type(residuals).__name__}."
+        )
+    if terms is not None:
+        extra = [name for name in residuals if name not in terms]
+        if extra:
+            raise ValueError(
+                f"`residuals(batch)` returned term(s) {extra} that were not declared; declared terms: {list(terms)}."
+            )
+        missing = [name for name in terms if name not in residuals]
+        if missing:
+            raise ValueError(f"`residuals(batch)` did not return declared term(s) {missing}.")
+        order: Sequence[str] = terms
+    else:
+        order = list(residuals)
+    out: dict[str, Tensor] = {}
+    for name in order:
+        value = residuals[name]
+        if not isinstance(value, Tensor):
+            raise TypeError(f"Residual of term {name!r} must be a torch.Tensor, got {type(value).__name__}.")
+        if not value.is_floating_point():
+            raise TypeError(f"Residual of term {name!r} has dtype {value.dtype}; residuals must be floating point.")
+        if value.ndim == 0:
+            raise ValueError(
+                f"Residual of term {name!r} is a scalar; return one entry per point, shape (N,) or (N, d)."
+            )
+        if value.numel() == 0:
+            raise ValueError(f"Residual of term {name!r} is empty (shape {tuple(value.shape)}).")
+        if require_grad and not value.requires_grad:
+            raise ValueError(
+                f"Residual of term {name!r} does not depend on any trainable parameter, so its NTK block is "
+                "zero and it cannot be weighted. Build it from the network's output (and make sure the "
+                "parameters it uses have requires_grad=True)."
+            )
+        out[name] = value
+    return out
+
+
+def evaluate_residuals(module: torch.nn.Module, batch: object, terms: Sequence[str] | None = None) -> dict:
+    """Call ``module.residuals(batch)`` with autograd recording and check the result.
+
+    Grad mode is forced on because residuals in the ordinary PINN style take input derivatives with
+    ``torch.autograd.grad``, which needs a graph even when the caller runs under ``torch.no_grad``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "NTK traces need autograd, but torch.inference_mode is active; compute them outside inference "
+            "mode (e.g. not from validation_step with Trainer(inference_mode=True))."
+        )
+    residuals_fn = getattr(module, "residuals", None)
+    if not callable(residuals_fn):
+        raise TypeError(f"{type(module).__name__} has no `residuals(batch)` method; see lightning_ntk.PINNModule.")
+    with torch.enable_grad():
+        return check_residuals(residuals_fn(batch), terms, require_grad=True)

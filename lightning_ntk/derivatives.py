@@ -1,0 +1,114 @@
+"""Input derivatives of a network that work in plain autograd *and* under ``torch.func``.
+
+PINN residuals need derivatives of the network output with respect to its inputs (``u_x``,
+``u_xx``, ``u_t``). Written with ``torch.autograd.grad(..., create_graph=True)`` they train fine but
+cannot run inside ``torch.func`` transforms, which is what makes exact NTK traces fast (``vmap``
+over points of the per-point parameter Jacobian). The helpers here take the derivatives with nested
+forward-mode ``torch.func.jvp`` on a per-point function, ``vmap``-ed over points. The result is
+differentiable with respect to the network's parameters in both worlds, so the same residual code is
+used for the training loss and for the NTK.
+
+Every helper takes ``fn``, a callable mapping a batch of points ``(n, d)`` to outputs ``(n,)`` or
+``(n, k)`` (typically the network itself), and the points ``x`` of shape ``(N, d)``. Row ``n`` of the
+result depends only on point ``n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+__all__ = ["gradient", "laplacian", "partial"]
+
+PointwiseFn = Callable[[Tensor], Tensor]
+
+
+def _check_points(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"Points must be a tensor of shape (N, d), got {shape}; use x.reshape(-1, 1) for 1-D.")
+
+
+def _per_point(fn: PointwiseFn) -> PointwiseFn:
+    # Evaluate the batch function on a batch of one point, so `fn` may be any nn.Module.
+    def point_fn(xi: Tensor) -> Tensor:
+        return fn(xi.unsqueeze(0)).squeeze(0)
+
+    return point_fn
+
+
+def _directional(g: PointwiseFn, direction: Tensor) -> PointwiseFn:
+    def dg(xi: Tensor) -> Tensor:
+        return jvp(g, (xi,), (direction.to(xi),))[1]
+
+    return dg
+
+
+def partial(fn: PointwiseFn, x: Tensor, *dims: int) -> Tensor:
+    """Mixed partial derivative ``∂^k fn / ∂x_{dims[0]} … ∂x_{dims[k-1]}`` at every point.
+
+    Args:
+        fn: Maps points ``(n, d)`` to outputs ``(n,)`` or ``(n, k)``.
+        x: Points, shape ``(N, d)``.
+        dims: Input dimensions to differentiate along, one per order; none returns ``fn(x)`` per point.
+
+    Returns:
+        A tensor shaped like ``fn(x)``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> xt = torch.rand(8, 2)
+        >>> u_t = partial(net, xt, 1)        # ∂u/∂t
+        >>> u_xx = partial(net, xt, 0, 0)    # ∂²u/∂x²
+        >>> u_xx.shape
+        torch.Size([8, 1])
+    """
+    _check_points(x)
+    d = x.shape[-1]
+    for dim in dims:
+        if not isinstance(dim, int) or not 0 <= dim < d:
+            raise ValueError(f"Derivative dimension {dim!r} is out of range for points with d={d}.")
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    g = _per_point(fn)
+    for dim in dims:
+        g = _directional(g, eye[dim])
+    return vmap(g)(x)
+
+
+def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:
+    """Gradient of a scalar-output ``fn`` at every point, shape ``(N, d)``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> gradient(net, torch.rand(8, 2)).shape
+        torch.Size([8, 2])
+    """
+    _check_points(x)
+    columns = [partial(fn, x, j).reshape(x.shape[0]) for j in range(x.shape[-1])]
+    return torch.stack(columns, dim=-1)
+
+
+def laplacian(fn: PointwiseFn, x: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
+    """Sum of pure second derivatives ``Σ_j ∂²fn/∂x_j²`` at every point, shaped like ``fn(x)``.
+
+    Args:
+        fn: Maps points ``(n, d)`` to outputs ``(n,)`` or ``(n, k)``.
+        x: Points, shape ``(N, d)``.
+        dims: Which input dimensions to include (default: all), e.g. ``(0,)`` for space only in ``(x, t)``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> laplacian(net, torch.rand(8, 2)).shape
+        torch.Size([8, 1])
+    """
+    _check_points(x)
+    dims = tuple(range(x.shape[-1])) if dims is None else tuple(dims)
+    if not dims:
+        raise ValueError("`dims` is empty: name at least one input dimension.")
+    total = partial(fn, x, dims[0], dims[0])
+    for j in dims[1:]:
+        total = total + partial(fn, x, j, j)
+    return total

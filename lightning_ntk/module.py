@@ -1,0 +1,140 @@
+"""``PINNModule``: a LightningModule whose loss is a weighted sum of named residual terms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_ntk.contract import check_residuals, check_terms
+
+__all__ = ["PINNModule"]
+
+_CHECKPOINT_KEY = "lightning_ntk"
+
+
+class PINNModule(pl.LightningModule):
+    r"""Base class for models trained on a weighted sum of named loss terms.
+
+    Subclasses declare their terms and implement :meth:`residuals`; the training loss is
+    ``Σ_i w_i · L_i`` with ``L_i = mean(r_i**2)`` by default (override :meth:`term_loss`). The weights
+    live in the persistent buffer ``ntk_weights`` (one entry per term, in declaration order), so they
+    are saved in every ``state_dict`` and checkpoint and restored by ``load_from_checkpoint`` without
+    any callback. :class:`~lightning_ntk.NTKWeightingCallback` updates them in place.
+
+    Args:
+        terms: Names of the loss terms, e.g. ``["bc", "pde"]``.
+        init_weights: Starting weight of some or all terms (default 1.0 each).
+
+    Example::
+
+        from lightning_ntk import PINNModule
+        from lightning_ntk.derivatives import partial
+
+        class Poisson(PINNModule):
+            def __init__(self):
+                super().__init__(terms=["bc", "pde"])
+                self.net = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+
+            def residuals(self, batch):
+                x_b, x_r = batch
+                return {"bc": self.net(x_b), "pde": partial(self.net, x_r, 0, 0) - f(x_r)}
+
+            def configure_optimizers(self):
+                return torch.optim.Adam(self.parameters(), lr=1e-3)
+    """
+
+    def __init__(self, terms: Sequence[str], init_weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        self._terms = check_terms(terms)
+        self.register_buffer("ntk_weights", torch.ones(len(self._terms)), persistent=True)
+        if init_weights is not None:
+            self.set_term_weights(init_weights)
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The declared term names, in the order of ``ntk_weights``."""
+        return self._terms
+
+    @property
+    def term_weights(self) -> dict[str, float]:
+        """The current weight of every term (reads the buffer back to the host)."""
+        return dict(zip(self._terms, self.ntk_weights.tolist(), strict=True))
+
+    def set_term_weights(self, weights: Mapping[str, float] | Tensor) -> None:
+        """Set the weights of some or all terms in place.
+
+        Args:
+            weights: ``{term: weight}`` for any subset of the terms, or a tensor with one entry per
+                term in declaration order. Every weight must be finite and positive.
+        """
+        if isinstance(weights, Tensor):
+            if weights.shape != self.ntk_weights.shape:
+                raise ValueError(
+                    f"Weight tensor has shape {tuple(weights.shape)}, expected ({len(self._terms)},) "
+                    f"for terms {list(self._terms)}."
+                )
+            with torch.no_grad():
+                self.ntk_weights.copy_(weights)
+            return
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"Weights must be a mapping {{term: weight}}, got {type(weights).__name__}.")
+        unknown = [name for name in weights if name not in self._terms]
+        if unknown:
+            raise ValueError(f"Unknown term(s) {unknown} in weights; declared terms: {list(self._terms)}.")
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"Weight of term {name!r} must be a finite number > 0, got {value!r}.")
+        with torch.no_grad():
+            for name, value in weights.items():
+                self.ntk_weights[self._terms.index(name)] = float(value)
+
+    def residuals(self, batch: Any) -> Mapping[str, Tensor]:
+        """Per-point predictor outputs, one tensor per declared term.
+
+        Row ``n`` (``shape[0]``) belongs to point ``n``; shape ``(N_i,)`` or ``(N_i, d)``, and every
+        entry is one row of the term's Jacobian ``J_i``. Return the *operator* applied to the network
+        (``u_xx - f`` for a Poisson residual, ``u - g`` on the boundary), not the loss.
+
+        Input derivatives written with :mod:`lightning_ntk.derivatives` (or ``torch.func``) make exact
+        NTK traces fast; ``torch.autograd.grad(..., create_graph=True)`` also works, more slowly.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement `residuals(batch)`.")
+
+    def term_loss(self, term: str, residual: Tensor) -> Tensor:
+        """Loss of one term from its residual; ``mean(residual**2)`` unless overridden."""
+        return residual.square().mean()
+
+    def weighted_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(Σ_i w_i L_i, {term: L_i})`` on a batch; the weights are constants to autograd."""
+        recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        residuals = check_residuals(self.residuals(batch), self._terms, require_grad=recording)
+        losses = {name: self.term_loss(name, residuals[name]) for name in self._terms}
+        stacked = torch.stack([losses[name] for name in self._terms])
+        total = (self.ntk_weights.detach().to(stacked) * stacked).sum()
+        return total, losses
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        total, losses = self.weighted_loss(batch)
+        self.log_dict({f"loss/{name}": loss.detach() for name, loss in losses.items()})
+        self.log("loss/total", total.detach(), prog_bar=True)
+        return total
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_CHECKPOINT_KEY] = {"terms": list(self._terms)}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(_CHECKPOINT_KEY, {}).get("terms")
+        if saved is not None and list(saved) != list(self._terms):
+            raise ValueError(
+                f"This checkpoint was written for terms {list(saved)}, but {type(self).__name__} declares "
+                f"{list(self._terms)}. Declare the same terms (same names and order) to load it."
+            )

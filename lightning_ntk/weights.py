@@ -1,0 +1,109 @@
+"""NTK weight rules as pure functions of the block traces.
+
+``mode="trace"`` (Wang, Yu & Perdikaris 2022, Algorithm 1): ``λ_i = Σ_j Tr K_jj / Tr K_ii``.
+A term whose block trace is small trains slowly under gradient flow and gets a large weight; every
+``λ_i ≥ 1``.
+
+``mode="mean_trace"`` (the JAX-PI code): ``λ_i = mean_j(Tr K_jj / N_j) / (Tr K_ii / N_i)``, the same
+rule on the mean diagonal entry of each block. With equal ``N_i`` it is ``"trace"`` divided by ``T``.
+
+Weights are then optionally smoothed, ``w ← ema·w_old + (1 − ema)·λ``, and clamped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["MODES", "check_traces", "clamp_weights", "ema_update", "ntk_weights", "trace_weights"]
+
+MODES = ("trace", "mean_trace")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"Unknown weighting mode {mode!r}; choose one of {list(MODES)}.")
+    return mode
+
+
+def check_traces(traces: Tensor, names: Sequence[str]) -> None:
+    """Raise if a trace is non-finite or not positive, naming the term (one host sync)."""
+    finite = torch.isfinite(traces)
+    positive = traces > 0
+    if bool((finite & positive).all()):
+        return
+    for name, ok, pos, value in zip(names, finite.tolist(), positive.tolist(), traces.tolist(), strict=True):
+        if not ok:
+            raise FloatingPointError(
+                f"NTK trace of term {name!r} is {value}: its residual or Jacobian is not finite. Check the "
+                "residual for NaN/Inf (division by zero, log of a negative, an exploding network)."
+            )
+        if not pos:
+            raise ValueError(
+                f"NTK trace of term {name!r} is {value}: its residual does not depend on the trainable "
+                "parameters at these points, so it has no NTK weight. Check the residual."
+            )
+
+
+def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = None) -> Tensor:
+    """Weights from a vector of traces ``(T,)``, in the same order.
+
+    Args:
+        traces: Positive block traces ``Tr K_ii``.
+        mode: ``"trace"`` or ``"mean_trace"``.
+        num_rows: ``N_i`` for ``"mean_trace"``.
+
+    Example:
+        >>> ntk_weights(torch.tensor([1.0, 99.0]))
+        tensor([100.0000,   1.0101])
+    """
+    check_mode(mode)
+    if traces.ndim != 1 or traces.numel() == 0:
+        raise ValueError(f"`traces` must be a non-empty vector, got shape {tuple(traces.shape)}.")
+    if mode == "trace":
+        return traces.sum() / traces
+    if num_rows is None:
+        raise ValueError('mode="mean_trace" needs `num_rows` (N_i for every term).')
+    mean_diag = traces / num_rows.to(traces)
+    return mean_diag.mean() / mean_diag
+
+
+def ema_update(old: Tensor, new: Tensor, ema: float) -> Tensor:
+    """``ema·old + (1 − ema)·new``; ``ema = 0`` returns ``new``."""
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"`ema` must be in [0, 1), got {ema}.")
+    return torch.lerp(new, old.to(new), ema)
+
+
+def clamp_weights(weights: Tensor, min_weight: float | None = None, max_weight: float | None = None) -> Tensor:
+    """Clamp weights into ``[min_weight, max_weight]`` (either bound optional)."""
+    if min_weight is not None and max_weight is not None and min_weight > max_weight:
+        raise ValueError(f"`min_weight` ({min_weight}) is larger than `max_weight` ({max_weight}).")
+    if min_weight is None and max_weight is None:
+        return weights
+    return weights.clamp(min=min_weight, max=max_weight)
+
+
+def trace_weights(
+    traces: Mapping[str, Tensor | float],
+    mode: str = "trace",
+    num_rows: Mapping[str, int] | None = None,
+) -> dict[str, Tensor]:
+    """Weights for named traces: ``{term: λ_i}``.
+
+    Example:
+        >>> w = trace_weights({"bc": 1.0, "pde": 99.0})
+        >>> {k: round(float(v), 4) for k, v in w.items()}
+        {'bc': 100.0, 'pde': 1.0101}
+    """
+    names = list(traces)
+    vec = torch.stack([torch.as_tensor(traces[n]) for n in names])
+    if not vec.is_floating_point():
+        vec = vec.to(torch.get_default_dtype())
+    check_traces(vec, names)
+    rows = None
+    if num_rows is not None:
+        rows = torch.tensor([float(num_rows[n]) for n in names], dtype=vec.dtype, device=vec.device)
+    return dict(zip(names, ntk_weights(vec, mode, rows), strict=True))

@@ -1,0 +1,140 @@
+"""Tiny seeded models shared by the tests, and an independent reference for NTK traces."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian, vmap
+
+from lightning_ntk import PINNModule, jacobian
+from lightning_ntk.derivatives import partial
+
+
+def mlp(d_in: int = 1, width: int = 8, d_out: int = 1, depth: int = 2) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    dims = [d_in] + [width] * depth
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    layers.append(nn.Linear(dims[-1], d_out))
+    return nn.Sequential(*layers)
+
+
+def source(x: torch.Tensor) -> torch.Tensor:
+    return -16 * math.pi**2 * torch.sin(4 * math.pi * x)
+
+
+class HelperPoisson(PINNModule):
+    """1-D Poisson with input derivatives from lightning_ntk.derivatives (the fast path)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__(terms=["bc", "pde"])
+        self.net = mlp(width=width)
+
+    def residuals(self, batch):
+        x_b, x_r = batch
+        return {"bc": self.net(x_b), "pde": partial(self.net, x_r, 0, 0) - source(x_r)}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class AutogradPoisson(HelperPoisson):
+    """The same problem in the ordinary PyTorch PINN style (requires_grad_ + autograd.grad)."""
+
+    def residuals(self, batch):
+        x_b, x_r = batch
+        x_r = x_r.requires_grad_(True)
+        u = self.net(x_r)
+        u_x = torch.autograd.grad(u.sum(), x_r, create_graph=True)[0]
+        u_xx = torch.autograd.grad(u_x.sum(), x_r, create_graph=True)[0]
+        return {"bc": self.net(x_b), "pde": u_xx - source(x_r)}
+
+
+class FuncPoisson(HelperPoisson):
+    """The same problem written directly with torch.func (vmap of hessian)."""
+
+    def residuals(self, batch):
+        x_b, x_r = batch
+
+        def u(xi):
+            return self.net(xi.unsqueeze(0)).squeeze()
+
+        u_xx = vmap(hessian(u))(x_r).reshape(-1, 1)
+        return {"bc": self.net(x_b), "pde": u_xx - source(x_r)}
+
+
+class TwoFieldModel(PINNModule):
+    """Vector-valued residuals: two output fields, d=2 entries per point in each term."""
+
+    def __init__(self) -> None:
+        super().__init__(terms=["data", "pde"])
+        self.net = mlp(d_in=2, width=6, d_out=2)
+
+    def residuals(self, batch):
+        x_d, x_r = batch
+        u_t = partial(self.net, x_r, 1)
+        u_xx = partial(self.net, x_r, 0, 0)
+        return {"data": self.net(x_d) - 1.0, "pde": u_t - 0.1 * u_xx + self.net(x_r) ** 3}
+
+
+def poisson_batch(n_r: int = 12, dtype=torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x_b = torch.tensor([[0.0], [1.0]], dtype=dtype)
+    x_r = torch.rand(n_r, 1, generator=g, dtype=dtype)
+    return x_b, x_r
+
+
+def reference_traces(module: nn.Module, batch, params=None) -> dict[str, torch.Tensor]:
+    """Tr K_ii from a hand-built Jacobian: one torch.autograd.grad per residual row, full batch."""
+    if params is None:
+        params = [p for p in module.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        out = module.residuals(batch)
+    traces = {}
+    for name, r in out.items():
+        rows = r.reshape(-1)
+        jac = []
+        for k in range(rows.numel()):
+            grads = torch.autograd.grad(rows[k], params, retain_graph=True, allow_unused=True)
+            jac.append(
+                torch.cat(
+                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
+                )
+            )
+        jac_t = torch.stack(jac)  # N_i × P
+        traces[name] = (jac_t @ jac_t.T).trace().detach()
+    return traces
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_fresh_warnings():
+    torch.manual_seed(1234)
+    # The slow-path warning is issued once per model class; every test starts without that memory.
+    jacobian._WARNED.clear()
+
+
+def repeat_loader(batch, steps: int):
+    """A DataLoader that yields the same full batch `steps` times (full-batch PINN training)."""
+    return torch.utils.data.DataLoader([batch] * steps, batch_size=None, shuffle=False)
+
+
+def quiet_trainer(tmp_path, **kwargs):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path, name="logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)

@@ -1,0 +1,206 @@
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import HelperPoisson, poisson_batch, quiet_trainer, repeat_loader
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_ntk import NTKWeightingCallback, ntk_traces, trace_weights
+
+
+class Recording(HelperPoisson):
+    """Records the weights each training step actually used, and supports validation."""
+
+    def __init__(self, lr: float = 1e-3):
+        super().__init__()
+        self.lr = lr
+        self.used: list[dict[str, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.used.append(self.term_weights)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        total, _ = self.weighted_loss(batch)
+        self.log("val/total", total, batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class Counting(NTKWeightingCallback):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.update_steps: list[int] = []
+
+    def update_weights(self, trainer, pl_module, batch):
+        self.update_steps.append(trainer.global_step)
+        return super().update_weights(trainer, pl_module, batch)
+
+
+def test_step0_trains_with_ntk_weights_computed_before_the_forward(tmp_path):
+    # Guards against mistake 3: weights unset (or 1) between the first step and the first update.
+    model = Recording()
+    batch = poisson_batch(dtype=torch.float32)
+    expected = trace_weights(ntk_traces(copy.deepcopy(model), batch))
+    trainer = quiet_trainer(tmp_path, max_steps=3, logger=False, callbacks=[NTKWeightingCallback(100)])
+    trainer.fit(model, repeat_loader(batch, 3))
+    for name, value in expected.items():
+        assert model.used[0][name] == pytest.approx(float(value), rel=1e-5)
+    assert model.used[0]["bc"] > 1.0
+
+
+def test_fit_writes_tensorboard_scalars_and_checkpoint_holds_weights(tmp_path):
+    model = Recording()
+    ntk = NTKWeightingCallback(update_every_n_steps=2)
+    trainer = quiet_trainer(tmp_path, max_steps=5, callbacks=[ntk])
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 5))
+
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for term in ("bc", "pde"):
+        for kind in ("trace", "weight"):
+            tag = f"ntk/{kind}/{term}"
+            assert tag in tags
+            assert [e.step for e in events.Scalars(tag)] == [0, 2, 4]
+    last_bc = events.Scalars("ntk/weight/bc")[-1].value
+    assert last_bc == pytest.approx(model.term_weights["bc"], rel=1e-6)
+    assert {"loss/bc", "loss/pde", "loss/total"} <= tags
+
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    torch.testing.assert_close(ckpt["state_dict"]["ntk_weights"], model.ntk_weights)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "NTKWeightingCallback" in k]
+    assert state["last_update_step"] == 4
+    # Guards against mistake 8: weights not restored without the callback.
+    restored = Recording.load_from_checkpoint(path)
+    assert restored.term_weights == pytest.approx(model.term_weights)
+    assert restored.term_weights["bc"] != 1.0
+
+
+def test_state_dict_round_trip():
+    a = NTKWeightingCallback(update_every_n_steps=3, monitor_only=True, ema=0.5)
+    a._last_update_step = 9
+    a._monitored_weights = torch.tensor([2.0, 1.0])
+    b = NTKWeightingCallback(update_every_n_steps=3, monitor_only=True, ema=0.5)
+    b.load_state_dict(a.state_dict())
+    assert b._last_update_step == 9
+    torch.testing.assert_close(b._monitored_weights, a._monitored_weights)
+
+
+def test_validation_and_sanity_checks_do_not_change_weights(tmp_path):
+    # Guards against mistake 5: validation or sanity passes changing the training weights.
+    model = Recording()
+    ntk = Counting(update_every_n_steps=100)
+    batch = poisson_batch(dtype=torch.float32)
+    trainer = quiet_trainer(
+        tmp_path, max_steps=4, callbacks=[ntk], val_check_interval=2, num_sanity_val_steps=1, logger=False
+    )
+    trainer.fit(model, repeat_loader(batch, 4), repeat_loader(batch, 1))
+    assert ntk.update_steps == [0]
+    before = model.term_weights
+    trainer.validate(model, repeat_loader(batch, 1), verbose=False)
+    assert model.term_weights == before
+    assert ntk.update_steps == [0]
+
+
+def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path):
+    model = Recording()
+    ntk = Counting(update_every_n_steps=1)
+    trainer = quiet_trainer(tmp_path, max_steps=4, accumulate_grad_batches=3, callbacks=[ntk], logger=False)
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 12))
+    assert ntk.update_steps == [0, 1, 2, 3]
+    # Every micro-batch of one optimizer step used the same weights.
+    for k in range(4):
+        assert model.used[3 * k] == model.used[3 * k + 1] == model.used[3 * k + 2]
+
+
+def test_ema_and_mean_trace_in_the_callback(tmp_path):
+    model = Recording(lr=0.0)  # parameters stay put, so every update sees the same traces
+    batch = poisson_batch(dtype=torch.float32)
+    traces = ntk_traces(copy.deepcopy(model), batch)
+    lam = trace_weights(traces, mode="mean_trace", num_rows={"bc": 2, "pde": 12})
+    ntk = NTKWeightingCallback(update_every_n_steps=1, mode="mean_trace", ema=0.5)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk], logger=False)
+    trainer.fit(model, repeat_loader(batch, 2))
+    for name in ("bc", "pde"):
+        w1 = 0.5 * 1.0 + 0.5 * float(lam[name])
+        assert model.used[0][name] == pytest.approx(w1, rel=1e-5)
+        assert model.used[1][name] == pytest.approx(0.5 * w1 + 0.5 * float(lam[name]), rel=1e-5)
+
+
+def test_clamps_in_the_callback(tmp_path):
+    model = Recording()
+    ntk = NTKWeightingCallback(update_every_n_steps=1, max_weight=2.5, min_weight=2.0)
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[ntk], logger=False)
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 1))
+    assert model.used[0] == {"bc": 2.5, "pde": 2.0}
+
+
+def test_monitor_only_never_changes_weights(tmp_path):
+    model = Recording()
+    model.set_term_weights({"bc": 7.0})
+    ntk = NTKWeightingCallback(update_every_n_steps=1, monitor_only=True)
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ntk])
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
+    assert all(u == {"bc": 7.0, "pde": 1.0} for u in model.used)
+    assert ntk.last_weights["bc"] > 1.0 and ntk.last_weights["bc"] != 7.0
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    assert len(events.Scalars("ntk/weight/bc")) == 3
+
+
+def test_nonfinite_trace_raises_at_that_step_naming_the_term(tmp_path):
+    model = Recording()
+    good = poisson_batch(dtype=torch.float32)
+    bad = (good[0], good[1].clone())
+    bad[1][3] = float("nan")
+    loader = torch.utils.data.DataLoader([good, good, bad], batch_size=None)
+    trainer = quiet_trainer(
+        tmp_path, max_steps=3, callbacks=[NTKWeightingCallback(update_every_n_steps=1)], logger=False
+    )
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(FloatingPointError, match=r"At optimizer step 2.*term 'pde'"),
+    ):
+        trainer.fit(model, loader)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"update_every_n_steps": 0}, "update_every_n_steps"),
+        ({"update_every_n_steps": 2.0}, "update_every_n_steps"),
+        ({"estimator": "nope"}, "Unknown `estimator` 'nope'"),
+        ({"mode": "max"}, "Unknown `mode` 'max'"),
+        ({"ema": 1.0}, r"`ema` must be a number in \[0, 1\)"),
+        ({"ema": -0.1}, "`ema`"),
+        ({"min_weight": 10.0, "max_weight": 1.0}, "larger than"),
+        ({"min_weight": 0.0}, "min_weight"),
+        ({"estimator_options": 5}, "estimator_options"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        NTKWeightingCallback(**kwargs)
+
+
+def test_setup_rejects_a_plain_lightning_module(tmp_path):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.lin(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[NTKWeightingCallback()], logger=False)
+    with pytest.raises(MisconfigurationException, match=r"needs a lightning_ntk.PINNModule, got Plain"):
+        trainer.fit(Plain(), repeat_loader(torch.zeros(2, 1), 1))

@@ -1,0 +1,48 @@
+import pytest
+import torch
+from conftest import mlp
+
+from lightning_ntk.derivatives import gradient, laplacian, partial
+
+
+def autograd_partial(net, x, *dims):
+    x = x.clone().requires_grad_(True)
+    out = net(x)
+    for d in dims:
+        out = torch.autograd.grad(out.sum(), x, create_graph=True)[0][:, d : d + 1]
+    return out
+
+
+@pytest.mark.parametrize("dims", [(), (0,), (1,), (0, 0), (0, 1), (1, 1, 0)])
+def test_partial_matches_autograd_values_and_parameter_gradients(dims):
+    net = mlp(d_in=2, width=7).double()
+    x = torch.rand(9, 2, dtype=torch.float64)
+    got, want = partial(net, x, *dims), autograd_partial(net, x, *dims)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    params = list(net.parameters())
+    g_got = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_and_laplacian():
+    net = mlp(d_in=3, width=5).double()
+    x = torch.rand(4, 3, dtype=torch.float64)
+    grad_want = torch.cat([autograd_partial(net, x, j) for j in range(3)], dim=1)
+    torch.testing.assert_close(gradient(net, x), grad_want, rtol=1e-10, atol=1e-12)
+    lap_want = sum(autograd_partial(net, x, j, j) for j in range(3))
+    torch.testing.assert_close(laplacian(net, x), lap_want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(laplacian(net, x, dims=(0, 2)), lap_want - autograd_partial(net, x, 1, 1))
+
+
+def test_bad_inputs():
+    net = mlp()
+    with pytest.raises(ValueError, match=r"shape \(N, d\)"):
+        partial(net, torch.rand(5), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        partial(net, torch.rand(5, 1), 1)
+    with pytest.raises(ValueError, match="empty"):
+        laplacian(net, torch.rand(5, 1), dims=())

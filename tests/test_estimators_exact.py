@@ -1,0 +1,123 @@
+import warnings
+
+import pytest
+import torch
+from conftest import (
+    AutogradPoisson,
+    FuncPoisson,
+    HelperPoisson,
+    TwoFieldModel,
+    poisson_batch,
+    reference_traces,
+)
+from torch import nn
+
+from lightning_ntk import estimate_ntk_traces, ntk_traces
+from lightning_ntk.estimators.exact import exact_traces
+
+RTOL = 1e-10
+
+
+def assert_traces_close(got, want, rtol=RTOL):
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=0.0, msg=f"term {name}")
+
+
+@pytest.mark.parametrize("cls", [HelperPoisson, FuncPoisson, AutogradPoisson])
+def test_exact_equals_per_point_loop_float64(cls):
+    model = cls().double()
+    batch = poisson_batch(n_r=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ntk_traces(model, batch)
+    ref_model = AutogradPoisson().double()
+    ref_model.load_state_dict(model.state_dict())
+    want = reference_traces(ref_model, poisson_batch(n_r=12))
+    assert_traces_close(got, want)
+    assert got["pde"] > 0 and got["bc"] > 0
+
+
+def test_paths_fast_for_helpers_and_fallback_for_autograd_style():
+    batch = poisson_batch()
+    assert exact_traces(HelperPoisson().double(), batch).info["paths"] == {"bc": "vmap", "pde": "vmap"}
+    assert exact_traces(FuncPoisson().double(), batch).info["paths"] == {"bc": "vmap", "pde": "vmap"}
+    with pytest.warns(UserWarning, match="lightning_ntk.derivatives"):
+        est = exact_traces(AutogradPoisson().double(), poisson_batch(seed=3))
+    assert est.info["paths"] == {"bc": "loop", "pde": "loop"}
+
+
+def test_vector_valued_residuals():
+    model = TwoFieldModel().double()
+    g = torch.Generator().manual_seed(1)
+    batch = (
+        torch.rand(5, 2, generator=g, dtype=torch.float64),
+        torch.rand(9, 2, generator=g, dtype=torch.float64),
+    )
+    est = estimate_ntk_traces(model, batch)
+    assert est.num_rows == {"data": 10, "pde": 18}
+    assert_traces_close(est.traces, reference_traces(model, batch))
+
+
+def test_same_point_count_terms_share_one_vmap_and_stay_exact():
+    # bc and pde both have 12 points: one joint split of the batch serves both terms.
+    model = HelperPoisson().double()
+    g = torch.Generator().manual_seed(2)
+    batch = (
+        torch.rand(12, 1, generator=g, dtype=torch.float64),
+        torch.rand(12, 1, generator=g, dtype=torch.float64),
+    )
+    est = exact_traces(model, batch)
+    assert est.info["paths"] == {"bc": "vmap", "pde": "vmap"}
+    assert_traces_close(est.traces, reference_traces(model, batch))
+
+
+class NonPointwise(HelperPoisson):
+    """Rows depend on the whole batch (mean-centred), so per-point evaluation is invalid."""
+
+    def residuals(self, batch):
+        out = super().residuals(batch)
+        pde = out["pde"]
+        return {"bc": out["bc"], "pde": pde - pde.mean()}
+
+
+def test_non_pointwise_residual_falls_back_to_rows_and_stays_exact():
+    model = NonPointwise().double()
+    batch = poisson_batch(n_r=7)
+    with pytest.warns(UserWarning, match="'rows' path"):
+        est = exact_traces(model, batch)
+    assert est.info["paths"]["pde"] == "rows"
+    assert_traces_close(est.traces, reference_traces(model, batch))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_chunk_size_does_not_change_the_result(chunk_size):
+    model = HelperPoisson().double()
+    batch = poisson_batch(n_r=10)
+    assert_traces_close(ntk_traces(model, batch, chunk_size=chunk_size), ntk_traces(model, batch))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_bad_chunk_size(bad):
+    with pytest.raises(ValueError, match="chunk_size"):
+        ntk_traces(HelperPoisson(), poisson_batch(dtype=torch.float32), chunk_size=bad)
+
+
+def test_linear_model_closed_form():
+    # r_n = w·x_n + b on one parameter vector: ‖∂r_n/∂θ‖² = ‖x_n‖² + 1.
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1).double()
+
+        def residuals(self, x):
+            return {"fit": self.lin(x)}
+
+    x = torch.randn(6, 3, dtype=torch.float64)
+    got = ntk_traces(Linear(), x)["fit"]
+    torch.testing.assert_close(got, (x.square().sum(1) + 1).sum(), rtol=1e-12, atol=0)
+
+
+def test_unknown_estimator():
+    with pytest.raises(ValueError, match="Unknown NTK trace estimator 'magic'"):
+        ntk_traces(HelperPoisson(), poisson_batch(dtype=torch.float32), estimator="magic")
