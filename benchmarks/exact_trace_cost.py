@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning_ntk import PINNModule, ntk_traces  # noqa: E402
-from lightning_ntk.derivatives import partial  # noqa: E402
-from lightning_ntk.estimators.exact import exact_traces  # noqa: E402
+from lightning_ntk import PINNModule, ntk_traces
+from lightning_ntk.derivatives import partial
+from lightning_ntk.estimators.exact import exact_traces
 
 
 def mlp(width: int, depth: int) -> nn.Sequential:
@@ -119,7 +115,8 @@ def main(argv=None):
         loop = median_time(lambda: ntk_traces(slow, small), max(1, args.repeats // 2), device) * args.n / m
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"device={device}  N={args.n} per term  MLP {args.depth}x{args.width} tanh  P={params}  torch {torch.__version__}")
+    print(f"device={device}  N={args.n} per term  MLP {args.depth}x{args.width} tanh  P={params}", end="  ")
+    print(f"torch {torch.__version__}")
     print(f"exact paths: {paths}")
     print(f"{'computation':<44} {'median [s]':>11} {'× train step':>13}")
     print(f"{'plain training step (loss, backward, Adam)':<44} {step:11.4f} {1.0:13.2f}")
