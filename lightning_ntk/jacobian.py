@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_ntk.contract import check_residuals, evaluate_residuals
 
-__all__ = ["PointNorms", "per_point_squared_norms", "trainable_parameters"]
+__all__ = ["PointNorms", "ResidualCaller", "per_point_squared_norms", "trainable_parameters"]
 
 # Per-chunk budget for the per-point Jacobian rows when `chunk_size` is not given. On CPU small
 # chunks that stay in cache win (3x256 MLP, N=4096: 6.3 s with 16 points per chunk, 19 s with 256);
@@ -74,7 +74,7 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
-class _ResidualCaller(nn.Module):
+class ResidualCaller(nn.Module):
     # functional_call swaps parameters and calls forward(); residuals() is the function we need.
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -105,8 +105,9 @@ class _PointSplit:
     def splittable(self) -> bool:
         return any(self.mapped)
 
-    def mapped_leaves(self) -> list[Tensor]:
-        return [t.detach() for t, m in zip(self.leaves, self.mapped, strict=True) if m]
+    def mapped_leaves(self, index: Tensor | None = None) -> list[Tensor]:
+        leaves = [t.detach() for t, m in zip(self.leaves, self.mapped, strict=True) if m]
+        return leaves if index is None else [t[index.to(t.device)] for t in leaves]
 
     def build(self, points: Sequence[Tensor], shrink_others: bool, detach: bool) -> object:
         it = iter(points)
@@ -136,9 +137,10 @@ def _vmap_norms(
     reference: Mapping[str, Tensor],
     params: dict[str, Tensor],
     chunk_size: int,
+    index: Tensor | None,
     shrink_others: bool,
 ) -> dict[str, Tensor]:
-    caller = _ResidualCaller(module)
+    caller = ResidualCaller(module)
     prefixed = {f"inner.{name}": p.detach() for name, p in params.items()}
 
     def outputs(p: dict[str, Tensor], *points: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -161,9 +163,9 @@ def _vmap_norms(
         norms = tuple(sum(g.square().sum() for g in jt.values()) for jt in jac)
         return norms, values
 
-    norms, values = vmap(per_point, chunk_size=chunk_size)(*split.mapped_leaves())
+    norms, values = vmap(per_point, chunk_size=chunk_size)(*split.mapped_leaves(index))
     for name, v in zip(terms, values, strict=True):
-        _check_values(name, v, reference[name])
+        _check_values(name, v, _select(reference[name], index))
     return dict(zip(terms, norms, strict=True))
 
 
@@ -185,12 +187,13 @@ def _loop_norms(
     terms: list[str],
     reference: Mapping[str, Tensor],
     params: dict[str, Tensor],
+    index: Tensor | None,
     shrink_others: bool,
 ) -> dict[str, Tensor]:
     plist = list(params.values())
     norms: dict[str, list[Tensor]] = {name: [] for name in terms}
     leaves = [t for t, m in zip(split.leaves, split.mapped, strict=True) if m]
-    for n in range(split.size):
+    for n in _point_ids(split.size, index):
         points = []
         for leaf in leaves:
             # A fresh leaf per point keeps the user's `requires_grad_` calls legal and local.
@@ -206,14 +209,24 @@ def _loop_norms(
     return {name: torch.stack(v) for name, v in norms.items()}
 
 
-def _rows_norms(reference: Mapping[str, Tensor], terms: list[str], params: dict[str, Tensor]) -> dict[str, Tensor]:
+def _rows_norms(
+    reference: Mapping[str, Tensor], terms: list[str], params: dict[str, Tensor], index: Tensor | None
+) -> dict[str, Tensor]:
     plist = list(params.values())
     out = {}
     for name in terms:
         r = reference[name]
         flat = r.reshape(r.shape[0], -1)
-        out[name] = torch.stack([_row_norms(flat[n], plist).detach() for n in range(flat.shape[0])])
+        out[name] = torch.stack([_row_norms(flat[n], plist).detach() for n in _point_ids(r.shape[0], index)])
     return out
+
+
+def _select(values: Tensor, index: Tensor | None) -> Tensor:
+    return values if index is None else values[index.to(values.device)]
+
+
+def _point_ids(size: int, index: Tensor | None) -> list[int]:
+    return list(range(size)) if index is None else index.tolist()
 
 
 def _warn_once(module: nn.Module, terms: list[str], path: str, reason: str) -> None:
@@ -237,7 +250,7 @@ def per_point_squared_norms(
     chunk_size: int | None = None,
     terms: Sequence[str] | None = None,
     reference: Mapping[str, Tensor] | None = None,
-    on_path: Callable[[str, str], None] | None = None,
+    indices: Mapping[int, Tensor] | None = None,
 ) -> PointNorms:
     """Exact ``‖∂r_i(x_n)/∂θ‖²`` (summed over the point's output components) for every term and point.
 
@@ -249,7 +262,8 @@ def per_point_squared_norms(
             on GPU.
         terms: Term order; default: ``module.terms`` if present, else the order ``residuals`` returns.
         reference: The full-batch residuals if the caller already has them (with their graph).
-        on_path: Called with ``(term, path)`` for every term, to report which path was taken.
+        indices: Optional subset of points per group, ``{N: LongTensor of point ids}`` where ``N`` is
+            the point count shared by the group's terms; groups not named use all their points.
 
     Returns:
         A :class:`PointNorms`. Nothing is written to ``param.grad`` and the module's mode is unchanged.
@@ -276,13 +290,14 @@ def per_point_squared_norms(
     paths: dict[str, str] = {}
     for size, group in groups.items():
         split = _PointSplit(batch, size, set(groups) - {size})
+        index = None if indices is None else indices.get(size)
         rows_per_point = max(num_rows[n] // size for n in group)
         chunk = chunk_size or _default_chunk_size(num_params, rows_per_point, itemsize, device)
         result, path, reason = None, "rows", "no tensor in the batch has one row per point"
         if split.splittable:
             attempts: list[tuple[str, Callable[..., dict[str, Tensor]]]] = [
-                ("vmap", functools.partial(_vmap_norms, module, split, group, reference, params, chunk)),
-                ("loop", functools.partial(_loop_norms, module, split, group, reference, params)),
+                ("vmap", functools.partial(_vmap_norms, module, split, group, reference, params, chunk, index)),
+                ("loop", functools.partial(_loop_norms, module, split, group, reference, params, index)),
             ]
             for path, attempt in attempts:
                 for shrink in (True, False):
@@ -300,12 +315,10 @@ def per_point_squared_norms(
                     break
         if result is None:
             path = "rows"
-            result = _rows_norms(reference, group, params)
+            result = _rows_norms(reference, group, params, index)
         if path != "vmap":
             _warn_once(module, group, path, reason)
         for name in group:
             norms[name] = result[name]
             paths[name] = path
-            if on_path is not None:
-                on_path(name, path)
     return PointNorms(norms={n: norms[n] for n in names}, num_rows=num_rows, paths=paths)

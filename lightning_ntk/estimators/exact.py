@@ -7,6 +7,7 @@ Cost: one per-point parameter Jacobian for every point (``N_i`` rows of ``P`` en
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lightning_ntk.estimators.base import TraceEstimate, register_estimator
@@ -16,13 +17,16 @@ __all__ = ["exact_traces"]
 
 
 @register_estimator("exact")
-def exact_traces(module: nn.Module, batch: object, *, chunk_size: int | None = None) -> TraceEstimate:
+def exact_traces(
+    module: nn.Module, batch: object, *, chunk_size: int | None = None, generator: torch.Generator | None = None
+) -> TraceEstimate:
     """Exact ``Tr K_ii`` for every term.
 
     Args:
         module: Any ``nn.Module`` with ``residuals(batch) -> Mapping[str, Tensor]``.
         batch: The batch ``residuals`` takes.
         chunk_size: Points per vectorized chunk (bounds memory); default: 8 MiB of rows on CPU, 1 GiB on GPU.
+        generator: Unused; accepted so that every estimator takes the same arguments.
 
     Example:
         >>> import torch
