@@ -126,7 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--boundary-copies", type=int, default=1, help="rows per boundary end (1 = x=0 and x=1 once)")
     p.add_argument("--update-every", type=int, default=100, help="NTK weight update period, in steps")
     p.add_argument("--mode", choices=["trace", "mean_trace"], default="trace")
-    p.add_argument("--ema", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.0, help="smoothing of the weights across updates")
+    p.add_argument("--estimator", default="exact", help="exact, subsample, hutchinson, hutchpp, fd or auto")
+    p.add_argument("--num-probes", type=int, default=None, help="probes per update for the sketches")
+    p.add_argument("--trace-ema", type=float, default=0.0, help="averaging of trace estimates across updates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--float64", action="store_true")
@@ -149,9 +152,17 @@ def build(args) -> tuple[Poisson1D, PoissonData]:
 
 def train(args, use_ntk: bool) -> tuple[Poisson1D, float, NTKWeightingCallback | None]:
     model, data = build(args)
-    ntk = (
-        NTKWeightingCallback(update_every_n_steps=args.update_every, mode=args.mode, ema=args.ema) if use_ntk else None
-    )
+    ntk = None
+    if use_ntk:
+        ntk = NTKWeightingCallback(
+            update_every_n_steps=args.update_every,
+            estimator=args.estimator,
+            mode=args.mode,
+            ema=args.ema,
+            num_probes=args.num_probes,
+            trace_ema=args.trace_ema,
+            seed=args.seed,
+        )
     trainer = pl.Trainer(
         max_steps=args.steps,
         accelerator="cpu",

@@ -39,10 +39,19 @@ class NTKWeightingCallback(Callback):
     like a single-device run on the same points. Every rank then computes the same weights.
 
     With gradient accumulation the weights are updated once per optimizer step, on its first
-    micro-batch. Validation, sanity checks and prediction never touch the weights. Every update logs
-    ``ntk/trace/<term>`` and ``ntk/weight/<term>`` to every logger at the current ``global_step``.
-    The schedule (and, with ``monitor_only``, the monitored weights) is saved in checkpoints; the
-    applied weights are saved with the module.
+    micro-batch. Validation, sanity checks and prediction never touch the weights. Updates log
+    ``ntk/trace/<term>``, ``ntk/trace_stderr/<term>`` and ``ntk/weight/<term>`` to every logger at the
+    current ``global_step``, at most once per ``Trainer(log_every_n_steps=...)`` steps (every update
+    when updates are rarer than that). The schedule, the random generator, the trace averages (and,
+    with ``monitor_only``, the monitored weights) are saved in checkpoints; the applied weights are
+    saved with the module.
+
+    **Per-step weighting with a sketch.** ``estimator="fd", update_every_n_steps=1, trace_ema=0.99``
+    costs two residual evaluations per step (one probe) and averages the noisy trace estimates over
+    steps before turning them into weights: the weights follow ``λ(EMA of traces)``. The logged
+    standard error is then that of the average, ``√(v (1−β)/(1+β))`` with ``v`` the exponentially
+    weighted variance of the estimates (which includes real drift of the traces, so it is
+    conservative).
 
     Override :meth:`should_update` to change the schedule.
 
@@ -56,15 +65,25 @@ class NTKWeightingCallback(Callback):
         trainer.fit(model, datamodule)   # model: a PINNModule
         ntk.last_weights                 # {'bc': 97.3, 'pde': 1.01}
 
+        # Per-step weights from a one-probe finite-difference sketch, averaged over steps:
+        ntk = NTKWeightingCallback(update_every_n_steps=1, estimator="fd", trace_ema=0.99, seed=0)
+
     Args:
         update_every_n_steps: Recompute the weights every this many optimizer steps (step 0 included).
-        estimator: Trace estimator name (``"exact"``; see :func:`lightning_ntk.ntk_traces`).
+        estimator: Trace estimator name: ``"exact"``, ``"subsample"``, ``"hutchinson"``, ``"hutchpp"``,
+            ``"fd"`` or ``"auto"`` (see :mod:`lightning_ntk.estimators`).
         mode: ``"trace"`` (Wang et al. 2022) or ``"mean_trace"`` (the JAX-PI rule on mean diagonals).
         ema: Smoothing of the weights across updates in ``[0, 1)``; ``0`` overwrites.
         min_weight: Lower clamp for the weights, or ``None``.
         max_weight: Upper clamp for the weights, or ``None``.
         estimator_options: Keyword options for the estimator, e.g. ``{"chunk_size": 256}``.
         monitor_only: Compute and log the weights NTK weighting would use, but never apply them.
+        num_probes: Probes (or points, for ``"subsample"``) per update for the randomized estimators;
+            ``None`` keeps each estimator's default.
+        trace_ema: Average the trace *estimates* across updates with this factor in ``[0, 1)``
+            before computing weights (variance reduction for sketches); ``0`` uses each estimate alone.
+        seed: Seeds the callback's random generator (offset by the global rank, so ranks draw
+            independent probes); ``None`` draws the seed from torch's global RNG at fit start.
     """
 
     def __init__(
@@ -77,6 +96,9 @@ class NTKWeightingCallback(Callback):
         max_weight: float | None = None,
         estimator_options: Mapping[str, Any] | None = None,
         monitor_only: bool = False,
+        num_probes: int | None = None,
+        trace_ema: float = 0.0,
+        seed: int | None = None,
     ) -> None:
         if isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int):
             raise MisconfigurationException(
@@ -90,8 +112,17 @@ class NTKWeightingCallback(Callback):
             raise MisconfigurationException(f"Unknown `estimator` {estimator!r}; choose one of {sorted(ESTIMATORS)}.")
         if mode not in MODES:
             raise MisconfigurationException(f"Unknown `mode` {mode!r}; choose one of {list(MODES)}.")
-        if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
-            raise MisconfigurationException(f"`ema` must be a number in [0, 1) (0 = no smoothing), got {ema!r}.")
+        for name, value in (("ema", ema), ("trace_ema", trace_ema)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise MisconfigurationException(
+                    f"`{name}` must be a number in [0, 1) (0 = no smoothing), got {value!r}."
+                )
+        if num_probes is not None and (
+            isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1
+        ):
+            raise MisconfigurationException(f"`num_probes` must be a positive int or None, got {num_probes!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise MisconfigurationException(f"`seed` must be an int or None, got {seed!r}.")
         for name, bound in (("min_weight", min_weight), ("max_weight", max_weight)):
             if bound is not None and (not isinstance(bound, (int, float)) or not bound > 0):
                 raise MisconfigurationException(f"`{name}` must be a positive number or None, got {bound!r}.")
@@ -109,14 +140,22 @@ class NTKWeightingCallback(Callback):
         self.max_weight = max_weight
         self.estimator_options = dict(estimator_options or {})
         self.monitor_only = monitor_only
+        self.num_probes = num_probes
+        self.trace_ema = float(trace_ema)
+        self.seed = seed
 
         # Optimizer step of the last update; -1 = none yet. Guards against updating on every
         # micro-batch of an accumulated step, and is what a resumed run continues from.
         self._last_update_step = -1
         self._monitored_weights: Tensor | None = None
+        self._last_logged_step = -1
+        # Running mean and exponentially weighted variance of the trace estimates (trace_ema > 0).
+        self._trace_mean: Tensor | None = None
+        self._trace_var: Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._pending_generator_state: Tensor | None = None
         self.last_estimate: TraceEstimate | None = None
-        self.last_traces: dict[str, float] = {}
-        self.last_weights: dict[str, float] = {}
+        self._latest: tuple[tuple[str, ...], Tensor, Tensor, Tensor] | None = None
         self._reported_paths = False
 
     def should_update(self, step: int) -> bool:
@@ -139,6 +178,13 @@ class NTKWeightingCallback(Callback):
                 f"{type(pl_module).__name__} does not implement `residuals(batch)`; NTK traces need it."
             )
         get_estimator(self.estimator)  # fails early if an estimator was unregistered after construction
+        if stage == "fit":
+            self._generator = torch.Generator(device=pl_module.device)
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self._generator.manual_seed(seed + trainer.global_rank)
+            if self._pending_generator_state is not None:
+                self._generator.set_state(self._pending_generator_state)
+                self._pending_generator_state = None
 
     @override
     def on_train_batch_start(
@@ -155,15 +201,23 @@ class NTKWeightingCallback(Callback):
     def update_weights(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> Tensor:
         """Compute traces on ``batch``, reduce them across ranks, and set (or monitor) the weights."""
         names = pl_module.terms
-        estimate = estimate_ntk_traces(pl_module, batch, self.estimator, **self.estimator_options)
+        options = dict(self.estimator_options)
+        if self.num_probes is not None:
+            options["num_probes"] = self.num_probes
+        options.setdefault("generator", self._generator)
+        estimate = estimate_ntk_traces(pl_module, batch, self.estimator, **options)
         traces = torch.stack([estimate.traces[name].detach() for name in names])
         rows = torch.tensor([float(estimate.num_rows[name]) for name in names], device=traces.device)
-        packed = trainer.strategy.reduce(torch.cat([traces, rows.to(traces)]), reduce_op="sum")
-        traces, rows = packed[: len(names)], packed[len(names) :]
+        variances = torch.stack([estimate.stderr[name].detach() for name in names]).square()
+        # One collective for everything: traces and point counts add up over ranks (the NTK of the
+        # global batch), and so do the variances of independent estimates.
+        packed = trainer.strategy.reduce(torch.cat([traces, rows.to(traces), variances.to(traces)]), reduce_op="sum")
+        traces, rows, variances = packed.split(len(names))
         try:
             check_traces(traces, names)
         except (FloatingPointError, ValueError) as err:
             raise type(err)(f"At optimizer step {trainer.global_step}: {err}") from err
+        traces, stderr = self._average_traces(traces, variances)
 
         weights = ntk_weights(traces, self.mode, rows)
         if self.ema > 0.0:
@@ -178,34 +232,89 @@ class NTKWeightingCallback(Callback):
             pl_module.set_term_weights(weights.to(pl_module.ntk_weights))
 
         self.last_estimate = estimate
-        self.last_traces = dict(zip(names, traces.tolist(), strict=True))
-        self.last_weights = dict(zip(names, weights.tolist(), strict=True))
+        self._latest = (names, traces, stderr, weights)
         if not self._reported_paths and "paths" in estimate.info:
             rank_zero_info(f"lightning_ntk: exact NTK traces computed per term with paths {estimate.info['paths']}")
             self._reported_paths = True
-        self._log(trainer)
+        step = trainer.global_step
+        if self._last_logged_step < 0 or step - self._last_logged_step >= max(1, trainer.log_every_n_steps):
+            self._log(trainer)
+            self._last_logged_step = step
         return weights
 
+    @property
+    def last_traces(self) -> dict[str, float]:
+        """Traces used at the last update (averaged when ``trace_ema > 0``), reduced over ranks."""
+        return self._latest_as_dict(1)
+
+    @property
+    def last_weights(self) -> dict[str, float]:
+        """Weights computed at the last update (applied unless ``monitor_only``)."""
+        return self._latest_as_dict(3)
+
+    def _latest_as_dict(self, slot: int) -> dict[str, float]:
+        if self._latest is None:
+            return {}
+        return dict(zip(self._latest[0], self._latest[slot].tolist(), strict=True))
+
+    def _average_traces(self, traces: Tensor, variances: Tensor) -> tuple[Tensor, Tensor]:
+        if self.trace_ema == 0.0:
+            return traces, variances.sqrt()
+        beta = self.trace_ema
+        if self._trace_mean is None:
+            self._trace_mean = traces.clone()
+            self._trace_var = torch.nan_to_num(variances, nan=0.0)
+        else:
+            assert self._trace_var is not None
+            delta = traces - self._trace_mean
+            self._trace_mean = self._trace_mean + (1 - beta) * delta
+            self._trace_var = beta * (self._trace_var + (1 - beta) * delta.square())
+        return self._trace_mean, (self._trace_var * (1 - beta) / (1 + beta)).sqrt()
+
     def _log(self, trainer: pl.Trainer) -> None:
-        metrics = {f"ntk/trace/{name}": value for name, value in self.last_traces.items()}
-        metrics.update({f"ntk/weight/{name}": value for name, value in self.last_weights.items()})
-        # Written straight to the loggers (as LearningRateMonitor does) so that every update is
-        # recorded, whatever `log_every_n_steps` is.
+        names, traces, stderr, weights = self._latest
+        # One transfer to the host for all scalars.
+        values = torch.stack([traces, stderr, weights]).tolist()
+        metrics = {}
+        for kind, row in zip(("trace", "trace_stderr", "weight"), values, strict=True):
+            metrics.update({f"ntk/{kind}/{name}": v for name, v in zip(names, row, strict=True)})
+        # Written straight to the loggers (as LearningRateMonitor does), so updates are recorded at
+        # their own step whatever the module logs.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu()
+
         return {
             "last_update_step": self._last_update_step,
-            "monitored_weights": None if self._monitored_weights is None else self._monitored_weights.cpu(),
-            "last_traces": dict(self.last_traces),
-            "last_weights": dict(self.last_weights),
+            "last_logged_step": self._last_logged_step,
+            "monitored_weights": cpu(self._monitored_weights),
+            "trace_mean": cpu(self._trace_mean),
+            "trace_var": cpu(self._trace_var),
+            "generator_state": None if self._generator is None else self._generator.get_state(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_update_step = int(state_dict["last_update_step"])
+        self._last_logged_step = int(state_dict.get("last_logged_step", -1))
         self._monitored_weights = state_dict.get("monitored_weights")
-        self.last_traces = dict(state_dict.get("last_traces", {}))
-        self.last_weights = dict(state_dict.get("last_weights", {}))
+        self._trace_mean = state_dict.get("trace_mean")
+        self._trace_var = state_dict.get("trace_var")
+        # The generator exists from `setup` on; a state loaded earlier waits for it.
+        self._pending_generator_state = state_dict.get("generator_state")
+        if self._generator is not None and self._pending_generator_state is not None:
+            self._generator.set_state(self._pending_generator_state)
+            self._pending_generator_state = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Averages restored from a checkpoint live on the CPU until the module's device is known.
+        device = pl_module.device
+        for attr in ("_trace_mean", "_trace_var", "_monitored_weights"):
+            value = getattr(self, attr)
+            if value is not None:
+                setattr(self, attr, value.to(device))

@@ -204,3 +204,64 @@ def test_setup_rejects_a_plain_lightning_module(tmp_path):
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[NTKWeightingCallback()], logger=False)
     with pytest.raises(MisconfigurationException, match=r"needs a lightning_ntk.PINNModule, got Plain"):
         trainer.fit(Plain(), repeat_loader(torch.zeros(2, 1), 1))
+
+
+class Capturing(NTKWeightingCallback):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raw: list[dict[str, float]] = []
+
+    def update_weights(self, trainer, pl_module, batch):
+        weights = super().update_weights(trainer, pl_module, batch)
+        self.raw.append({k: float(v) for k, v in self.last_estimate.traces.items()})
+        return weights
+
+
+def test_trace_ema_averages_the_estimates_before_weighting(tmp_path):
+    model = Recording(lr=0.0)
+    ntk = Capturing(update_every_n_steps=1, estimator="fd", num_probes=1, trace_ema=0.5, seed=3)
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ntk])
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
+    mean = dict(ntk.raw[0])
+    for raw in ntk.raw[1:]:
+        mean = {k: mean[k] + 0.5 * (raw[k] - mean[k]) for k in mean}
+    assert ntk.last_traces == pytest.approx(mean, rel=1e-5)
+    expected = trace_weights(mean)
+    assert model.used[2] == pytest.approx({k: float(v) for k, v in expected.items()}, rel=1e-5)
+    assert len({raw["pde"] for raw in ntk.raw}) == 3  # fresh probes every step
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    stderr = events.Scalars("ntk/trace_stderr/pde")
+    assert len(stderr) == 3 and stderr[-1].value > 0
+
+
+def test_exact_estimator_logs_zero_stderr_and_respects_log_every_n_steps(tmp_path):
+    model = Recording()
+    trainer = quiet_trainer(
+        tmp_path, max_steps=6, log_every_n_steps=3, callbacks=[NTKWeightingCallback(update_every_n_steps=1)]
+    )
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 6))
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("ntk/weight/bc")] == [0, 3]
+    assert all(e.value == 0.0 for e in events.Scalars("ntk/trace_stderr/bc"))
+
+
+def test_generator_state_round_trip(tmp_path):
+    model = Recording()
+    a = NTKWeightingCallback(update_every_n_steps=1, estimator="hutchinson", seed=5)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[a], logger=False)
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 2))
+    b = NTKWeightingCallback(update_every_n_steps=1, estimator="hutchinson", seed=5)
+    b._generator = torch.Generator()
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(torch.rand(4, generator=a._generator), torch.rand(4, generator=b._generator))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"trace_ema": 1.0}, "trace_ema"), ({"num_probes": 0}, "num_probes"), ({"seed": "x"}, "seed")],
+)
+def test_bad_sketch_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        NTKWeightingCallback(**kwargs)
