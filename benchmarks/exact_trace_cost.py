@@ -15,67 +15,13 @@ tanh MLP of `depth` hidden layers × `width`. Times (medians over repeats, one p
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
-import time
 import warnings
 
 import torch
-from torch import nn
+from _problem import AutogradPoisson, FastPoisson, median_time, train_step_fn
 
-from lightning_ntk import PINNModule, ntk_traces
-from lightning_ntk.derivatives import partial
+from lightning_ntk import ntk_traces
 from lightning_ntk.estimators.exact import exact_traces
-
-
-def mlp(width: int, depth: int) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(1, width), nn.Tanh()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.Tanh()]
-    layers.append(nn.Linear(width, 1))
-    return nn.Sequential(*layers)
-
-
-def f(x):
-    return -16 * math.pi**2 * torch.sin(4 * math.pi * x)
-
-
-class FastPoisson(PINNModule):
-    def __init__(self, width, depth):
-        super().__init__(terms=["bc", "pde"])
-        self.net = mlp(width, depth)
-
-    def residuals(self, batch):
-        x_b, x_r = batch
-        return {"bc": self.net(x_b), "pde": partial(self.net, x_r, 0, 0) - f(x_r)}
-
-
-class AutogradPoisson(FastPoisson):
-    def residuals(self, batch):
-        x_b, x_r = batch
-        x_r = x_r.requires_grad_(True)
-        u = self.net(x_r)
-        u_x = torch.autograd.grad(u.sum(), x_r, create_graph=True)[0]
-        u_xx = torch.autograd.grad(u_x.sum(), x_r, create_graph=True)[0]
-        return {"bc": self.net(x_b), "pde": u_xx - f(x_r)}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, repeats, device, warmup=1):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -93,13 +39,7 @@ def main(argv=None):
 
     model = FastPoisson(args.width, args.depth).to(device)
     batch = (torch.rand(args.n, 1, device=device), torch.rand(args.n, 1, device=device))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        loss, _ = model.weighted_loss(batch)
-        loss.backward()
-        opt.step()
+    train_step = train_step_fn(model, batch)
 
     options = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
     step = median_time(train_step, args.repeats, device)

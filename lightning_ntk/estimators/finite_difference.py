@@ -37,12 +37,13 @@ from lightning_ntk.jacobian import ResidualCaller, trainable_parameters
 __all__ = ["fd_step_size", "finite_difference_traces"]
 
 
-def fd_step_size(params: list[Tensor], direction_norm: float, step_scale: float = 0.1) -> float:
-    """``h = step_scale · eps^(1/3) · ‖θ‖ / ‖z‖`` for the parameters' dtype (one host sync)."""
+def fd_step_size(params: list[Tensor], direction_norm: float, step_scale: float = 0.1) -> Tensor:
+    """``h = step_scale · eps^(1/3) · ‖θ‖ / ‖z‖`` for the parameters' dtype, as a 0-dim tensor on
+    their device (no host sync)."""
     eps = torch.finfo(params[0].dtype).eps
-    theta_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params])))
+    theta_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach()) for p in params]))
     # A network at θ = 0 still needs a perturbation of a sensible size.
-    return step_scale * eps ** (1 / 3) * max(theta_norm, 1.0) / direction_norm
+    return step_scale * eps ** (1 / 3) * theta_norm.clamp_min(1.0) / direction_norm
 
 
 def _evaluate_at(caller: ResidualCaller, params: dict[str, Tensor], batch: object, terms) -> dict[str, Tensor]:
@@ -94,7 +95,10 @@ def finite_difference_traces(
     named = {f"inner.{name}": p.detach() for name, p in trainable_parameters(module).items()}
     params = list(named.values())
     num_params = sum(p.numel() for p in params)
-    h = step_size if step_size is not None else fd_step_size(params, num_params**0.5, step_scale)
+    if step_size is not None:
+        h = torch.tensor(step_size, dtype=params[0].dtype, device=params[0].device)
+    else:
+        h = fd_step_size(params, num_params**0.5, step_scale)
     caller = ResidualCaller(module)
     samples: dict[str, list[Tensor]] = {}
     rows: dict[str, int] = {}

@@ -1,0 +1,88 @@
+"""The benchmark problem shared by the scripts here: 1-D Poisson-type residual plus boundary term."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from lightning_ntk import PINNModule
+from lightning_ntk.derivatives import partial
+
+
+def mlp(width: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(1, width), nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+def source(x: torch.Tensor) -> torch.Tensor:
+    return -16 * math.pi**2 * torch.sin(4 * math.pi * x)
+
+
+class FastPoisson(PINNModule):
+    """u_xx - f on residual points and u on boundary-type points, N of each."""
+
+    def __init__(self, width: int = 256, depth: int = 3, lr: float = 1e-3) -> None:
+        super().__init__(terms=["bc", "pde"])
+        self.net = mlp(width, depth)
+        self.lr = lr
+
+    def residuals(self, batch):
+        x_b, x_r = batch
+        return {"bc": self.net(x_b), "pde": partial(self.net, x_r, 0, 0) - source(x_r)}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class AutogradPoisson(FastPoisson):
+    """The same residual in the ordinary autograd style (not vmappable)."""
+
+    def residuals(self, batch):
+        x_b, x_r = batch
+        x_r = x_r.requires_grad_(True)
+        u = self.net(x_r)
+        u_x = torch.autograd.grad(u.sum(), x_r, create_graph=True)[0]
+        u_xx = torch.autograd.grad(u_x.sum(), x_r, create_graph=True)[0]
+        return {"bc": self.net(x_b), "pde": u_xx - source(x_r)}
+
+
+def make_batch(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, generator=g).to(device), torch.rand(n, 1, generator=g).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_step_fn(model: FastPoisson, batch):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.weighted_loss(batch)
+        loss.backward()
+        opt.step()
+
+    return step

@@ -1,0 +1,59 @@
+"""Device checks that run only where CUDA is available (skipped on CPU-only CI)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import AutogradPoisson, HelperPoisson, poisson_batch, quiet_trainer, repeat_loader
+
+from lightning_ntk import NTKWeightingCallback, estimate_ntk_traces
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = torch.device("cuda")
+
+
+def to(batch, device):
+    return tuple(t.to(device) for t in batch)
+
+
+@pytest.mark.parametrize("cls", [HelperPoisson, AutogradPoisson])
+def test_exact_traces_on_cuda_equal_cpu(cls):
+    model = cls().double()
+    batch = poisson_batch(n_r=16)
+    cpu = estimate_ntk_traces(model, batch).traces
+    gpu = estimate_ntk_traces(copy.deepcopy(model).to(CUDA), to(batch, CUDA)).traces
+    for name in cpu:
+        assert gpu[name].device.type == "cuda"
+        torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name", ["subsample", "hutchinson", "hutchpp", "fd", "auto"])
+def test_sketches_run_on_cuda_with_a_cuda_generator(name):
+    model = HelperPoisson().to(CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    est = estimate_ntk_traces(model, to(poisson_batch(dtype=torch.float32), CUDA), name, generator=g, num_probes=6)
+    assert all(t.device.type == "cuda" and torch.isfinite(t) for t in est.traces.values())
+
+
+def test_fd_estimator_makes_no_host_sync():
+    model = HelperPoisson().to(CUDA)
+    batch = to(poisson_batch(dtype=torch.float32), CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    estimate_ntk_traces(model, batch, "fd", generator=g)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        estimate_ntk_traces(model, batch, "fd", generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_callback_on_gpu_keeps_state_on_device_and_traces_in_float32(tmp_path, precision):
+    model = HelperPoisson()
+    ntk = NTKWeightingCallback(update_every_n_steps=1, estimator="fd", trace_ema=0.9, seed=0)
+    trainer = quiet_trainer(tmp_path, accelerator="gpu", max_steps=3, callbacks=[ntk], precision=precision)
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
+    assert model.ntk_weights.device.type == "cuda"
+    assert ntk._generator.device.type == "cuda"
+    assert all(t.dtype == torch.float32 for t in ntk.last_estimate.traces.values())
+    assert model.term_weights["bc"] > 1.0
