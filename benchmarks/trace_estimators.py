@@ -63,8 +63,8 @@ def jax_pi_time(model: FastPoisson, batch, repeats: int) -> float | None:
         tr = jax.vmap(lambda x: sq_norm(jax.grad(r_pde)(p, x)))(xr).sum()
         return tb, tr
 
-    xb = jnp.asarray(batch[0].cpu().numpy()[:, 0])
-    xr = jnp.asarray(batch[1].cpu().numpy()[:, 0])
+    xb = jnp.asarray(batch[0].detach().cpu().numpy()[:, 0])
+    xr = jnp.asarray(batch[1].detach().cpu().numpy()[:, 0])
     jax.block_until_ready(traces(params, xb, xr))
     times = []
     for _ in range(repeats):
