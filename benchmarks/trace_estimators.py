@@ -27,8 +27,10 @@ from lightning_ntk import estimate_ntk_traces, ntk_traces
 SKETCHES = ("subsample", "hutchinson", "hutchpp", "fd")
 
 
-def jax_pi_time(model: FastPoisson, batch, repeats: int) -> float | None:
-    """Exact NTK diagonal sums the JAX-PI way, on the same weights and points (None without jax)."""
+def jax_pi_time(model: FastPoisson, batch, repeats: int) -> tuple[float, dict[str, float]] | None:
+    """Exact NTK diagonal sums the JAX-PI way, on the same weights and points (None without jax).
+
+    Returns the median time and JAX's traces, to check that both sides compute the same numbers."""
     try:
         import jax
         import jax.numpy as jnp
@@ -65,14 +67,14 @@ def jax_pi_time(model: FastPoisson, batch, repeats: int) -> float | None:
 
     xb = jnp.asarray(batch[0].detach().cpu().numpy()[:, 0])
     xr = jnp.asarray(batch[1].detach().cpu().numpy()[:, 0])
-    jax.block_until_ready(traces(params, xb, xr))
+    tb, tr = jax.block_until_ready(traces(params, xb, xr))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(traces(params, xb, xr))
         times.append(time.perf_counter() - start)
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], {"bc": float(tb), "pde": float(tr)}
 
 
 def naive_row_loop_time(model: AutogradPoisson, batch, rows: int, device) -> float:
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
             warnings.simplefilter("ignore")
             t_loop = median_time(lambda s=small: ntk_traces(slow, s), 1, device) * n / m
         t_rows = naive_row_loop_time(slow, batch, 32, device)
-        t_jax = jax_pi_time(model, batch, args.repeats)
+        jax_result = jax_pi_time(model, batch, args.repeats)
 
         print(f"\nN = {n} points per term; exact traces bc={exact['bc']:.5g} pde={exact['pde']:.5g}")
         print(f"one training step: {step:.4f} s")
@@ -136,8 +138,13 @@ def main(argv=None) -> None:
         print(f"{'exact (vmap)':<22}{'':>7}{t_exact:10.3f}{1.0:8.3f}{t_exact / step:8.1f}{0.0:9.1%}{0.0:9.1%}{'':>11}")
         print(f"{'per-point loop (est.)':<22}{'':>7}{t_loop:10.3f}{t_loop / t_exact:8.3f}{t_loop / step:8.1f}")
         print(f"{'naive row loop (est.)':<22}{'':>7}{t_rows:10.3f}{t_rows / t_exact:8.3f}{t_rows / step:8.1f}")
-        if t_jax is not None:
-            print(f"{'JAX-PI jit(vmap(grad))':<22}{'':>7}{t_jax:10.3f}{t_jax / t_exact:8.3f}{t_jax / step:8.1f}")
+        if jax_result is not None:
+            t_jax, jax_traces = jax_result
+            jerr = {k: abs(jax_traces[k] / exact[k] - 1) for k in exact}
+            print(
+                f"{'JAX-PI jit(vmap(grad))':<22}{'':>7}{t_jax:10.4f}{t_jax / t_exact:8.3f}{t_jax / step:8.1f}"
+                f"{jerr['bc']:9.2%}{jerr['pde']:9.2%}   (JAX's traces vs ours)"
+            )
         for name in SKETCHES:
             for k in args.probes:
                 g = torch.Generator(device=device).manual_seed(k)

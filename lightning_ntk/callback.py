@@ -178,13 +178,6 @@ class NTKWeightingCallback(Callback):
                 f"{type(pl_module).__name__} does not implement `residuals(batch)`; NTK traces need it."
             )
         get_estimator(self.estimator)  # fails early if an estimator was unregistered after construction
-        if stage == "fit":
-            self._generator = torch.Generator(device=pl_module.device)
-            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            self._generator.manual_seed(seed + trainer.global_rank)
-            if self._pending_generator_state is not None:
-                self._generator.set_state(self._pending_generator_state)
-                self._pending_generator_state = None
 
     @override
     def on_train_batch_start(
@@ -304,7 +297,7 @@ class NTKWeightingCallback(Callback):
         self._monitored_weights = state_dict.get("monitored_weights")
         self._trace_mean = state_dict.get("trace_mean")
         self._trace_var = state_dict.get("trace_var")
-        # The generator exists from `setup` on; a state loaded earlier waits for it.
+        # The generator is made at fit start, on the module's device; a state loaded earlier waits for it.
         self._pending_generator_state = state_dict.get("generator_state")
         if self._generator is not None and self._pending_generator_state is not None:
             self._generator.set_state(self._pending_generator_state)
@@ -312,8 +305,15 @@ class NTKWeightingCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Averages restored from a checkpoint live on the CPU until the module's device is known.
+        """Creates the random generator on the module's device (known only now) and moves restored state there."""
         device = pl_module.device
+        self._generator = torch.Generator(device=device)
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._generator.manual_seed(seed + trainer.global_rank)
+        if self._pending_generator_state is not None:
+            self._generator.set_state(self._pending_generator_state)
+            self._pending_generator_state = None
+        # Averages restored from a checkpoint live on the CPU until the module's device is known.
         for attr in ("_trace_mean", "_trace_var", "_monitored_weights"):
             value = getattr(self, attr)
             if value is not None:

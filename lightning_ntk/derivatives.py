@@ -71,6 +71,11 @@ def partial(fn: PointwiseFn, x: Tensor, *dims: int) -> Tensor:
     for dim in dims:
         if not isinstance(dim, int) or not 0 <= dim < d:
             raise ValueError(f"Derivative dimension {dim!r} is out of range for points with d={d}.")
+    if torch.is_inference_mode_enabled():
+        # Forward-mode AD under vmap has no batching rule in inference mode on some torch versions
+        # (2.11: "aten::_make_dual"); validation under Trainer(inference_mode=True) must still work.
+        with torch.inference_mode(False):
+            return partial(fn, x.clone(), *dims)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     g = _per_point(fn)
     for dim in dims:

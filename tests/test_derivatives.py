@@ -46,3 +46,15 @@ def test_bad_inputs():
         partial(net, torch.rand(5, 1), 1)
     with pytest.raises(ValueError, match="empty"):
         laplacian(net, torch.rand(5, 1), dims=())
+
+
+def test_partial_under_inference_mode_matches_normal_mode():
+    # Validation runs under Trainer(inference_mode=True); the helpers must still give u_xx there.
+    net = mlp(d_in=1, width=6).double()
+    x = torch.rand(5, 1, dtype=torch.float64)
+    want = partial(net, x, 0, 0)
+    with torch.inference_mode():
+        got = partial(net, x, 0, 0)
+        lap = laplacian(net, x)
+    torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(lap, want.detach())
