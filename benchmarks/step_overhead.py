@@ -69,6 +69,13 @@ def main(argv=None) -> None:
         "fd every step (1 probe, trace_ema=0.99)": NTKWeightingCallback(
             update_every_n_steps=1, estimator="fd", trace_ema=0.99, seed=0
         ),
+        f"fd every step (1 probe on {args.n // 8} points)": NTKWeightingCallback(
+            update_every_n_steps=1,
+            estimator="fd",
+            trace_ema=0.99,
+            seed=0,
+            estimator_options={"points_per_probe": args.n // 8},
+        ),
         f"exact every {args.every} steps": NTKWeightingCallback(update_every_n_steps=args.every),
         f"hutchpp (9) every {args.every} steps": NTKWeightingCallback(
             update_every_n_steps=args.every, estimator="hutchpp", num_probes=9, seed=0

@@ -130,6 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--estimator", default="exact", help="exact, subsample, hutchinson, hutchpp, fd or auto")
     p.add_argument("--num-probes", type=int, default=None, help="probes per update for the sketches")
     p.add_argument("--trace-ema", type=float, default=0.0, help="averaging of trace estimates across updates")
+    p.add_argument("--points-per-probe", type=int, default=None, help="fd: random points per term per probe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--float64", action="store_true")
@@ -162,6 +163,7 @@ def train(args, use_ntk: bool) -> tuple[Poisson1D, float, NTKWeightingCallback |
             num_probes=args.num_probes,
             trace_ema=args.trace_ema,
             seed=args.seed,
+            estimator_options={"points_per_probe": args.points_per_probe} if args.points_per_probe else None,
         )
     trainer = pl.Trainer(
         max_steps=args.steps,

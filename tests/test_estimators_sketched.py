@@ -165,3 +165,37 @@ def test_auto_chooses_by_work():
 def test_bad_num_probes(name, bad):
     with pytest.raises(ValueError, match="num_probes"):
         estimate_ntk_traces(HelperPoisson(), poisson_batch(dtype=torch.float32), name, num_probes=bad)
+
+
+def test_fd_points_per_probe_is_unbiased_and_reports_full_row_counts(setup):
+    model, batch, exact = setup
+    values, _ = draws(model, batch, "fd", 200, seed=8, num_probes=2, points_per_probe=10)
+    for term in ("bc", "pde"):
+        v = values[term]
+        assert abs(float(v.mean()) - float(exact[term])) <= 4 * float(v.std() / len(v) ** 0.5)
+    est = estimate_ntk_traces(model, batch, "fd", points_per_probe=10)
+    assert est.num_rows == {"bc": 2, "pde": 40}
+
+
+def test_fd_points_per_probe_checks_the_layout_once_and_rejects_non_pointwise_residuals():
+    class Counting(HelperPoisson):
+        calls = 0
+
+        def residuals(self, batch):
+            Counting.calls += 1
+            return super().residuals(batch)
+
+    model = Counting().double()
+    batch = poisson_batch(n_r=30)
+    estimate_ntk_traces(model, batch, "fd", points_per_probe=8)
+    assert Counting.calls == 4  # layout check (full + subset) once, then two per probe
+    estimate_ntk_traces(model, batch, "fd", points_per_probe=8)
+    assert Counting.calls == 6
+
+    class NotPointwise(HelperPoisson):
+        def residuals(self, batch):
+            out = super().residuals(batch)
+            return {"bc": out["bc"], "pde": out["pde"] - out["pde"].mean()}
+
+    with pytest.raises(ValueError, match=r"term 'pde'.*points_per_probe=None"):
+        estimate_ntk_traces(NotPointwise().double(), batch, "fd", points_per_probe=8)
