@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -84,6 +84,8 @@ class NTKWeightingCallback(Callback):
             before computing weights (variance reduction for sketches); ``0`` uses each estimate alone.
         seed: Seeds the callback's random generator (offset by the global rank, so ranks draw
             independent probes); ``None`` draws the seed from torch's global RNG at fit start.
+        on_nonfinite: What to do when a trace is NaN, infinite or zero: ``"raise"`` (an error naming
+            the term and the step) or ``"skip"`` (warn, keep the previous weights for this update).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class NTKWeightingCallback(Callback):
         num_probes: int | None = None,
         trace_ema: float = 0.0,
         seed: int | None = None,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         if isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int):
             raise MisconfigurationException(
@@ -121,6 +124,8 @@ class NTKWeightingCallback(Callback):
             isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1
         ):
             raise MisconfigurationException(f"`num_probes` must be a positive int or None, got {num_probes!r}.")
+        if on_nonfinite not in ("raise", "skip"):
+            raise MisconfigurationException(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise MisconfigurationException(f"`seed` must be an int or None, got {seed!r}.")
         for name, bound in (("min_weight", min_weight), ("max_weight", max_weight)):
@@ -143,6 +148,7 @@ class NTKWeightingCallback(Callback):
         self.num_probes = num_probes
         self.trace_ema = float(trace_ema)
         self.seed = seed
+        self.on_nonfinite = on_nonfinite
 
         # Optimizer step of the last update; -1 = none yet. Guards against updating on every
         # micro-batch of an accumulated step, and is what a resumed run continues from.
@@ -209,7 +215,12 @@ class NTKWeightingCallback(Callback):
         try:
             check_traces(traces, names)
         except (FloatingPointError, ValueError) as err:
-            raise type(err)(f"At optimizer step {trainer.global_step}: {err}") from err
+            message = f"At optimizer step {trainer.global_step}: {err}"
+            if self.on_nonfinite == "raise":
+                raise type(err)(message) from err
+            # Every rank sees the same reduced traces, so every rank skips together.
+            rank_zero_warn(f"{message} Keeping the previous weights (on_nonfinite='skip').")
+            return pl_module.ntk_weights.detach().clone()
         traces, stderr = self._average_traces(traces, variances)
 
         weights = ntk_weights(traces, self.mode, rows)

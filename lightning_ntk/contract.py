@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["check_residuals", "check_terms", "evaluate_residuals"]
+__all__ = ["check_batch_device", "check_residuals", "check_terms", "evaluate_residuals"]
 
 
 def check_terms(terms: Sequence[str]) -> tuple[str, ...]:
@@ -97,6 +98,20 @@ def check_residuals(
     return out
 
 
+def check_batch_device(module: torch.nn.Module, batch: object) -> None:
+    """Raise if a floating-point tensor of the batch is on another device than the parameters."""
+    param = next(iter(module.parameters()), None)
+    if param is None:
+        return
+    for i, leaf in enumerate(tree_flatten(batch)[0]):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.device != param.device:
+            raise ValueError(
+                f"Tensor {i} of the batch (shape {tuple(leaf.shape)}) is on {leaf.device}, but the module's "
+                f"parameters are on {param.device}. Move the batch first, e.g. "
+                f"lightning.pytorch.utilities.move_data_to_device(batch, {str(param.device)!r})."
+            )
+
+
 def evaluate_residuals(module: torch.nn.Module, batch: object, terms: Sequence[str] | None = None) -> dict:
     """Call ``module.residuals(batch)`` with autograd recording and check the result.
 
@@ -111,5 +126,6 @@ def evaluate_residuals(module: torch.nn.Module, batch: object, terms: Sequence[s
     residuals_fn = getattr(module, "residuals", None)
     if not callable(residuals_fn):
         raise TypeError(f"{type(module).__name__} has no `residuals(batch)` method; see lightning_ntk.PINNModule.")
+    check_batch_device(module, batch)
     with torch.enable_grad():
         return check_residuals(residuals_fn(batch), terms, require_grad=True)

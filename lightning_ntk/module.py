@@ -9,11 +9,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_ntk.contract import check_residuals, check_terms
 
 __all__ = ["PINNModule"]
+
+
+def _fresh_tensors(batch: Any) -> Any:
+    leaves, spec = tree_flatten(batch)
+    return tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
+
 
 _CHECKPOINT_KEY = "lightning_ntk"
 
@@ -125,6 +132,32 @@ class PINNModule(pl.LightningModule):
         self.log_dict({f"loss/{name}": loss.detach() for name, loss in losses.items()})
         self.log("loss/total", total.detach(), prog_bar=True)
         return total
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Logs ``val/loss/<term>`` and ``val/loss/total`` with the current weights.
+
+        Runs with autograd enabled on a copy of the batch, so residuals that take input derivatives
+        with ``torch.autograd.grad`` work under ``Trainer(inference_mode=True)`` too; nothing here
+        changes the weights. Override it to log an error against an exact solution instead.
+        """
+        total, losses = self._evaluate_with_autograd(batch)
+        self.log_dict({f"val/loss/{name}": loss for name, loss in losses.items()}, batch_size=1)
+        self.log("val/loss/total", total, prog_bar=True, batch_size=1)
+        return total
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Returns the residuals ``{term: tensor}`` of the batch (detached); override to predict the solution."""
+        with torch.inference_mode(False), torch.enable_grad():
+            residuals = check_residuals(self.residuals(_fresh_tensors(batch)), self._terms, require_grad=False)
+        return {name: r.detach() for name, r in residuals.items()}
+
+    def _evaluate_with_autograd(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        # Tensors made under inference mode cannot enter an autograd graph: work on fresh copies.
+        with torch.inference_mode(False), torch.enable_grad():
+            total, losses = self.weighted_loss(_fresh_tensors(batch))
+        return total.detach(), {name: loss.detach() for name, loss in losses.items()}
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
