@@ -121,3 +121,38 @@ def test_linear_model_closed_form():
 def test_unknown_estimator():
     with pytest.raises(ValueError, match="Unknown NTK trace estimator 'magic'"):
         ntk_traces(HelperPoisson(), poisson_batch(dtype=torch.float32), estimator="magic")
+
+
+def test_trace_is_not_a_gradient_norm_of_the_loss():
+    # Guards against mistake 1: using ‖∇θ L_i‖ (or ‖∇θ Σ_n r_n‖) instead of Tr K_ii = Σ_n ‖∇θ r_n‖².
+    # "Square then sum" differs from "sum then square": the proxies are far from the trace here.
+    model = HelperPoisson().double()
+    batch = poisson_batch(n_r=12)
+    trace = ntk_traces(model, batch)["pde"]
+    r = model.residuals(batch)["pde"]
+    params = list(model.parameters())
+    loss_grad = torch.autograd.grad(r.square().mean(), params, retain_graph=True, allow_unused=True)
+    sum_grad = torch.autograd.grad(r.sum(), params, allow_unused=True)
+    for proxy in (loss_grad, sum_grad):
+        value = sum(g.square().sum() for g in proxy if g is not None)
+        assert abs(float(value) / float(trace) - 1) > 0.1
+    torch.testing.assert_close(trace, reference_traces(model, batch)["pde"], rtol=1e-10, atol=0)
+
+
+def test_residual_block_uses_the_operator_not_the_raw_output():
+    # Guards against mistake 10: building the residual block's Jacobian from the raw network output
+    # u(x_r) instead of the operator N[u](x_r) = u_xx(x_r).
+    model = HelperPoisson().double()
+    x_b, x_r = poisson_batch(n_r=12)
+    operator = ntk_traces(model, (x_b, x_r))["pde"]
+    params = list(model.parameters())
+    raw_trace = sum(
+        sum(
+            g.square().sum()
+            for g in torch.autograd.grad(model.net(x_r[n : n + 1]).sum(), params, allow_unused=True)
+            if g is not None
+        )
+        for n in range(x_r.shape[0])
+    )
+    assert abs(float(operator) / float(raw_trace) - 1) > 0.1
+    torch.testing.assert_close(operator, reference_traces(model, (x_b, x_r))["pde"], rtol=1e-10, atol=0)

@@ -55,6 +55,7 @@ class WithUnused(HelperPoisson):
 
 
 def test_unused_parameters_contribute_zero():
+    # Guards against mistake 6: unused parameters (and a module used by one term only) crashing.
     model = WithUnused().double()
     batch = poisson_batch()
     got = ntk_traces(model, batch)

@@ -1,0 +1,262 @@
+"""Reliability: resume equals uninterrupted, DDP agreement, no leaks, compile, validate/predict, bad input."""
+
+import copy
+import json
+import resource
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import AutogradPoisson, HelperPoisson, poisson_batch, quiet_trainer, repeat_loader
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_ntk import NTKWeightingCallback, ntk_traces, trace_weights
+
+# ---------------------------------------------------------------- resume equals uninterrupted
+
+
+def _fit(tmp_path, model, callback, steps, batch, accumulate=1, ckpt_path=None):
+    trainer = quiet_trainer(
+        tmp_path, max_steps=steps, callbacks=[callback], logger=False, accumulate_grad_batches=accumulate
+    )
+    trainer.fit(model, repeat_loader(batch, steps * accumulate + 4), ckpt_path=ckpt_path)
+    return trainer
+
+
+CALLBACKS = {
+    "exact+ema": lambda: NTKWeightingCallback(update_every_n_steps=3, ema=0.5),
+    "fd+trace_ema": lambda: NTKWeightingCallback(update_every_n_steps=2, estimator="fd", trace_ema=0.8, seed=4),
+}
+
+
+@pytest.mark.parametrize("kind", list(CALLBACKS))
+@pytest.mark.parametrize("stop", [3, 4])  # 3: the next step is an update; 4: between updates
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_equals_uninterrupted(tmp_path, kind, stop, accumulate):
+    # Guards against mistakes 3 and 8: weights reset to 1 (or 0) after a restart, and weights or
+    # schedule not saved in checkpoints. Parameters, weights and averages must match bit-for-bit.
+    batch = poisson_batch(n_r=10)
+    torch.manual_seed(0)
+    init = HelperPoisson().double()
+
+    a_model, a_cb = copy.deepcopy(init), CALLBACKS[kind]()
+    _fit(tmp_path / "a", a_model, a_cb, 9, batch, accumulate)
+
+    b_model = copy.deepcopy(init)
+    b_trainer = _fit(tmp_path / "b", b_model, CALLBACKS[kind](), stop, batch, accumulate)
+    ckpt = tmp_path / "stop.ckpt"
+    b_trainer.save_checkpoint(ckpt)
+    resumed, r_cb = HelperPoisson().double(), CALLBACKS[kind]()  # fresh module and callback
+    _fit(tmp_path / "b", resumed, r_cb, 9, batch, accumulate, ckpt_path=ckpt)
+
+    for (name, p), q in zip(a_model.named_parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=0, msg=name)
+    torch.testing.assert_close(resumed.ntk_weights, a_model.ntk_weights, rtol=1e-12, atol=0)
+    assert r_cb._last_update_step == a_cb._last_update_step
+    if a_cb._trace_mean is not None:
+        torch.testing.assert_close(r_cb._trace_mean, a_cb._trace_mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(r_cb._trace_var, a_cb._trace_var, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- DDP agreement
+
+
+class RankRecorder(NTKWeightingCallback):
+    """Writes every update's weights and reduced traces to one file per rank."""
+
+    def __init__(self, out_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+
+    def update_weights(self, trainer, pl_module, batch):
+        weights = super().update_weights(trainer, pl_module, batch)
+        record = {
+            "step": trainer.global_step,
+            "weights": weights.tolist(),
+            "traces": self.last_traces,
+        }
+        with open(Path(self.out_dir) / f"rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return weights
+
+
+class RankBatches(torch.utils.data.Dataset):
+    """Rank r always gets batch r: different data on each rank, independent of the sampler."""
+
+    def __init__(self, batches, length):
+        self.batches, self.length = batches, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return self.batches[rank]
+
+
+def test_ddp_ranks_apply_identical_weights_from_summed_traces(tmp_path):
+    # Guards against mistake 9: each DDP rank applying different weights.
+    batch_a, batch_b = poisson_batch(n_r=8, seed=1), poisson_batch(n_r=8, seed=2)
+    torch.manual_seed(0)
+    model = HelperPoisson().double()
+    expected_step0 = {
+        name: float(ntk_traces(model, batch_a)[name] + ntk_traces(model, batch_b)[name]) for name in model.terms
+    }
+    loader = torch.utils.data.DataLoader(RankBatches([batch_a, batch_b], 12), batch_size=None)
+    callback = RankRecorder(str(tmp_path), update_every_n_steps=1, ema=0.5)
+    trainer = quiet_trainer(
+        tmp_path,
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=3,
+        callbacks=[callback],
+        logger=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, loader)
+    ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [r["step"] for r in ranks[0]] == [0, 1, 2]
+    for rec0, rec1 in zip(*ranks, strict=True):
+        assert rec0["weights"] == rec1["weights"]
+        assert rec0["traces"] == rec1["traces"]
+    # The logged (and used) trace is the sum over ranks: the NTK trace of the global batch.
+    assert ranks[0][0]["traces"] == pytest.approx(expected_step0, rel=1e-10)
+
+
+# ---------------------------------------------------------------- no leaks
+
+
+class GradRecorder(Callback):
+    def __init__(self):
+        self.grads = []
+        self.weights = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
+        self.weights.append(pl_module.ntk_weights.detach().clone())
+
+
+@pytest.mark.parametrize("estimator", ["exact", "fd", "hutchpp"])
+def test_param_grad_is_that_of_the_weighted_loss_alone(tmp_path, estimator):
+    # Guards against mistake 4: gradients of the weight computation leaking into the training step.
+    # If the trace computation were part of the loss graph or left anything in .grad, the gradient
+    # would differ from that of Σ w_i L_i computed by hand with the same (constant) weights.
+    batch = poisson_batch(n_r=10)
+    torch.manual_seed(0)
+    model = HelperPoisson().double()
+    reference = copy.deepcopy(model)
+    recorder = GradRecorder()
+    ntk = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator, seed=0)
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[recorder, ntk], logger=False)
+    trainer.fit(model, repeat_loader(batch, 1))
+    reference.set_term_weights(recorder.weights[0])
+    loss, _ = reference.weighted_loss(batch)
+    loss.backward()
+    for got, p in zip(recorder.grads[0], reference.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-12, atol=0)
+    assert not model.ntk_weights.requires_grad
+
+
+class RssProbe(Callback):
+    def __init__(self):
+        self.rss = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in (200, 1000):
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            self.rss[trainer.global_step] = pages * resource.getpagesize()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc")
+def test_memory_does_not_grow_over_1000_updates(tmp_path):
+    probe = RssProbe()
+    ntk = NTKWeightingCallback(update_every_n_steps=1)
+    trainer = quiet_trainer(tmp_path, max_steps=1000, callbacks=[ntk, probe], logger=False)
+    trainer.fit(HelperPoisson(), repeat_loader(poisson_batch(n_r=8, dtype=torch.float32), 1000))
+    growth = probe.rss[1000] - probe.rss[200]
+    assert growth < 20 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 800 updates"
+
+
+# ---------------------------------------------------------------- validate and predict
+
+
+@pytest.mark.parametrize("cls", [HelperPoisson, AutogradPoisson])
+def test_validate_and_predict_work_under_inference_mode_and_keep_weights(tmp_path, cls):
+    model = cls()
+    model.set_term_weights({"bc": 5.0})
+    batch = poisson_batch(dtype=torch.float32)
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[NTKWeightingCallback(1)], logger=False)
+    (metrics,) = trainer.validate(model, repeat_loader(batch, 1), verbose=False)
+    assert {"val/loss/bc", "val/loss/pde", "val/loss/total"} <= set(metrics)
+    total, _ = model.weighted_loss(batch)
+    assert metrics["val/loss/total"] == pytest.approx(float(total), rel=1e-5)
+    (pred,) = trainer.predict(model, repeat_loader(batch, 1))
+    assert set(pred) == {"bc", "pde"} and pred["pde"].shape == (12, 1)
+    assert model.term_weights == {"bc": 5.0, "pde": 1.0}
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compiled_network_gives_the_same_weights_as_eager(tmp_path):
+    # Guards against mistake 7: weights frozen when a compiled graph captures the step or weights.
+    batch = poisson_batch(dtype=torch.float32)
+    torch.manual_seed(0)
+    eager = HelperPoisson()
+    compiled = copy.deepcopy(eager)
+    compiled.net = torch.compile(compiled.net, backend="aot_eager")
+    runs = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        recorder = GradRecorder()
+        ntk = NTKWeightingCallback(update_every_n_steps=2)
+        quiet_trainer(tmp_path, max_steps=5, callbacks=[recorder, ntk], logger=False).fit(
+            model, repeat_loader(batch, 5)
+        )
+        runs[name] = torch.stack(recorder.weights)
+    assert len({tuple(w.tolist()) for w in runs["compiled"]}) == 3  # updates at steps 0, 2 and 4
+    torch.testing.assert_close(runs["compiled"], runs["eager"], rtol=1e-4, atol=0)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_batch_on_the_wrong_device_is_a_clear_error():
+    model = HelperPoisson().to(torch.device("meta"))
+    with pytest.raises(ValueError, match="is on cpu, but the module's parameters are on meta"):
+        ntk_traces(model, poisson_batch(dtype=torch.float32))
+
+
+def test_on_nonfinite_skip_keeps_previous_weights_and_warns(tmp_path):
+    model = HelperPoisson()
+    good = poisson_batch(dtype=torch.float32)
+    bad = (good[0], good[1].clone())
+    bad[1][0] = float("inf")
+    ntk = NTKWeightingCallback(update_every_n_steps=1, on_nonfinite="skip")
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk], logger=False)
+    with pytest.warns(UserWarning, match=r"At optimizer step 1: .*term 'pde'.*Keeping the previous weights"):
+        trainer.fit(model, torch.utils.data.DataLoader([good, bad], batch_size=None))
+    expected = trace_weights(ntk_traces(HelperPoisson().requires_grad_(True), good))
+    assert set(expected) == set(model.term_weights)
+    assert all(v > 0 for v in model.term_weights.values())
+
+
+def test_bad_on_nonfinite():
+    with pytest.raises(MisconfigurationException, match="on_nonfinite"):
+        NTKWeightingCallback(on_nonfinite="ignore")
+
+
+def test_load_from_checkpoint_with_renamed_terms_fails_clearly(tmp_path):
+    model = HelperPoisson()
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[NTKWeightingCallback(1)], logger=False)
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 1))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+
+    class Renamed(HelperPoisson):
+        def __init__(self):
+            super().__init__()
+            self._terms = ("boundary", "pde")
+
+    with pytest.raises(ValueError, match=r"written for terms \['bc', 'pde'\]"):
+        Renamed.load_from_checkpoint(path)
