@@ -18,6 +18,8 @@ from typing_extensions import override
 
 from lightning_ntk.estimators import ESTIMATORS, TraceEstimate, get_estimator
 from lightning_ntk.module import PINNModule
+from lightning_ntk.spectrum import Spectrum, ntk_eigenvalues
+from lightning_ntk.tensorboard import add_histogram, write_layout
 from lightning_ntk.traces import estimate_ntk_traces
 from lightning_ntk.weights import MODES, check_traces, clamp_weights, ema_update, ntk_weights
 
@@ -86,6 +88,17 @@ class NTKWeightingCallback(Callback):
             independent probes); ``None`` draws the seed from torch's global RNG at fit start.
         on_nonfinite: What to do when a trace is NaN, infinite or zero: ``"raise"`` (an error naming
             the term and the step) or ``"skip"`` (warn, keep the previous weights for this update).
+        spectrum_every_n_updates: Every this many weight updates (the first included), compute the
+            top ``spectrum_k`` eigenvalues of every block ``K_ii`` on rank zero's batch and log
+            ``ntk/eig/<term>/1..k``, ``ntk/cond/<term>`` (``λ_1/λ_k``), ``ntk/effective_rank/<term>``
+            (``Tr/λ_1``), ``ntk/top_k_fraction/<term>`` and, for TensorBoard, a histogram
+            ``ntk/eig_hist/<term>``. ``None`` (default) keeps updates cheap.
+        spectrum_k: How many eigenvalues per block.
+        spectrum_method: ``"exact"``, ``"lanczos"`` or ``"auto"`` (see :func:`lightning_ntk.ntk_eigenvalues`).
+
+    The callback also logs ``ntk/residual_time_avg``, the running time-average of the weighted
+    training loss ``Σ_i w_i L_i`` (the quantity whose time-average the convergence result of Hirsch &
+    Pichi drives to zero), and writes a TensorBoard custom-scalars layout at fit start.
     """
 
     def __init__(
@@ -102,6 +115,9 @@ class NTKWeightingCallback(Callback):
         trace_ema: float = 0.0,
         seed: int | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        spectrum_every_n_updates: int | None = None,
+        spectrum_k: int = 5,
+        spectrum_method: Literal["auto", "exact", "lanczos"] = "auto",
     ) -> None:
         if isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int):
             raise MisconfigurationException(
@@ -124,6 +140,20 @@ class NTKWeightingCallback(Callback):
             isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1
         ):
             raise MisconfigurationException(f"`num_probes` must be a positive int or None, got {num_probes!r}.")
+        if spectrum_every_n_updates is not None and (
+            isinstance(spectrum_every_n_updates, bool)
+            or not isinstance(spectrum_every_n_updates, int)
+            or spectrum_every_n_updates < 1
+        ):
+            raise MisconfigurationException(
+                f"`spectrum_every_n_updates` must be a positive int or None, got {spectrum_every_n_updates!r}."
+            )
+        if isinstance(spectrum_k, bool) or not isinstance(spectrum_k, int) or spectrum_k < 1:
+            raise MisconfigurationException(f"`spectrum_k` must be a positive int, got {spectrum_k!r}.")
+        if spectrum_method not in ("auto", "exact", "lanczos"):
+            raise MisconfigurationException(
+                f"`spectrum_method` must be 'auto', 'exact' or 'lanczos', got {spectrum_method!r}."
+            )
         if on_nonfinite not in ("raise", "skip"):
             raise MisconfigurationException(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -149,6 +179,15 @@ class NTKWeightingCallback(Callback):
         self.trace_ema = float(trace_ema)
         self.seed = seed
         self.on_nonfinite = on_nonfinite
+        self.spectrum_every_n_updates = spectrum_every_n_updates
+        self.spectrum_k = spectrum_k
+        self.spectrum_method = spectrum_method
+        self._num_updates = 0
+        self._warned_no_tensorboard = False
+        # Running sum of the weighted loss over steps, kept on the device (no sync per step).
+        self._loss_sum: Tensor | None = None
+        self._loss_steps = 0
+        self.last_spectra: dict[str, Spectrum] = {}
 
         # Optimizer step of the last update; -1 = none yet. Guards against updating on every
         # micro-batch of an accumulated step, and is what a resumed run continues from.
@@ -244,7 +283,57 @@ class NTKWeightingCallback(Callback):
         if self._last_logged_step < 0 or step - self._last_logged_step >= max(1, trainer.log_every_n_steps):
             self._log(trainer)
             self._last_logged_step = step
+        if self.spectrum_every_n_updates is not None and self._num_updates % self.spectrum_every_n_updates == 0:
+            self.log_spectra(trainer, pl_module, batch)
+        self._num_updates += 1
         return weights
+
+    def log_spectra(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> None:
+        """Top eigenvalues of every diagonal block on this rank's batch, logged from rank zero."""
+        if not trainer.is_global_zero:
+            return  # no collective inside: other ranks need not wait
+        metrics: dict[str, float] = {}
+        for name in pl_module.terms:
+            rows = self.last_estimate.num_rows[name] if self.last_estimate else self.spectrum_k
+            spec = ntk_eigenvalues(
+                pl_module,
+                batch,
+                k=min(self.spectrum_k, rows),
+                term=name,
+                method=self.spectrum_method,
+                generator=self._generator,
+            )
+            self.last_spectra[name] = spec
+            for j, value in enumerate(spec.eigenvalues.tolist(), start=1):
+                metrics[f"ntk/eig/{name}/{j}"] = value
+            metrics[f"ntk/cond/{name}"] = float(spec.condition_ratio)
+            metrics[f"ntk/effective_rank/{name}"] = float(spec.effective_rank)
+            metrics[f"ntk/top_k_fraction/{name}"] = float(spec.top_k_fraction)
+            shown = add_histogram(trainer, f"ntk/eig_hist/{name}", spec.eigenvalues, trainer.global_step)
+            if not shown and trainer.loggers and not self._warned_no_tensorboard:
+                rank_zero_warn(
+                    "NTKWeightingCallback: eigenvalue histograms need a TensorBoardLogger; the other loggers "
+                    "get the eigenvalues as scalars only."
+                )
+                self._warned_no_tensorboard = True
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Accumulates the weighted loss for ``ntk/residual_time_avg`` and logs it at the log cadence."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor):
+            return
+        loss = loss.detach()
+        self._loss_sum = loss.clone() if self._loss_sum is None else self._loss_sum + loss
+        self._loss_steps += 1
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            average = float(self._loss_sum) / self._loss_steps
+            for logger in trainer.loggers:
+                logger.log_metrics({"ntk/residual_time_avg": average}, step=trainer.global_step)
 
     @property
     def last_traces(self) -> dict[str, float]:
@@ -299,6 +388,9 @@ class NTKWeightingCallback(Callback):
             "trace_mean": cpu(self._trace_mean),
             "trace_var": cpu(self._trace_var),
             "generator_state": None if self._generator is None else self._generator.get_state(),
+            "num_updates": self._num_updates,
+            "loss_sum": cpu(self._loss_sum),
+            "loss_steps": self._loss_steps,
         }
 
     @override
@@ -308,6 +400,9 @@ class NTKWeightingCallback(Callback):
         self._monitored_weights = state_dict.get("monitored_weights")
         self._trace_mean = state_dict.get("trace_mean")
         self._trace_var = state_dict.get("trace_var")
+        self._num_updates = int(state_dict.get("num_updates", 0))
+        self._loss_sum = state_dict.get("loss_sum")
+        self._loss_steps = int(state_dict.get("loss_steps", 0))
         # The generator is made at fit start, on the module's device; a state loaded earlier waits for it.
         self._pending_generator_state = state_dict.get("generator_state")
         if self._generator is not None and self._pending_generator_state is not None:
@@ -325,7 +420,9 @@ class NTKWeightingCallback(Callback):
             self._generator.set_state(self._pending_generator_state)
             self._pending_generator_state = None
         # Averages restored from a checkpoint live on the CPU until the module's device is known.
-        for attr in ("_trace_mean", "_trace_var", "_monitored_weights"):
+        if isinstance(pl_module, PINNModule):
+            write_layout(trainer, pl_module.terms)
+        for attr in ("_trace_mean", "_trace_var", "_monitored_weights", "_loss_sum"):
             value = getattr(self, attr)
             if value is not None:
                 setattr(self, attr, value.to(device))

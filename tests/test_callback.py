@@ -265,3 +265,46 @@ def test_generator_state_round_trip(tmp_path):
 def test_bad_sketch_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         NTKWeightingCallback(**kwargs)
+
+
+def test_spectra_residual_average_and_layout_are_logged(tmp_path):
+    model = Recording()
+    ntk = NTKWeightingCallback(update_every_n_steps=1, spectrum_every_n_updates=2, spectrum_k=3)
+    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[ntk])
+    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 4))
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for name in ("bc", "pde"):
+        assert [e.step for e in events.Scalars(f"ntk/eig/{name}/1")] == [0, 2]
+        assert {f"ntk/cond/{name}", f"ntk/effective_rank/{name}", f"ntk/top_k_fraction/{name}"} <= scalars
+        assert f"ntk/eig_hist/{name}" in events.Tags()["histograms"]
+    assert "ntk/eig/bc/3" not in scalars  # bc has 2 rows: k is capped at the block size
+    eig = [events.Scalars(f"ntk/eig/pde/{j}")[-1].value for j in (1, 2, 3)]
+    assert eig == sorted(eig, reverse=True)
+    spec = ntk.last_spectra["pde"]
+    assert float(spec.effective_rank) >= 1.0 and 0 < float(spec.top_k_fraction) <= 1.0 + 1e-6
+    avg = events.Scalars("ntk/residual_time_avg")
+    assert len(avg) == 4 and all(e.value > 0 for e in avg)
+    assert "custom_scalars__config__" in events.Tags()["tensors"]  # the layout, written once at fit start
+
+
+def test_custom_scalars_layout_groups_every_term():
+    from lightning_ntk.tensorboard import custom_scalars_layout
+
+    layout = custom_scalars_layout(["bc", "pde"])
+    assert layout["lightning_ntk"]["weights"] == ["Multiline", ["ntk/weight/bc", "ntk/weight/pde"]]
+    assert layout["lightning_ntk term pde"]["top eigenvalues"] == ["Multiline", [r"ntk/eig/pde/\d+"]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"spectrum_every_n_updates": 0}, "spectrum_every_n_updates"),
+        ({"spectrum_k": 0}, "spectrum_k"),
+        ({"spectrum_method": "svd"}, "spectrum_method"),
+    ],
+)
+def test_bad_spectrum_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        NTKWeightingCallback(**kwargs)
