@@ -52,3 +52,24 @@ def test_fd_per_step_weights_train_as_well_as_exact_weights(tmp_path):
     assert fd_err < 3 * exact_err, (fd_err, exact_err)
     assert fd_err < 0.5
     assert fd_cb.last_weights["bc"] == pytest.approx(exact_model.term_weights["bc"], rel=0.5)
+
+
+def test_fourier_features_spectrum_runs(tmp_path, capsys):
+    example = load("fourier_features_spectrum")
+    example.main(
+        [
+            "--steps",
+            "20",
+            "--num-residual",
+            "24",
+            "--k",
+            "6",
+            "--logdir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "spectrum.png"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "tanh_mlp at init" in out and "fourier after 20 steps" in out and "λ1/λk" in out
+    assert (tmp_path / "fourier_features_spectrum" / "fourier").is_dir()
