@@ -98,7 +98,8 @@ def lanczos_top_k(
 
     Full reorthogonalization keeps the Krylov basis orthogonal in floating point; PINN NTK blocks
     have fast-decaying spectra, so the top Ritz values converge in a few dozen steps. Default
-    ``num_iter = min(n, max(2k + 20, 40))``.
+    ``num_iter = min(n, max(2k + 20, 40))``. When the Krylov space closes early (numerical rank
+    below ``k``, eigenvalues under about ``100·eps·λ_1``), the missing eigenvalues are returned as 0.
 
     Example:
         >>> A = torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5]))
@@ -125,7 +126,7 @@ def lanczos_top_k(
         scale = max(scale, abs(float(alpha)) + float(beta))
         # An invariant subspace is found (NTK blocks are often of low numerical rank): the Ritz values
         # are exact, and normalizing the round-off left in w would only add spurious directions.
-        if j == m - 1 or float(beta) <= 1e3 * torch.finfo(dtype).eps * scale:
+        if j == m - 1 or float(beta) <= 1e2 * torch.finfo(dtype).eps * scale:
             break
         betas.append(beta)
         q = w / beta
@@ -133,8 +134,12 @@ def lanczos_top_k(
     if betas:
         off = torch.stack(betas[: len(alphas) - 1])
         t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    ritz = torch.linalg.eigvalsh(t).flip(0)
-    return ritz[: min(k, ritz.numel())]
+    ritz = torch.linalg.eigvalsh(t).flip(0)[:k]
+    if ritz.numel() < k:
+        # The Krylov space closed early: the rest of the spectrum is below the round-off of the
+        # products (about eps·λ_1), i.e. zero at this precision.
+        ritz = torch.cat([ritz, ritz.new_zeros(k - ritz.numel())])
+    return ritz
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,10 @@ def test_memory_limit_and_bad_arguments():
         ntk_eigenvalues(model, batch, k=100)
     with pytest.raises(ValueError, match="Unknown method"):
         ntk_eigenvalues(model, batch, method="svd")
+
+
+def test_lanczos_pads_with_zeros_when_the_rank_is_below_k():
+    v = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    A = v.T @ v  # rank one, eigenvalue 30
+    got = lanczos_top_k(lambda x: A @ x, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(got, torch.tensor([30.0, 0.0, 0.0], dtype=torch.float64), rtol=1e-12, atol=1e-12)
