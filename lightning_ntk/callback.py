@@ -295,6 +295,8 @@ class NTKWeightingCallback(Callback):
         metrics: dict[str, float] = {}
         for name in pl_module.terms:
             rows = self.last_estimate.num_rows[name] if self.last_estimate else self.spectrum_k
+            # This rank's own trace estimate (before the reduction over ranks) belongs to this batch.
+            local_trace = self.last_estimate.traces[name] if self.last_estimate else None
             spec = ntk_eigenvalues(
                 pl_module,
                 batch,
@@ -302,6 +304,7 @@ class NTKWeightingCallback(Callback):
                 term=name,
                 method=self.spectrum_method,
                 generator=self._generator,
+                trace=local_trace,
             )
             self.last_spectra[name] = spec
             for j, value in enumerate(spec.eigenvalues.tolist(), start=1):

@@ -173,6 +173,7 @@ def ntk_eigenvalues(
     num_iter: int | None = None,
     generator: torch.Generator | None = None,
     max_bytes: int = DEFAULT_MAX_NTK_BYTES,
+    trace: Tensor | None = None,
 ) -> Spectrum:
     """Top-``k`` eigenvalues of the full NTK (``term=None``) or of one diagonal block ``K_ii``.
 
@@ -186,6 +187,8 @@ def ntk_eigenvalues(
         num_iter: Lanczos steps (see :func:`lanczos_top_k`).
         generator: Seeds the Lanczos start vector.
         max_bytes: Memory limit for the exact method.
+        trace: ``Tr`` of the block (or of ``K``) if already known, e.g. from :func:`ntk_traces`; the
+            Lanczos method otherwise computes it exactly, which can cost more than Lanczos itself.
 
     Example:
         >>> class Fit(nn.Module):
@@ -216,7 +219,8 @@ def ntk_eigenvalues(
         K, index = ntk_matrix(module, batch, max_bytes=max_bytes)
         block = K if term is None else K[index[term], index[term]]
         evals = torch.linalg.eigvalsh(block).flip(0)
-        top, trace = evals[:k], block.diagonal().sum()
+        top = evals[:k]
+        trace = block.diagonal().sum() if trace is None else trace
     else:
 
         def matvec(v: Tensor) -> Tensor:
@@ -230,10 +234,11 @@ def ntk_eigenvalues(
         top = lanczos_top_k(
             matvec, n, k, num_iter=num_iter, dtype=first.dtype, device=first.device, generator=generator
         )
-        from lightning_ntk.estimators.exact import exact_traces  # the exact trace of the same rows
+        if trace is None:
+            from lightning_ntk.estimators.exact import exact_traces  # the exact trace of the same rows
 
-        traces = exact_traces(module, batch).traces
-        trace = sum(traces[t] for t in chosen)
+            traces = exact_traces(module, batch).traces
+            trace = sum(traces[t] for t in chosen)
     top = top.clamp_min(0)  # K is PSD; rounding can make the smallest Ritz values slightly negative
     lam_max = top[0]
     tiny = torch.finfo(top.dtype).tiny
