@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -308,3 +309,16 @@ def test_custom_scalars_layout_groups_every_term():
 def test_bad_spectrum_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         NTKWeightingCallback(**kwargs)
+
+
+def test_non_tensorboard_logger_gets_scalars_and_one_warning(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = Recording()
+    ntk = NTKWeightingCallback(update_every_n_steps=1, spectrum_every_n_updates=1, spectrum_k=2)
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ntk], logger=CSVLogger(tmp_path, name="csv"))
+    with pytest.warns(UserWarning, match="histograms need a TensorBoardLogger") as record:
+        trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
+    assert sum("histograms need a TensorBoardLogger" in str(w.message) for w in record) == 1
+    header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "ntk/eig/pde/1" in header and "ntk/weight/bc" in header
