@@ -9,6 +9,7 @@ then prints the relative L² error of each, the final weights, and where the Ten
     python examples/poisson_1d.py --paper         # the paper's setting: width 100, NTK parameterization,
                                                   # full-batch GD with lr 1e-5, 40,000 steps
     python examples/poisson_1d.py --paper --init-only   # λ at initialization only
+    python examples/poisson_1d.py fit --config examples/configs/poisson_1d_ntk.yaml   # LightningCLI
 
 The boundary term has one row per boundary point. With the two distinct points x=0 and x=1
 (``--boundary-copies 1``, the default) the exact traces at initialization of the paper's network
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import sys
 import time
 
 import lightning.pytorch as pl
@@ -30,6 +32,7 @@ from torch import nn
 
 from lightning_ntk import NTKWeightingCallback, PINNModule, trace_weights
 from lightning_ntk.derivatives import partial
+from lightning_ntk.metrics import RelativeL2Error
 from lightning_ntk.traces import estimate_ntk_traces
 
 
@@ -65,7 +68,16 @@ def make_mlp(width: int, depth: int, parameterization: str) -> nn.Sequential:
 
 
 class Poisson1D(PINNModule):
-    """Boundary term ``u(x_b)`` and residual term ``u_xx(x_r) - f(x_r)``."""
+    """Boundary term ``u(x_b)`` and residual term ``u_xx(x_r) - f(x_r)``.
+
+    Args:
+        width: Units per hidden layer (paper: 100).
+        depth: Hidden layers (paper: 1).
+        parameterization: ``"standard"`` (PyTorch's default init) or ``"ntk"`` (``W x / √fan_in + b``,
+            ``W, b ~ N(0, 1)``, as in the paper).
+        optimizer: ``"adam"`` or ``"gd"`` (full-batch gradient descent, as in the paper).
+        lr: Learning rate (paper: 1e-5 with GD).
+    """
 
     def __init__(
         self,
@@ -78,6 +90,12 @@ class Poisson1D(PINNModule):
         super().__init__(terms=["bc", "pde"])
         self.save_hyperparameters()
         self.net = make_mlp(width, depth, parameterization)
+        self.val_error = RelativeL2Error()
+
+    def validation_step(self, batch, batch_idx):
+        x, exact = batch
+        self.val_error.update(self.net(x), exact)
+        self.log("val/rel_l2", self.val_error, prog_bar=True, batch_size=x.shape[0])
 
     def residuals(self, batch):
         x_b, x_r = batch
@@ -96,9 +114,15 @@ class Poisson1D(PINNModule):
 
 
 class PoissonData(pl.LightningDataModule):
-    """Full-batch training: the same boundary and residual points at every step, made in code."""
+    """Full-batch training: the same boundary and residual points at every step, made in code.
 
-    def __init__(self, steps: int, num_residual: int = 100, boundary_copies: int = 1) -> None:
+    Args:
+        steps: Batches per epoch (one per optimizer step).
+        num_residual: Uniformly spaced residual points in [0, 1].
+        boundary_copies: Rows per boundary end; 1 = the two distinct points x=0 and x=1.
+    """
+
+    def __init__(self, steps: int = 100_000, num_residual: int = 100, boundary_copies: int = 1) -> None:
         super().__init__()
         self.steps = steps
         self.x_b = torch.tensor([[0.0], [1.0]]).repeat_interleave(boundary_copies, dim=0)
@@ -110,6 +134,17 @@ class PoissonData(pl.LightningDataModule):
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader([self.batch] * self.steps, batch_size=None)
+
+    def val_dataloader(self):
+        x = torch.linspace(0, 1, 1000, dtype=self.x_r.dtype).reshape(-1, 1)
+        return torch.utils.data.DataLoader([(x, exact_solution(x))], batch_size=None)
+
+
+def cli_main(args=None, run: bool = True):
+    """``python examples/poisson_1d.py fit --config examples/configs/poisson_1d_ntk.yaml``."""
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(Poisson1D, PoissonData, args=args, run=run, save_config_kwargs={"overwrite": True})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -173,6 +208,7 @@ def train(args, use_ntk: bool) -> tuple[Poisson1D, float, NTKWeightingCallback |
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        limit_val_batches=0,
         log_every_n_steps=50,
     )
     start = time.perf_counter()
@@ -210,4 +246,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate", "test", "predict", "--print_config"):
+        cli_main()
+    else:
+        main()

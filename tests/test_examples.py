@@ -73,3 +73,62 @@ def test_fourier_features_spectrum_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tanh_mlp at init" in out and "fourier after 20 steps" in out and "λ1/λk" in out
     assert (tmp_path / "fourier_features_spectrum" / "fourier").is_dir()
+
+
+CONFIGS = sorted((EXAMPLES / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    # LightningCLI also looks at sys.argv; the tests pass their arguments explicitly.
+    monkeypatch.setattr(sys, "argv", ["example.py"])
+
+
+def _cli(config: Path, tmp_path, *extra: str, run: bool = False):
+    module = load(config.stem.split("_")[0] + "_1d")
+    args = ["--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path), *extra]
+    return module.cli_main(args if not run else ["fit", *args], run=run)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses_and_builds(config, tmp_path):
+    cli = _cli(config, tmp_path)
+    callbacks = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert ("NTKWeightingCallback" in callbacks) == ("_ntk" in config.stem)
+    assert cli.model.terms
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "paper" not in c.stem], ids=lambda c: c.name)
+def test_configs_train_a_few_steps(config, tmp_path):
+    _cli(
+        config,
+        tmp_path,
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        run=True,
+    )
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_cli_sets_callback_arguments_and_rejects_bad_ones(tmp_path, capsys):
+    config = EXAMPLES / "configs" / "wave_1d_ntk.yaml"
+    cli = _cli(config, tmp_path, "--trainer.callbacks.update_every_n_steps", "7")
+    (ntk,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "NTKWeightingCallback"]
+    assert ntk.update_every_n_steps == 7
+    for value, message in (("0", "`update_every_n_steps` must be >= 1"), ("abc", "Expected a <class 'int'>")):
+        with pytest.raises((SystemExit, ValueError)) as err:
+            _cli(config, tmp_path, "--trainer.callbacks.update_every_n_steps", value)
+        assert message in str(err.value) + capsys.readouterr().err
+
+
+def test_wave_1d_compare_runs(tmp_path, capsys):
+    wave = load("wave_1d")
+    wave.compare(["--steps", "6", "--update-every", "3", "--logdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "plain" in out and "NTK weights" in out and "ut=" in out
