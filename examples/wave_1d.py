@@ -157,6 +157,7 @@ def compare(argv=None) -> None:
     p.add_argument("--estimator", default="exact")
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", default="cpu")
     args = p.parse_args(argv)
     rows = []
     for use_ntk in (False, True):
@@ -165,7 +166,8 @@ def compare(argv=None) -> None:
         ntk = NTKWeightingCallback(args.update_every, estimator=args.estimator, seed=args.seed) if use_ntk else None
         trainer = pl.Trainer(
             max_steps=args.steps,
-            accelerator="cpu",
+            accelerator=args.accelerator,
+            devices=1,
             callbacks=[ntk] if ntk else [],
             logger=TensorBoardLogger(args.logdir, name="wave_1d", version="ntk" if use_ntk else "plain"),
             enable_progress_bar=False,
@@ -185,7 +187,7 @@ def compare(argv=None) -> None:
             )
         )
         if use_ntk:
-            plot(model, args.logdir)
+            plot(model.cpu(), args.logdir)
     print(f"\n{'run':<12} {'rel. L2 error':>14} {'time [s]':>9}   final weights")
     for name, err, seconds, w in rows:
         print(f"{name:<12} {err:14.3e} {seconds:9.1f}   " + ", ".join(f"{k}={v:.4g}" for k, v in w.items()))
