@@ -38,7 +38,11 @@ def _check_size(rows: int, params: int, itemsize: int, max_bytes: int) -> None:
 
 
 def ntk_matrix(
-    module: nn.Module, batch: object, *, max_bytes: int = DEFAULT_MAX_NTK_BYTES
+    module: nn.Module,
+    batch: object,
+    *,
+    max_bytes: int = DEFAULT_MAX_NTK_BYTES,
+    terms: list[str] | None = None,
 ) -> tuple[Tensor, dict[str, slice]]:
     """The full empirical NTK ``K = J Jᵀ`` over all terms, and each term's rows and columns.
 
@@ -46,6 +50,7 @@ def ntk_matrix(
         module: Any ``nn.Module`` with ``residuals(batch)``.
         batch: The batch ``residuals`` takes.
         max_bytes: Refuse (with the size needed) when ``J`` and ``K`` would take more memory.
+        terms: Only these terms' rows (default: all), e.g. ``["pde"]`` for ``K_rr`` alone.
 
     Returns:
         ``(K, index)``: ``K`` of shape ``(R, R)`` with ``R = Σ_i N_i`` residual entries, and
@@ -67,12 +72,17 @@ def ntk_matrix(
         {'a': slice(0, 1, None), 'b': slice(1, 3, None)}
     """
     products = JacobianProducts(module, batch)
-    rows = sum(products.num_rows(t) for t in products.residuals)
+    chosen = list(products.residuals) if terms is None else list(terms)
+    unknown = [t for t in chosen if t not in products.residuals]
+    if unknown:
+        raise ValueError(f"Unknown term(s) {unknown}; terms: {list(products.residuals)}.")
+    rows = sum(products.num_rows(t) for t in chosen)
     num_params = sum(p.numel() for p in products.params)
     first = next(iter(products.residuals.values()))
     _check_size(rows, num_params, first.element_size(), max_bytes)
     blocks, index, start = [], {}, 0
-    for name, r in products.residuals.items():
+    for name in chosen:
+        r = products.residuals[name]
         n = r.numel()
         eye = torch.eye(n, dtype=r.dtype, device=r.device)
         blocks.append(torch.stack([_flatten(products.vjp(name, eye[i])).detach() for i in range(n)]))
@@ -216,8 +226,7 @@ def ntk_eigenvalues(
     if method == "auto":
         method = "exact" if n <= _EXACT_MAX_ROWS else "lanczos"
     if method == "exact":
-        K, index = ntk_matrix(module, batch, max_bytes=max_bytes)
-        block = K if term is None else K[index[term], index[term]]
+        block, _ = ntk_matrix(module, batch, max_bytes=max_bytes, terms=chosen)
         evals = torch.linalg.eigvalsh(block).flip(0)
         top = evals[:k]
         trace = block.diagonal().sum() if trace is None else trace

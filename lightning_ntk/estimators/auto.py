@@ -11,8 +11,10 @@ well under 1 % on the nearly low-rank blocks of PINNs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_ntk.contract import evaluate_residuals
 from lightning_ntk.estimators.base import TraceEstimate, register_estimator
@@ -25,9 +27,8 @@ __all__ = ["DEFAULT_MAX_EXACT_WORK", "auto_traces", "exact_work"]
 DEFAULT_MAX_EXACT_WORK = 2.5e8
 
 
-def exact_work(module: nn.Module, batch: object) -> float:
-    """``Σ_i N_i · P``: residual rows times trainable parameters (one residual evaluation)."""
-    residuals = evaluate_residuals(module, batch, getattr(module, "terms", None))
+def exact_work(module: nn.Module, residuals: Mapping[str, Tensor]) -> float:
+    """``Σ_i N_i · P``: residual rows times trainable parameters."""
     rows = sum(r.numel() for r in residuals.values())
     return float(rows * sum(p.numel() for p in trainable_parameters(module).values()))
 
@@ -46,9 +47,11 @@ def auto_traces(
 
     The choice is recorded in ``info["chosen"]``.
     """
-    work = exact_work(module, batch)
+    residuals = evaluate_residuals(module, batch, getattr(module, "terms", None))
+    work = exact_work(module, residuals)
     if work <= max_exact_work:
-        est = exact_traces(module, batch, chunk_size=chunk_size)
+        # The evaluation above doubles as the exact path's reference: no second forward.
+        est = exact_traces(module, batch, chunk_size=chunk_size, reference=residuals)
     else:
         est = hutchpp_traces(module, batch, num_probes=num_probes, generator=generator)
     return TraceEstimate(

@@ -7,8 +7,10 @@ Cost: one per-point parameter Jacobian for every point (``N_i`` rows of ``P`` en
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_ntk.estimators.base import TraceEstimate, register_estimator
 from lightning_ntk.jacobian import per_point_squared_norms
@@ -18,7 +20,12 @@ __all__ = ["exact_traces"]
 
 @register_estimator("exact")
 def exact_traces(
-    module: nn.Module, batch: object, *, chunk_size: int | None = None, generator: torch.Generator | None = None
+    module: nn.Module,
+    batch: object,
+    *,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    reference: Mapping[str, Tensor] | None = None,
 ) -> TraceEstimate:
     """Exact ``Tr K_ii`` for every term.
 
@@ -27,6 +34,7 @@ def exact_traces(
         batch: The batch ``residuals`` takes.
         chunk_size: Points per vectorized chunk (bounds memory); default: 8 MiB of rows on CPU, 1 GiB on GPU.
         generator: Unused; accepted so that every estimator takes the same arguments.
+        reference: ``module.residuals(batch)`` if the caller already evaluated it (with its graph).
 
     Example:
         >>> import torch
@@ -43,7 +51,7 @@ def exact_traces(
         >>> sorted(est.traces), est.num_rows
         (['bc', 'pde'], {'bc': 2, 'pde': 16})
     """
-    norms = per_point_squared_norms(module, batch, chunk_size=chunk_size)
+    norms = per_point_squared_norms(module, batch, chunk_size=chunk_size, reference=reference)
     traces = {name: v.sum() for name, v in norms.norms.items()}
     stderr = {name: t.new_zeros(()) for name, t in traces.items()}
     return TraceEstimate(traces, stderr, norms.num_rows, "exact", {"paths": norms.paths})
