@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_ntk.contract import check_residuals, evaluate_residuals
+from lightning_ntk.contract import check_batch_device, check_residuals, evaluate_residuals
 
 __all__ = ["PointNorms", "ResidualCaller", "per_point_squared_norms", "trainable_parameters"]
 
@@ -45,6 +46,8 @@ __all__ = ["PointNorms", "ResidualCaller", "per_point_squared_norms", "trainable
 _CPU_CHUNK_BYTES = 1 << 23
 _GPU_CHUNK_BYTES = 1 << 30
 _WARNED: set[tuple[type, tuple[str, ...], str]] = set()
+# Per module and batch layout: whether the structured (Taylor-stream) path was checked and holds.
+_STRUCTURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
 
 class _NotPointwise(Exception):
@@ -243,6 +246,38 @@ def _warn_once(module: nn.Module, terms: list[str], path: str, reason: str) -> N
     )
 
 
+def _structured_norms(
+    module: nn.Module, batch: object, terms: Sequence[str] | None, chunk_size: int | None
+) -> PointNorms | None:
+    """The Gram-identity path of :mod:`lightning_ntk.taylor`, checked once per module and batch layout."""
+    from lightning_ntk.points import batch_signature
+    from lightning_ntk.taylor import structured_squared_norms
+
+    signature = batch_signature(batch)
+    verdicts = _STRUCTURED.setdefault(module, {})
+    if verdicts.get(signature) is False:
+        return None
+    result = structured_squared_norms(module, batch, lambda b: check_residuals(module.residuals(b), terms))
+    if result is None:
+        verdicts[signature] = False
+        return None
+    norms, rows = result
+    if signature not in verdicts:
+        # The streams cannot prove that row n depends on point n only: compare a few points with
+        # the general path once. A mismatch (a non-pointwise residual) means the general path.
+        sizes = {v.shape[0] for v in norms.values()}
+        probe = {n: torch.unique(torch.tensor([0, n // 2, n - 1])) for n in sizes}
+        check = _generic_norms(module, batch, chunk_size=chunk_size, terms=terms, reference=None, indices=probe)
+        for name, values in check.norms.items():
+            want = norms[name][probe[norms[name].shape[0]].to(norms[name].device)]
+            if not torch.allclose(values, want, rtol=1e-4, atol=1e-6 * float(want.abs().max().clamp_min(1e-30))):
+                verdicts[signature] = False
+                return None
+        verdicts[signature] = True
+    names = list(norms)
+    return PointNorms(norms=norms, num_rows=rows, paths=dict.fromkeys(names, "structured"))
+
+
 def per_point_squared_norms(
     module: nn.Module,
     batch: object,
@@ -267,11 +302,39 @@ def per_point_squared_norms(
 
     Returns:
         A :class:`PointNorms`. Nothing is written to ``param.grad`` and the module's mode is unchanged.
+        Modules whose trainable parameters all sit in :class:`~lightning_ntk.taylor.TaylorMLP` take
+        the ``"structured"`` path (per-layer Gram identities, about one training step of cost) when
+        it reproduces the general path on a few points.
     """
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
     if terms is None:
         terms = getattr(module, "terms", None)
+    if reference is None:
+        check_batch_device(module, batch)
+        if torch.is_inference_mode_enabled():
+            evaluate_residuals(module, batch, terms)  # raises the clear inference-mode error
+        structured = _structured_norms(module, batch, terms, chunk_size)
+        if structured is not None:
+            if indices is None:
+                return structured
+            picked = {}
+            for name, values in structured.norms.items():
+                index = indices.get(values.shape[0])
+                picked[name] = values if index is None else values[index.to(values.device)]
+            return PointNorms(picked, structured.num_rows, structured.paths)
+    return _generic_norms(module, batch, chunk_size=chunk_size, terms=terms, reference=reference, indices=indices)
+
+
+def _generic_norms(
+    module: nn.Module,
+    batch: object,
+    *,
+    chunk_size: int | None,
+    terms: Sequence[str] | None,
+    reference: Mapping[str, Tensor] | None,
+    indices: Mapping[int, Tensor] | None,
+) -> PointNorms:
     params = trainable_parameters(module)
     if reference is None:
         reference = evaluate_residuals(module, batch, terms)
