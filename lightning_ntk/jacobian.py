@@ -257,7 +257,13 @@ def _structured_norms(
     verdicts = _STRUCTURED.setdefault(module, {})
     if verdicts.get(signature) is False:
         return None
-    result = structured_squared_norms(module, batch, lambda b: check_residuals(module.residuals(b), terms))
+    try:
+        result = structured_squared_norms(module, batch, lambda b: check_residuals(module.residuals(b), terms))
+    except (ValueError, TypeError):
+        raise  # contract errors of the residuals: the user's to fix, shown as they are
+    except RuntimeError:
+        # e.g. streams recorded inside a torch.func transform the residual applied to the MLP
+        result = None
     if result is None:
         verdicts[signature] = False
         return None

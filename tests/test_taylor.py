@@ -148,3 +148,22 @@ def test_bad_arguments():
         net.taylor(torch.rand(3, 1))
     with pytest.raises(ValueError, match="out of range"):
         net.taylor(torch.rand(3, 2), first=[2])
+
+
+def test_taylor_mlp_under_torch_func_derivatives_falls_back_cleanly():
+    # A residual that differentiates the TaylorMLP with torch.func (not with its streams) cannot use
+    # the Gram identities: the general path must take over and stay exact.
+    class ViaPartial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TaylorMLP(1, 5, 2).double()
+
+        def residuals(self, batch):
+            return {"pde": partial(self.net, batch, 0, 0)}
+
+    torch.manual_seed(4)
+    model = ViaPartial()
+    x = torch.rand(6, 1, dtype=torch.float64)
+    est = exact_traces(model, x)
+    assert est.info["paths"]["pde"] != "structured"
+    torch.testing.assert_close(est.traces["pde"], reference_traces(model, x)["pde"], rtol=1e-10, atol=0)
