@@ -169,6 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--float64", action="store_true")
+    p.add_argument("--runs", choices=["both", "plain", "ntk"], default="both", help="which trainings to run")
     args = p.parse_args(argv)
     if args.paper:
         args.width, args.depth, args.parameterization = 100, 1, "ntk"
@@ -228,20 +229,18 @@ def main(argv=None) -> None:
     if args.init_only:
         return
 
-    rows = []
+    print(f"\n{'run':<12} {'rel. L2 error':>14} {'time [s]':>9}   final weights", flush=True)
     for use_ntk in (False, True):
-        trained, seconds, _ntk = train(args, use_ntk)
-        rows.append(
-            (
-                "NTK weights" if use_ntk else "plain",
-                trained.relative_l2_error(),
-                seconds,
-                trained.term_weights,
-            )
-        )
-    print(f"\n{'run':<12} {'rel. L2 error':>14} {'time [s]':>9}   final weights")
-    for name, err, seconds, w in rows:
-        print(f"{name:<12} {err:14.3e} {seconds:9.1f}   " + ", ".join(f"{k}={v:.4g}" for k, v in w.items()))
+        if args.runs != "both" and use_ntk != (args.runs == "ntk"):
+            continue
+        name = "NTK weights" if use_ntk else "plain"
+        try:
+            trained, seconds, _ = train(args, use_ntk)
+        except FloatingPointError as err:  # a diverging run is a result too
+            print(f"{name:<12} {'diverged':>14}   {str(err).splitlines()[0]}", flush=True)
+            continue
+        weights = ", ".join(f"{k}={v:.4g}" for k, v in trained.term_weights.items())
+        print(f"{name:<12} {trained.relative_l2_error():14.3e} {seconds:9.1f}   {weights}", flush=True)
     print(f"\nTensorBoard logs: tensorboard --logdir {args.logdir}/poisson_1d")
 
 
