@@ -77,6 +77,8 @@ class Poisson1D(PINNModule):
             ``W, b ~ N(0, 1)``, as in the paper).
         optimizer: ``"adam"`` or ``"gd"`` (full-batch gradient descent, as in the paper).
         lr: Learning rate (paper: 1e-5 with GD).
+        loss_reduction: ``"mean"`` (L_i = mean r²) or ``"sum"`` (L_i = Σ r², N_i times larger
+            gradients: the effective learning rate of each term scales with its point count).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Poisson1D(PINNModule):
         parameterization: str = "standard",
         optimizer: str = "adam",
         lr: float = 1e-3,
+        loss_reduction: str = "mean",
     ) -> None:
         super().__init__(terms=["bc", "pde"])
         self.save_hyperparameters()
@@ -100,6 +103,9 @@ class Poisson1D(PINNModule):
     def residuals(self, batch):
         x_b, x_r = batch
         return {"bc": self.net(x_b), "pde": partial(self.net, x_r, 0, 0) - source(x_r)}
+
+    def term_loss(self, term, residual):
+        return residual.square().sum() if self.hparams.loss_reduction == "sum" else residual.square().mean()
 
     def configure_optimizers(self):
         if self.hparams.optimizer == "gd":
@@ -170,16 +176,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--float64", action="store_true")
     p.add_argument("--runs", choices=["both", "plain", "ntk"], default="both", help="which trainings to run")
+    p.add_argument("--loss-reduction", choices=["mean", "sum"], default="mean", help="L_i = mean or sum of r²")
     args = p.parse_args(argv)
     if args.paper:
-        args.width, args.depth, args.parameterization = 100, 1, "ntk"
-        args.optimizer, args.lr, args.steps = "gd", 1e-5, 40_000
+        paper = {"width": 100, "depth": 1, "parameterization": "ntk", "optimizer": "gd", "lr": 1e-5, "steps": 40_000}
+        for key, value in paper.items():
+            if getattr(args, key) == p.get_default(key):  # flags given explicitly win over --paper
+                setattr(args, key, value)
     return args
 
 
 def build(args) -> tuple[Poisson1D, PoissonData]:
     pl.seed_everything(args.seed, verbose=False)
-    model = Poisson1D(args.width, args.depth, args.parameterization, args.optimizer, args.lr)
+    model = Poisson1D(args.width, args.depth, args.parameterization, args.optimizer, args.lr, args.loss_reduction)
     data = PoissonData(args.steps, args.num_residual, args.boundary_copies)
     if args.float64:
         model = model.double()

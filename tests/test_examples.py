@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -132,3 +133,12 @@ def test_wave_1d_compare_runs(tmp_path, capsys):
     wave.compare(["--steps", "6", "--update-every", "3", "--logdir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "plain" in out and "NTK weights" in out and "ut=" in out
+
+
+def test_poisson_paper_flag_keeps_explicit_flags():
+    poisson = load("poisson_1d")
+    args = poisson.parse_args(["--paper", "--steps", "5", "--loss-reduction", "sum"])
+    assert (args.steps, args.width, args.depth, args.optimizer, args.lr) == (5, 100, 1, "gd", 1e-5)
+    model, _ = poisson.build(args)
+    r = torch.ones(4)
+    assert float(model.term_loss("pde", r)) == 4.0  # a sum, not a mean
