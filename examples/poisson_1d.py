@@ -57,11 +57,28 @@ class NTKLinear(nn.Module):
         return self.scale * (x @ self.weight.T) + self.bias
 
 
-def make_mlp(width: int, depth: int, parameterization: str) -> nn.Sequential:
+class Standardize(nn.Module):
+    """``(x − μ) / σ`` with fixed μ, σ: the input scaling of the authors' code (μ, σ of the residual points)."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def make_mlp(width: int, depth: int, parameterization: str, standardize: bool = False) -> nn.Sequential:
     dims = [1] + [width] * depth + [1]
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [Standardize(0.5, math.sqrt(1 / 12))] if standardize else []
     for i, (a, b) in enumerate(itertools.pairwise(dims)):
-        layers.append(NTKLinear(a, b) if parameterization == "ntk" else nn.Linear(a, b))
+        if parameterization == "ntk":
+            layers.append(NTKLinear(a, b))
+        else:
+            layers.append(nn.Linear(a, b))
+            if parameterization == "ntk_init":  # standard forward, W ~ N(0, 1/fan_in), b ~ N(0, 1)
+                nn.init.normal_(layers[-1].weight, std=1 / math.sqrt(a))
+                nn.init.normal_(layers[-1].bias)
         if i < len(dims) - 2:
             layers.append(nn.Tanh())
     return nn.Sequential(*layers)
@@ -73,12 +90,13 @@ class Poisson1D(PINNModule):
     Args:
         width: Units per hidden layer (paper: 100).
         depth: Hidden layers (paper: 1).
-        parameterization: ``"standard"`` (PyTorch's default init) or ``"ntk"`` (``W x / √fan_in + b``,
-            ``W, b ~ N(0, 1)``, as in the paper).
+        parameterization: ``"standard"`` (PyTorch's default init), ``"ntk"`` (``W x / √fan_in + b``,
+            ``W, b ~ N(0, 1)``) or ``"ntk_init"`` (``W x + b``, ``W ~ N(0, 1/fan_in)``, ``b ~ N(0, 1)``).
         optimizer: ``"adam"`` or ``"gd"`` (full-batch gradient descent, as in the paper).
         lr: Learning rate (paper: 1e-5 with GD).
         loss_reduction: ``"mean"`` (L_i = mean r²) or ``"sum"`` (L_i = Σ r², N_i times larger
             gradients: the effective learning rate of each term scales with its point count).
+        standardize_inputs: Feed ``(x − 0.5)/σ`` (σ = 1/√12) to the network, as the authors' code does.
     """
 
     def __init__(
@@ -89,10 +107,11 @@ class Poisson1D(PINNModule):
         optimizer: str = "adam",
         lr: float = 1e-3,
         loss_reduction: str = "mean",
+        standardize_inputs: bool = False,
     ) -> None:
         super().__init__(terms=["bc", "pde"])
         self.save_hyperparameters()
-        self.net = make_mlp(width, depth, parameterization)
+        self.net = make_mlp(width, depth, parameterization, standardize_inputs)
         self.val_error = RelativeL2Error()
 
     def validation_step(self, batch, batch_idx):
@@ -160,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--width", type=int, default=50)
     p.add_argument("--depth", type=int, default=2, help="hidden layers")
-    p.add_argument("--parameterization", choices=["standard", "ntk"], default="standard")
+    p.add_argument("--parameterization", choices=["standard", "ntk", "ntk_init"], default="standard")
+    p.add_argument("--standardize-inputs", action="store_true", help="feed (x - 0.5)/σ to the network")
     p.add_argument("--optimizer", choices=["adam", "gd"], default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-residual", type=int, default=100)
@@ -188,7 +208,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args) -> tuple[Poisson1D, PoissonData]:
     pl.seed_everything(args.seed, verbose=False)
-    model = Poisson1D(args.width, args.depth, args.parameterization, args.optimizer, args.lr, args.loss_reduction)
+    model = Poisson1D(
+        args.width,
+        args.depth,
+        args.parameterization,
+        args.optimizer,
+        args.lr,
+        args.loss_reduction,
+        args.standardize_inputs,
+    )
     data = PoissonData(args.steps, args.num_residual, args.boundary_copies)
     if args.float64:
         model = model.double()

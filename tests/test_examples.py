@@ -142,3 +142,18 @@ def test_poisson_paper_flag_keeps_explicit_flags():
     model, _ = poisson.build(args)
     r = torch.ones(4)
     assert float(model.term_loss("pde", r)) == 4.0  # a sum, not a mean
+
+
+def test_poisson_authors_setup_gives_lambda_bc_near_100():
+    # The authors' code: inputs standardized, W ~ N(0, 1/fan_in), 100 boundary rows (50 per end).
+    poisson = load("poisson_1d")
+    args = poisson.parse_args(
+        ["--paper", "--parameterization", "ntk_init", "--standardize-inputs", "--boundary-copies", "50", "--float64"]
+    )
+    model, data = poisson.build(args)
+    from lightning_ntk import ntk_traces, trace_weights
+
+    w = trace_weights(ntk_traces(model, data.batch))
+    assert 30 < float(w["bc"]) < 300
+    x = torch.linspace(0, 1, 5, dtype=torch.float64).reshape(-1, 1)
+    torch.testing.assert_close(model.net[0](x), (x - 0.5) * 12**0.5)
