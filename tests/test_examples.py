@@ -130,9 +130,10 @@ def test_cli_sets_callback_arguments_and_rejects_bad_ones(tmp_path, capsys):
 
 def test_wave_1d_compare_runs(tmp_path, capsys):
     wave = load("wave_1d")
-    wave.compare(["--steps", "6", "--update-every", "3", "--logdir", str(tmp_path)])
+    wave.compare(["--steps", "6", "--update-every", "3", "--report-every", "3", "--logdir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "plain" in out and "NTK weights" in out and "ut=" in out
+    assert "[ntk] step      3" in out
 
 
 def test_poisson_paper_flag_keeps_explicit_flags():
@@ -157,3 +158,72 @@ def test_poisson_authors_setup_gives_lambda_bc_near_100():
     assert 30 < float(w["bc"]) < 300
     x = torch.linspace(0, 1, 5, dtype=torch.float64).reshape(-1, 1)
     torch.testing.assert_close(model.net[0](x), (x - 0.5) * 12**0.5)
+
+
+def test_wave_1d_taylor_and_sequential_networks_agree():
+    # The two network choices are one function: same residuals, same exact traces (float64).
+    wave = load("wave_1d")
+    torch.manual_seed(0)
+    taylor = wave.Wave1D(8, 2, network="taylor").double()
+    sequential = wave.Wave1D(8, 2, network="sequential").double()
+    linears = [m for m in sequential.net if isinstance(m, torch.nn.Linear)]
+    for mine, theirs in zip(taylor.net.layers, linears, strict=True):
+        theirs.load_state_dict(mine.state_dict())
+    batch = next(iter(wave._FreshPoints(10, seed=1)))
+    batch = {k: tuple(t.double() for t in v) if isinstance(v, tuple) else v.double() for k, v in batch.items()}
+    r_taylor, r_sequential = taylor.residuals(batch), sequential.residuals(batch)
+    for name in ("u", "ut", "res"):
+        torch.testing.assert_close(r_taylor[name], r_sequential[name], rtol=1e-10, atol=1e-10)
+    from lightning_ntk import ntk_traces
+
+    t_taylor, t_sequential = ntk_traces(taylor, batch), ntk_traces(sequential, batch)
+    for name in ("u", "ut", "res"):
+        torch.testing.assert_close(t_taylor[name], t_sequential[name], rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="network must be"):
+        wave.Wave1D(8, 2, network="resnet")
+
+
+def test_wave_1d_paper_flag_keeps_explicit_flags():
+    wave = load("wave_1d")
+    args = wave.parse_args(["--paper", "--width", "200"])
+    assert (args.width, args.depth, args.steps, args.update_every) == (200, 5, 80_000, 1000)
+
+
+def test_wave_1d_authors_conventions():
+    # Standardized inputs: derivatives are still taken in (x, t); the sum of part means is 3 × the mean.
+    wave = load("wave_1d")
+    torch.manual_seed(0)
+    plain = wave.Wave1D(8, 2).double()
+    scaled = wave.Wave1D(8, 2, network="sequential", standardize_inputs=True, u_loss="sum_of_parts").double()
+    linears = [m for m in scaled.net if isinstance(m, torch.nn.Linear)]
+    for mine, theirs in zip(plain.net.layers, linears, strict=True):
+        theirs.load_state_dict(mine.state_dict())
+    taylor = wave.Wave1D(8, 2, standardize_inputs=True).double()
+    taylor.net.load_state_dict(plain.net.state_dict())
+    batch = next(iter(wave._FreshPoints(9, seed=2)))
+    batch = {k: tuple(t.double() for t in v) if isinstance(v, tuple) else v.double() for k, v in batch.items()}
+    r_scaled, r_taylor = scaled.residuals(batch), taylor.residuals(batch)
+    for name in ("u", "ut", "res"):
+        torch.testing.assert_close(r_taylor[name], r_scaled[name], rtol=1e-10, atol=1e-10)
+    from lightning_ntk import ntk_traces
+
+    t_taylor, t_scaled = ntk_traces(taylor, batch), ntk_traces(scaled, batch)
+    for name in ("u", "ut", "res"):
+        torch.testing.assert_close(t_taylor[name], t_scaled[name], rtol=1e-9, atol=0)
+    # Against finite differences in the original coordinates on one residual point.
+    xt = batch["res"][:1]
+    h = 1e-4
+
+    def at(dx, dt):
+        return scaled.u(xt + torch.tensor([[dx, dt]], dtype=torch.float64))
+
+    u_tt = (at(0, h) - 2 * at(0, 0) + at(0, -h)) / h**2
+    u_xx = (at(h, 0) - 2 * at(0, 0) + at(-h, 0)) / h**2
+    torch.testing.assert_close(r_scaled["res"][:1], u_tt - 4 * u_xx, rtol=1e-5, atol=1e-5)
+    xt_u = batch["u"][0]
+    assert (xt_u[:3, 1] == 0).all() and (xt_u[3:6, 0] == 0).all() and (xt_u[6:, 0] == 1).all()
+    r = torch.arange(9.0, dtype=torch.float64).reshape(9, 1)
+    assert float(scaled.term_loss("u", r)) == pytest.approx(3 * float(r.square().mean()))
+    assert float(plain.term_loss("u", r)) == pytest.approx(float(r.square().mean()))
+    args = wave.parse_args(["--authors-code"])
+    assert (args.standardize_inputs, args.u_loss, args.continuous_decay) == (True, "sum_of_parts", True)
