@@ -160,25 +160,33 @@ def test_poisson_authors_setup_gives_lambda_bc_near_100():
     torch.testing.assert_close(model.net[0](x), (x - 0.5) * 12**0.5)
 
 
-def test_wave_1d_taylor_and_sequential_networks_agree():
-    # The two network choices are one function: same residuals, same exact traces (float64).
-    wave = load("wave_1d")
+def _wave_pair(wave, points: int, seed: int, **options):
+    """A TaylorMLP and an nn.Sequential wave model with the same weights, and a float64 batch."""
     torch.manual_seed(0)
-    taylor = wave.Wave1D(8, 2, network="taylor").double()
-    sequential = wave.Wave1D(8, 2, network="sequential").double()
+    taylor = wave.Wave1D(8, 2, network="taylor", **options).double()
+    sequential = wave.Wave1D(8, 2, network="sequential", **options).double()
     linears = [m for m in sequential.net if isinstance(m, torch.nn.Linear)]
     for mine, theirs in zip(taylor.net.layers, linears, strict=True):
         theirs.load_state_dict(mine.state_dict())
-    batch = next(iter(wave._FreshPoints(10, seed=1)))
+    batch = next(iter(wave._FreshPoints(points, seed=seed)))
     batch = {k: tuple(t.double() for t in v) if isinstance(v, tuple) else v.double() for k, v in batch.items()}
-    r_taylor, r_sequential = taylor.residuals(batch), sequential.residuals(batch)
-    for name in ("u", "ut", "res"):
-        torch.testing.assert_close(r_taylor[name], r_sequential[name], rtol=1e-10, atol=1e-10)
+    return taylor, sequential, batch
+
+
+def _assert_same_residuals_and_traces(taylor, sequential, batch):
     from lightning_ntk import ntk_traces
 
+    r_taylor, r_sequential = taylor.residuals(batch), sequential.residuals(batch)
     t_taylor, t_sequential = ntk_traces(taylor, batch), ntk_traces(sequential, batch)
     for name in ("u", "ut", "res"):
+        torch.testing.assert_close(r_taylor[name], r_sequential[name], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(t_taylor[name], t_sequential[name], rtol=1e-9, atol=0)
+
+
+def test_wave_1d_taylor_and_sequential_networks_agree():
+    # The two network choices are one function: same residuals, same exact traces (float64).
+    wave = load("wave_1d")
+    _assert_same_residuals_and_traces(*_wave_pair(wave, 10, seed=1))
     with pytest.raises(ValueError, match="network must be"):
         wave.Wave1D(8, 2, network="resnet")
 
@@ -192,24 +200,10 @@ def test_wave_1d_paper_flag_keeps_explicit_flags():
 def test_wave_1d_authors_conventions():
     # Standardized inputs: derivatives are still taken in (x, t); the sum of part means is 3 × the mean.
     wave = load("wave_1d")
-    torch.manual_seed(0)
-    plain = wave.Wave1D(8, 2).double()
-    scaled = wave.Wave1D(8, 2, network="sequential", standardize_inputs=True, u_loss="sum_of_parts").double()
-    linears = [m for m in scaled.net if isinstance(m, torch.nn.Linear)]
-    for mine, theirs in zip(plain.net.layers, linears, strict=True):
-        theirs.load_state_dict(mine.state_dict())
-    taylor = wave.Wave1D(8, 2, standardize_inputs=True).double()
-    taylor.net.load_state_dict(plain.net.state_dict())
-    batch = next(iter(wave._FreshPoints(9, seed=2)))
-    batch = {k: tuple(t.double() for t in v) if isinstance(v, tuple) else v.double() for k, v in batch.items()}
-    r_scaled, r_taylor = scaled.residuals(batch), taylor.residuals(batch)
-    for name in ("u", "ut", "res"):
-        torch.testing.assert_close(r_taylor[name], r_scaled[name], rtol=1e-10, atol=1e-10)
-    from lightning_ntk import ntk_traces
-
-    t_taylor, t_scaled = ntk_traces(taylor, batch), ntk_traces(scaled, batch)
-    for name in ("u", "ut", "res"):
-        torch.testing.assert_close(t_taylor[name], t_scaled[name], rtol=1e-9, atol=0)
+    taylor, scaled, batch = _wave_pair(wave, 9, seed=2, standardize_inputs=True, u_loss="sum_of_parts")
+    _assert_same_residuals_and_traces(taylor, scaled, batch)
+    r_scaled = scaled.residuals(batch)
+    plain = wave.Wave1D(8, 2)
     # Against finite differences in the original coordinates on one residual point.
     xt = batch["res"][:1]
     h = 1e-4
