@@ -247,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-every", type=int, default=1000, help="print error and weights every n steps")
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
     args = p.parse_args(argv)
     if args.paper:
         paper = {"width": 500, "depth": 5, "steps": 80_000, "update_every": 1000}
