@@ -4,6 +4,8 @@
 
 Trains the same network twice, with fixed unit weights ("plain") and with NTKWeightingCallback,
 then prints the relative L² error of each, the final weights, and where the TensorBoard logs are.
+With matplotlib installed (``pip install -e ".[plot]"``) each run also saves ``poisson_1d.png``
+(prediction, exact solution and error) in its log directory.
 
     python examples/poisson_1d.py                 # the quick default (a few minutes on 2 CPU cores)
     python examples/poisson_1d.py --paper         # the paper's setting: width 100, NTK parameterization,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import sys
 import time
 
@@ -126,6 +129,11 @@ class Poisson1D(PINNModule):
     def term_loss(self, term, residual):
         return residual.square().sum() if self.hparams.loss_reduction == "sum" else residual.square().mean()
 
+    def on_fit_end(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective call: every rank must make it
+        if self.trainer.is_global_zero and log_dir is not None and not self.trainer.fast_dev_run:
+            save_figure(self, log_dir)
+
     def configure_optimizers(self):
         if self.hparams.optimizer == "gd":
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
@@ -133,9 +141,42 @@ class Poisson1D(PINNModule):
 
     @torch.no_grad()
     def relative_l2_error(self, num_points: int = 1000) -> float:
-        x = torch.linspace(0, 1, num_points, dtype=self.ntk_weights.dtype).reshape(-1, 1)
+        w = self.ntk_weights
+        x = torch.linspace(0, 1, num_points, dtype=w.dtype, device=w.device).reshape(-1, 1)
         u, exact = self.net(x), exact_solution(x)
         return float((u - exact).norm() / exact.norm())
+
+
+def save_figure(model: Poisson1D, log_dir: str, num_points: int = 1000) -> str | None:
+    """Saves prediction vs exact solution and |error| as ``<log_dir>/poisson_1d.png``.
+
+    Returns the path, or ``None`` when matplotlib (the ``plot`` extra) is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on training machines
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    x = torch.linspace(0, 1, num_points, dtype=model.ntk_weights.dtype, device=model.ntk_weights.device)
+    with torch.no_grad():
+        pred = model.net(x.reshape(-1, 1)).reshape(-1).cpu()
+    x = x.cpu()
+    exact = exact_solution(x)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot(x, exact, "k-", label="exact")
+    left.plot(x, pred, "r--", label="prediction")
+    left.set(xlabel="x", ylabel="u", title=f"relative L² error {model.relative_l2_error(num_points):.3e}")
+    left.legend()
+    right.semilogy(x, (pred - exact).abs().clamp_min(1e-12))
+    right.set(xlabel="x", ylabel="|error|", title="pointwise error")
+    fig.tight_layout()
+    path = os.path.join(log_dir, "poisson_1d.png")
+    os.makedirs(log_dir, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 class PoissonData(pl.LightningDataModule):
@@ -279,6 +320,7 @@ def main(argv=None) -> None:
         weights = ", ".join(f"{k}={v:.4g}" for k, v in trained.term_weights.items())
         print(f"{name:<12} {trained.relative_l2_error():14.3e} {seconds:9.1f}   {weights}", flush=True)
     print(f"\nTensorBoard logs: tensorboard --logdir {args.logdir}/poisson_1d")
+    print(f"Figures (with the plot extra): {args.logdir}/poisson_1d/{{plain,ntk}}/poisson_1d.png")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 
 Three terms: "u" (u − g on initial and boundary points), "ut" (u_t on initial points) and "res"
 (u_tt − 4 u_xx), each a fresh batch of 300 random points at every step. Adam with the learning rate
-decayed by 0.9 every 1,000 steps. Validation: relative L² error on a fixed 101 × 101 grid.
+decayed by 0.9 every 1,000 steps. Validation: relative L² error on a fixed 101 × 101 grid. At the
+end of training, with matplotlib installed (``pip install -e ".[plot]"``), prediction, exact
+solution and error are saved as ``wave_1d.png`` in the run's log directory.
 
     python examples/wave_1d.py                                  # plain vs NTK, reduced CPU setting
     python examples/wave_1d.py --paper --authors-code           # §7.3: 5×500, 80,000 steps (a GPU job)
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import sys
 import time
 
@@ -138,6 +141,11 @@ class Wave1D(PINNModule):
         xt, exact = batch
         self.val_error.update(self.u(xt), exact)
         self.log("val/rel_l2", self.val_error, prog_bar=True, batch_size=xt.shape[0])
+
+    def on_fit_end(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective call: every rank must make it
+        if self.trainer.is_global_zero and log_dir is not None and not self.trainer.fast_dev_run:
+            save_figure(self, log_dir)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
@@ -306,25 +314,28 @@ def compare(argv=None) -> None:
             continue
         model, seconds = train(args, use_ntk)
         rows.append(("NTK weights" if use_ntk else "plain", model.relative_l2_error(), seconds, model.term_weights))
-        if use_ntk:
-            plot(model.cpu(), args.logdir)
     print(f"\n{'run':<12} {'rel. L2 error':>14} {'time [s]':>9}   final weights")
     for name, err, seconds, w in rows:
         print(f"{name:<12} {err:14.3e} {seconds:9.1f}   " + ", ".join(f"{k}={v:.4g}" for k, v in w.items()))
     print(f"\nTensorBoard logs: tensorboard --logdir {args.logdir}/wave_1d")
+    print(f"Figures (with the plot extra): {args.logdir}/wave_1d/{{plain,ntk}}/wave_1d.png")
 
 
-def plot(model: Wave1D, logdir: str, n: int = 101) -> None:
+def save_figure(model: Wave1D, log_dir: str, n: int = 101) -> str | None:
+    """Saves prediction, exact solution and |error| on an n × n grid as ``<log_dir>/wave_1d.png``.
+
+    Returns the path, or ``None`` when matplotlib (the ``plot`` extra) is not installed.
+    """
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display on training machines
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    xt = _grid(n)
+        return None
+    xt = _grid(n).to(model.ntk_weights.device)
     with torch.no_grad():
-        pred, exact = model.u(xt).reshape(n, n), exact_solution(xt).reshape(n, n)
+        pred, exact = model.u(xt).reshape(n, n).cpu(), exact_solution(xt).reshape(n, n).cpu()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for ax, data, title in zip(
         axes, (pred, exact, (pred - exact).abs()), ("prediction", "exact", "|error|"), strict=True
@@ -332,9 +343,13 @@ def plot(model: Wave1D, logdir: str, n: int = 101) -> None:
         im = ax.imshow(data.T, origin="lower", extent=(0, 1, 0, 1), aspect="auto")
         ax.set(xlabel="x", ylabel="t", title=title)
         fig.colorbar(im, ax=ax)
+    fig.suptitle(f"relative L² error {model.relative_l2_error(n):.3e}")
     fig.tight_layout()
-    fig.savefig(f"{logdir}/wave_1d.png", dpi=110)
-
+    path = os.path.join(log_dir, "wave_1d.png")
+    os.makedirs(log_dir, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate", "test", "predict", "--help", "-h", "--print_config"):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# The figures need the plot extra (in the dev extra, so `make test` has it).
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def load(name: str):
@@ -24,6 +26,27 @@ def test_poisson_1d_runs_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "λ_bc" in out and "NTK weights" in out and "plain" in out
     assert (tmp_path / "poisson_1d" / "ntk").is_dir()
+    for run in ("plain", "ntk"):
+        assert (tmp_path / "poisson_1d" / run / "poisson_1d.png").is_file() == HAS_MATPLOTLIB
+
+
+@pytest.mark.parametrize("name", ["poisson_1d", "wave_1d"])
+def test_figures_are_skipped_without_matplotlib(name, tmp_path, monkeypatch):
+    example = load(name)
+    model = example.Poisson1D() if name == "poisson_1d" else example.Wave1D(width=8)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert example.save_figure(model, str(tmp_path)) is None
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs the plot extra")
+@pytest.mark.parametrize("name", ["poisson_1d", "wave_1d"])
+def test_figures_are_pngs(name, tmp_path):
+    example = load(name)
+    model = example.Poisson1D() if name == "poisson_1d" else example.Wave1D(width=8)
+    path = Path(example.save_figure(model, str(tmp_path / "run")))
+    assert path == tmp_path / "run" / f"{name}.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_poisson_1d_paper_setting_gives_lambda_bc_near_100(capsys):
@@ -115,6 +138,7 @@ def test_configs_train_a_few_steps(config, tmp_path):
         run=True,
     )
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+    assert len(list(tmp_path.rglob("*_1d.png"))) == HAS_MATPLOTLIB
 
 
 def test_cli_sets_callback_arguments_and_rejects_bad_ones(tmp_path, capsys):
@@ -134,6 +158,8 @@ def test_wave_1d_compare_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "plain" in out and "NTK weights" in out and "ut=" in out
     assert "[ntk] step      3" in out
+    for run in ("plain", "ntk"):
+        assert (tmp_path / "wave_1d" / run / "wave_1d.png").is_file() == HAS_MATPLOTLIB
 
 
 def test_poisson_paper_flag_keeps_explicit_flags():
