@@ -351,6 +351,7 @@ def save_figure(model: Wave1D, log_dir: str, n: int = 101) -> str | None:
     plt.close(fig)
     return path
 
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate", "test", "predict", "--help", "-h", "--print_config"):
         cli_main()
