@@ -152,6 +152,19 @@ def test_cli_sets_callback_arguments_and_rejects_bad_ones(tmp_path, capsys):
         assert message in str(err.value) + capsys.readouterr().err
 
 
+def test_cli_help_for_the_callback_comes_from_its_docstring(tmp_path, capsys):
+    from lightning_ntk import NTKWeightingCallback
+
+    config = EXAMPLES / "configs" / "wave_1d_ntk.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        _cli(config, tmp_path, "--trainer.callbacks.help", "lightning_ntk.NTKWeightingCallback")
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse rewraps the text
+    assert "--trainer.callbacks.update_every_n_steps" in out and "--trainer.callbacks.trace_ema" in out
+    phrase = "Recompute the weights every this many optimizer steps"
+    assert phrase in " ".join(NTKWeightingCallback.__doc__.split()) and phrase in out
+
+
 def test_wave_1d_compare_runs(tmp_path, capsys):
     wave = load("wave_1d")
     wave.compare(["--steps", "6", "--update-every", "3", "--report-every", "3", "--logdir", str(tmp_path)])
