@@ -40,9 +40,11 @@ def _per_point(fn: PointwiseFn) -> PointwiseFn:
     return point_fn
 
 
-def _directional(g: PointwiseFn, direction: Tensor) -> PointwiseFn:
-    def dg(xi: Tensor) -> Tensor:
-        return jvp(g, (xi,), (direction.to(xi),))[1]
+def _directional(g: Callable[..., Tensor], k: int) -> Callable[..., Tensor]:
+    # The direction is an argument vmapped with the point, not a constant: then every tangent has one
+    # row per point, which keeps the parameter uses per point (the Gram path of the exact traces).
+    def dg(xi: Tensor, *directions: Tensor) -> Tensor:
+        return jvp(lambda y: g(y, *directions), (xi,), (directions[k],))[1]
 
     return dg
 
@@ -77,10 +79,14 @@ def partial(fn: PointwiseFn, x: Tensor, *dims: int) -> Tensor:
         with torch.inference_mode(False):
             return partial(fn, x.clone(), *dims)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    g = _per_point(fn)
-    for dim in dims:
-        g = _directional(g, eye[dim])
-    return vmap(g)(x)
+    point_fn = _per_point(fn)
+
+    def g(xi: Tensor, *directions: Tensor) -> Tensor:
+        return point_fn(xi)
+
+    for k in range(len(dims)):
+        g = _directional(g, k)
+    return vmap(g)(x, *(eye[dim].expand_as(x) for dim in dims))
 
 
 def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:

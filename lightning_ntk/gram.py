@@ -1,0 +1,440 @@
+"""Exact per-point squared Jacobian norms from Gram identities over recorded parameter uses.
+
+Every use ``k`` of a weight matrix ``W`` in the computation of the residuals — the forward matmuls,
+and the matmuls that the double backward of ``torch.autograd.grad(..., create_graph=True)`` or a
+forward-mode ``jvp`` runs with ``W`` or ``Wᵀ`` — is a product whose rows (or batch entries) belong
+to points. For a residual whose row ``n`` depends on point ``n`` only, the gradient of ``r_n`` is a
+sum of rank-one terms, one per row ``k`` of point ``n`` over all uses,
+
+    ∂r_n/∂W = Σ_k u_{n,k} ⊗ v_{n,k}   ⇒   ‖∂r_n/∂W‖² = Σ_{k,k'} (u_{n,k}·u_{n,k'}) (v_{n,k}·v_{n,k'}),
+
+where one factor is the other operand's row and the other is the gradient of ``Σ_n r_n`` with
+respect to that row of the product's output. A parameter broadcast over points in an elementwise op
+(a bias, an adaptive activation slope) contributes ``Σ_k g_{n,k} ⊙ ∂y/∂p`` reduced to its shape.
+So one recorded residual evaluation and one backward of ``Σ_n r_n`` per output component give every
+per-point norm without forming a per-point gradient: about one training step.
+
+The uses are recorded by a ``TorchDispatchMode`` that follows every tensor aliasing a trainable
+parameter (views, copies, scalings) by an index map into the parameter. Which axis of a product's
+output holds the points is inferred from shapes and confirmed once, per module and batch layout, by a
+second backward with random per-point seeds: the gradient of ``Σ_n w_n r_n`` must equal ``w_n``
+times that of ``Σ_n r_n`` on every row of point ``n``. A use this module does not model (an op it
+does not know, a weight built from other parameters, rows that mix points, a parameter on the side
+of a product whose rows are not points) raises :class:`GramUnsupported` with the reason, and the
+caller falls back to a per-point path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["GramUnsupported", "gram_squared_norms"]
+
+# Relative mismatch allowed when a point layout is confirmed by the seeded backward. Rounding gives
+# ~1e-7 (float32); a wrong layout gives ~0.2 (seeds are uniform on [1, 2)).
+_LAYOUT_RTOL = 1e-3
+# A parameter whose uses need dense per-point gradients (elementwise uses) may take at most this
+# many bytes of them; beyond, the caller falls back (or chunks the points).
+_DENSE_BYTES = 1 << 29
+
+# Ops whose output carries no derivative of their input's values.
+_NO_DERIVATIVE = {
+    "detach", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+    "new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided", "sym_size", "sym_stride",
+    "sym_numel", "sym_storage_offset", "eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf",
+    "isfinite", "sign", "is_same_size", "_local_scalar_dense", "is_nonzero", "equal",
+}  # fmt: skip
+# Ops that copy values unchanged (same index map as their input).
+_COPIES = {"clone", "_to_copy", "_unsafe_view", "contiguous", "lift_fresh_copy", "view_copy"}
+
+
+class GramUnsupported(Exception):
+    """The residual uses a parameter in a way the Gram identities do not model."""
+
+
+@dataclass
+class _Alias:
+    name: str
+    index: Tensor  # int64, same shape as the aliasing tensor: flat index into the parameter
+    scale: float
+    keep: Tensor  # keeps the tensor alive so that its id() stays unique while recording
+
+
+@dataclass
+class _Use:
+    name: str
+    kind: str  # "right" (Y = L @ P), "left" (Y = P @ R) or "elementwise"
+    output: Tensor
+    version: int
+    index: Tensor  # index map of the parameter operand as used
+    scale: float
+    other: Tensor | None  # L, R, or the elementwise factor (None: factor 1)
+
+
+@dataclass
+class _Recording:
+    uses: list[_Use] = field(default_factory=list)
+    unsupported: str | None = None
+
+
+def _scalar(value: object) -> float | None:
+    """A Python number or 0-dim CPU tensor as float (no device sync); ``None`` otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, Tensor) and value.ndim == 0 and value.device.type == "cpu" and not value.requires_grad:
+        return float(value)
+    return None
+
+
+class _Recorder(TorchDispatchMode):
+    """Follows every tensor that aliases a trainable parameter and records its uses in products."""
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.aliases: dict[int, _Alias] = {}
+        for name, p in params.items():
+            index = torch.arange(p.numel(), device=p.device).view(p.shape)
+            self.aliases[id(p)] = _Alias(name, index, 1.0, p)
+        self.recording = _Recording()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        rec = self.recording
+        if rec.unsupported is not None or not torch.is_grad_enabled():
+            return out
+        leaves = tree_flatten((args, kwargs))[0]
+        if not any(isinstance(t, Tensor) and id(t) in self.aliases for t in leaves):
+            return out
+        try:
+            self._record(func, args, kwargs, out)
+        except GramUnsupported as err:
+            rec.unsupported = str(err)
+        return out
+
+    def _alias_args(self, args: tuple) -> list[int]:
+        return [i for i, a in enumerate(args) if isinstance(a, Tensor) and id(a) in self.aliases]
+
+    def _derive(self, out: Tensor, source: _Alias, index: Tensor, scale: float) -> None:
+        self.aliases[id(out)] = _Alias(source.name, index, source.scale * scale, out)
+
+    def _record(self, func, args: tuple, kwargs: dict, out: object) -> None:
+        name = func.overloadpacket.__name__
+        if name in _NO_DERIVATIVE:
+            return
+        hits = self._alias_args(args)
+        if not isinstance(out, Tensor) or any(isinstance(v, Tensor) and id(v) in self.aliases for v in kwargs.values()):
+            raise GramUnsupported(f"a parameter is used by aten.{name} in a way the Gram path does not model")
+        if not hits:  # the alias sits inside a list argument (cat, stack, ...)
+            raise GramUnsupported(f"a parameter is an element of a list argument of aten.{name}")
+        alias = self.aliases[id(args[hits[0]])]
+        if func.is_view or name in _COPIES:
+            if hits != [0]:
+                raise GramUnsupported(f"aten.{name} takes a parameter in an unexpected position")
+            index = func(alias.index, *args[1:], **kwargs) if func.is_view else alias.index
+            self._derive(out, alias, index.expand(out.shape) if index.shape != out.shape else index, 1.0)
+            return
+        if name == "addmm" and hits in ([0], [1], [2], [0, 1], [0, 2]):  # bias + (L @ P or P @ R)
+            beta, alpha = float(kwargs.get("beta", 1)), float(kwargs.get("alpha", 1))
+            if hits[0] == 0:
+                self._elementwise(out, alias, beta, None)
+            if hits[-1] > 0:
+                self._matrix(args[1:], hits[-1] - 1, out, self.aliases[id(args[hits[-1]])], alpha)
+            return
+        if len(hits) > 1:
+            raise GramUnsupported(f"aten.{name} combines two parameter tensors (e.g. a weight built from parameters)")
+        pos = hits[0]
+        if name in ("mm", "bmm"):
+            self._matrix(args, pos, out, alias, 1.0)
+        elif name in ("mul", "div", "neg", "add", "sub"):
+            self._pointwise(name, args, kwargs, pos, out, alias)
+        else:
+            raise GramUnsupported(f"a parameter is used by aten.{name}, which the Gram path does not model")
+
+    def _pointwise(self, name: str, args: tuple, kwargs: dict, pos: int, out: Tensor, alias: _Alias) -> None:
+        if name == "neg":
+            self._derive(out, alias, alias.index, -1.0)
+            return
+        other = args[1 - pos] if len(args) > 1 else None
+        alpha = float(kwargs.get("alpha", 1))
+        if name in ("add", "sub"):
+            factor = 1.0 if pos == 0 else (alpha if name == "add" else -alpha)
+            if _scalar(other) is not None:
+                self._derive(out, alias, alias.index, factor)  # a shift does not change the derivative
+            else:
+                self._elementwise(out, alias, factor, None)
+            return
+        if name == "div" and pos == 1:
+            raise GramUnsupported("a parameter is used as a divisor")
+        value = _scalar(other)
+        if value is not None:
+            self._derive(out, alias, alias.index, 1.0 / value if name == "div" else value)
+        elif name == "mul":
+            self._elementwise(out, alias, 1.0, other)
+        else:
+            raise GramUnsupported("a parameter is divided by a tensor")
+
+    def _elementwise(self, out: Tensor, alias: _Alias, factor: float, other: Tensor | None) -> None:
+        use = _Use(alias.name, "elementwise", out, out._version, alias.index, alias.scale * factor, other)
+        self.recording.uses.append(use)
+
+    def _matrix(self, operands: tuple, pos: int, out: Tensor, alias: _Alias, factor: float) -> None:
+        other = operands[1 - pos]
+        kind = "right" if pos == 1 else "left"
+        use = _Use(alias.name, kind, out, out._version, alias.index, alias.scale * factor, other)
+        self.recording.uses.append(use)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the points sit in a tensor: ``axis``, split ``"s"`` (…, S, N, …) or ``"n"`` (…, N, S, …)."""
+
+    axis: int
+    split: str
+
+    def points_first(self, t: Tensor, n: int) -> Tensor:
+        """``t`` as ``(N, rest...)`` with point ``p`` in row ``p``."""
+        if n == 1:
+            return t.unsqueeze(0)
+        size = t.shape[self.axis]
+        shape = list(t.shape)
+        if self.split == "s":
+            shape[self.axis : self.axis + 1] = [size // n, n]
+            return t.reshape(shape).movedim(self.axis + 1, 0)
+        shape[self.axis : self.axis + 1] = [n, size // n]
+        return t.reshape(shape).movedim(self.axis, 0)
+
+
+def _candidates(shape: tuple[int, ...], axes: range | list[int], n: int, fixed: Callable[[int], bool]) -> list[_Layout]:
+    if n == 1:
+        return [_Layout(0, "n")]
+    out = []
+    for axis in axes:
+        size = shape[axis]
+        if size % n or not fixed(axis):
+            continue
+        out.append(_Layout(axis, "n"))
+        if size != n:
+            out.append(_Layout(axis, "s"))
+    return out
+
+
+def _broadcast_free(index: Tensor, shape: tuple[int, ...]) -> Callable[[int], bool]:
+    """Whether the parameter operand is constant along an axis of the output (it is broadcast there)."""
+    offset = len(shape) - index.ndim
+
+    def fixed(axis: int) -> bool:
+        a = axis - offset
+        return a < 0 or index.shape[a] == 1 or index.stride(a) == 0
+
+    return fixed
+
+
+def _use_candidates(use: _Use, n: int) -> list[_Layout]:
+    shape = tuple(use.output.shape)
+    if use.kind == "elementwise":
+        return _candidates(shape, range(len(shape)), n, _broadcast_free(use.index, shape))
+    # Products: the points are among the batch dims and the rows (right) or columns (left) of the
+    # output, along which the parameter operand never varies.
+    batch = len(shape) - 2
+    lead = [*range(batch), batch if use.kind == "right" else batch + 1]
+    in_batch = _broadcast_free(use.index[..., 0, 0], shape[:batch])
+    return _candidates(shape, lead, n, lambda axis: axis >= batch or in_batch(axis))
+
+
+@dataclass
+class _Accumulator:
+    """Per-point gradient pieces of one parameter: rank-one factors and a dense part."""
+
+    shape: tuple[int, ...]
+    us: list[Tensor] = field(default_factory=list)
+    vs: list[Tensor] = field(default_factory=list)
+    dense: Tensor | None = None
+
+    def add_dense(self, values: Tensor) -> None:
+        self.dense = values if self.dense is None else self.dense + values
+
+    def squared_norms(self, n: int) -> Tensor:
+        if not self.us:
+            return self.dense.square().sum(1)
+        u, v = torch.cat(self.us, 1), torch.cat(self.vs, 1)  # (N, R, a), (N, R, b)
+        a, b, rows = u.shape[2], v.shape[2], u.shape[1]
+        if self.dense is not None or a * b <= rows * (a + b):
+            full = torch.bmm(u.transpose(1, 2), v).reshape(n, -1)
+            if self.dense is not None:
+                full = full + self.dense
+            return full.square().sum(1)
+        return (torch.bmm(u, u.transpose(1, 2)) * torch.bmm(v, v.transpose(1, 2))).sum((1, 2))
+
+
+def _orientation(index: Tensor, shape: tuple[int, ...]) -> bool:
+    """For a product operand with index map ``(.., K, O)``: True if it is ``W``, False if ``Wᵀ``."""
+    if len(shape) != 2:
+        raise GramUnsupported("a parameter with other than two dimensions is used in a matrix product")
+    flat = index.reshape(-1, *index.shape[-2:])
+    grid = torch.arange(shape[0] * shape[1], device=index.device).view(shape)
+    if not bool((flat == flat[:1]).all()):
+        raise GramUnsupported("a parameter operand of a batched product differs between batch entries")
+    first = flat[0]
+    if first.shape == grid.shape and torch.equal(first, grid):
+        return True
+    if first.shape == grid.T.shape and torch.equal(first, grid.T):
+        return False
+    raise GramUnsupported("a slice or reshaped view of a weight is used in a matrix product")
+
+
+def _add_matrix_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout, n: int) -> None:
+    other, index = use.other, use.index
+    if use.kind == "left":  # Y = P R  ⇔  Yᵀ = Rᵀ Pᵀ: the right case on transposes
+        other, index, grad = other.transpose(-1, -2), index.transpose(-1, -2), grad.transpose(-1, -2)
+        layout = _Layout(layout.axis if layout.axis < grad.ndim - 2 else grad.ndim - 2, layout.split)
+    same = _orientation(index, acc.shape)
+    lead = grad.shape[:-1]
+    other = other.expand(*lead, other.shape[-1])
+    rows_other = layout.points_first(other, n).reshape(n, -1, other.shape[-1])
+    rows_grad = layout.points_first(grad, n).reshape(n, -1, grad.shape[-1])
+    rows_other = rows_other * use.scale
+    if same:  # ∂/∂P = l ⊗ g with P ≅ W
+        acc.us.append(rows_other)
+        acc.vs.append(rows_grad)
+    else:
+        acc.us.append(rows_grad)
+        acc.vs.append(rows_other)
+
+
+def _add_elementwise_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout, n: int, numel: int) -> None:
+    contribution = grad if use.other is None else grad * use.other
+    contribution = contribution.expand(grad.shape)
+    index = use.index.expand(grad.shape)
+    per_point = layout.points_first(contribution, n).reshape(n, -1)
+    flat_index = layout.points_first(index, n)[0].reshape(-1)
+    if n * numel * grad.element_size() > _DENSE_BYTES:
+        raise GramUnsupported("too many points for the dense per-point gradient of an elementwise parameter use")
+    dense = per_point.new_zeros(n, numel).index_add_(1, flat_index, per_point)
+    acc.add_dense(dense * use.scale)
+
+
+def _choose_layout(use: _Use, grad: Tensor, seeded: Tensor, weights: Tensor, n: int) -> _Layout:
+    scale = seeded.norm()
+    for layout in _use_candidates(use, n):
+        g = layout.points_first(grad, n).reshape(n, -1)
+        s = layout.points_first(seeded, n).reshape(n, -1)
+        if (s - weights[:, None] * g).norm() <= _LAYOUT_RTOL * scale:
+            return layout
+    raise GramUnsupported(
+        f"the rows of an aten product on {use.name!r} do not map to the points of a term (rows mix points, "
+        "or one evaluation serves several terms' points)"
+    )
+
+
+class GramLayouts:
+    """Point layouts of the recorded uses, confirmed once per module and batch layout."""
+
+    def __init__(self) -> None:
+        self._cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict]] = weakref.WeakKeyDictionary()
+
+    def lookup(self, module: nn.Module, key: tuple) -> dict | None:
+        return self._cache.get(module, {}).get(key)
+
+    def store(self, module: nn.Module, key: tuple, layouts: dict) -> None:
+        self._cache.setdefault(module, {})[key] = layouts
+
+
+def _fingerprint(uses: list[_Use]) -> tuple:
+    return tuple((u.name, u.kind, tuple(u.output.shape)) for u in uses)
+
+
+def gram_squared_norms(
+    module: nn.Module,
+    batch: object,
+    params: Mapping[str, Tensor],
+    residuals_fn: Callable[[object], Mapping[str, Tensor]],
+    layouts: GramLayouts,
+    key: tuple,
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, for every term.
+
+    Args:
+        module: The module whose parameters ``params`` are.
+        batch: What ``residuals_fn`` takes.
+        params: The trainable parameters by name.
+        residuals_fn: Evaluates and checks the residuals.
+        layouts: Cache of confirmed point layouts.
+        key: Cache key of this batch layout.
+
+    Raises:
+        GramUnsupported: The residual uses a parameter in a way the identities do not cover.
+    """
+    recorder = _Recorder(params)
+    with torch.enable_grad(), recorder:
+        residuals = residuals_fn(batch)
+    rec = recorder.recording
+    del recorder  # drop the alias table (and the tensors it keeps alive)
+    if rec.unsupported is not None:
+        raise GramUnsupported(rec.unsupported)
+    uses = rec.uses
+    for use in uses:
+        if use.output._version != use.version:
+            raise GramUnsupported("the output of a product with a parameter was modified in place")
+    known = layouts.lookup(module, key)
+    fingerprint = _fingerprint(uses)
+    if known is not None and known["fingerprint"] != fingerprint:
+        known = None
+    chosen: dict = {} if known is None else known["layouts"]
+    outputs: list[Tensor] = []
+    slot: dict[int, int] = {}
+    for use in uses:
+        if id(use.output) not in slot and use.output.requires_grad:
+            slot[id(use.output)] = len(outputs)
+            outputs.append(use.output)
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    numels = {name: p.numel() for name, p in params.items()}
+    norms: dict[str, Tensor] = {}
+    rows: dict[str, int] = {}
+    seeds = torch.Generator(device="cpu").manual_seed(0)
+    for term, r in residuals.items():
+        n = r.shape[0]
+        flat = r.reshape(n, -1)
+        total = flat.new_zeros(n)
+        weights = None
+        if known is None:
+            weights = (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(flat)
+        for c in range(flat.shape[1]):
+            grads = _grads(flat[:, c].sum(), outputs)
+            seeded = _grads((flat[:, c] * weights).sum(), outputs) if weights is not None else None
+            accs: dict[str, _Accumulator] = {}
+            for i, use in enumerate(uses):
+                j = slot.get(id(use.output))
+                grad = None if j is None else grads[j]
+                if grad is None:
+                    continue
+                if seeded is not None:
+                    chosen[(term, c, i)] = _choose_layout(use, grad, seeded[j], weights, n)
+                layout = chosen.get((term, c, i))
+                if layout is None:  # a use whose gradient was zero when the layouts were confirmed
+                    raise GramUnsupported("the parameter uses changed since the layout was confirmed")
+                acc = accs.setdefault(use.name, _Accumulator(shapes[use.name]))
+                if use.kind == "elementwise":
+                    _add_elementwise_use(acc, use, grad, layout, n, numels[use.name])
+                else:
+                    _add_matrix_use(acc, use, grad, layout, n)
+            for acc in accs.values():
+                total = total + acc.squared_norms(n)
+        norms[term] = total.detach()
+        rows[term] = r.numel()
+    if known is None:
+        layouts.store(module, key, {"fingerprint": fingerprint, "layouts": chosen})
+    return norms, rows
+
+
+def _grads(output: Tensor, inputs: list[Tensor]) -> tuple[Tensor | None, ...]:
+    if not inputs or not output.requires_grad:
+        return (None,) * len(inputs)
+    return torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
