@@ -11,10 +11,40 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["check_batch_device", "check_residuals", "check_terms", "evaluate_residuals"]
+__all__ = [
+    "ResidualCaller",
+    "check_batch_device",
+    "check_residuals",
+    "check_terms",
+    "evaluate_residuals",
+    "trainable_parameters",
+]
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters with ``requires_grad=True``, tied ones once. Frozen parameters are not part of θ."""
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters; the NTK is empty.")
+    return params
+
+
+class ResidualCaller(nn.Module):
+    """``forward(batch) = inner.residuals(batch)``, for ``torch.func.functional_call``.
+
+    ``functional_call`` swaps parameters and calls ``forward()``; ``residuals()`` is the function the
+    NTK needs.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.inner = module
+
+    def forward(self, batch: object) -> Mapping[str, Tensor]:
+        return self.inner.residuals(batch)
 
 
 def check_terms(terms: Sequence[str]) -> tuple[str, ...]:

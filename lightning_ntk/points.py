@@ -1,21 +1,27 @@
-"""Subsets of a batch's points: slicing every tensor that holds one row per point.
+"""How a batch holds its points, and the one tolerance that decides whether a residual is pointwise.
 
 A batch is any nesting of tuples, lists and dicts; a tensor whose leading dimension is a term's point
-count ``N`` is taken to hold one row per point of the terms with ``N`` points (the same inference the
-exact path uses, see :mod:`lightning_ntk.jacobian`). Callers that rely on it check it against the
-full-batch residuals once (:func:`check_point_layout`).
+count ``N`` is taken to hold one row per point of the terms with ``N`` points. Every user of this
+inference (the exact paths of :mod:`lightning_ntk.jacobian`, point subsampling) checks it against the
+full-batch residuals with :data:`POINTWISE_RTOL`, so a layout it gets wrong costs time, never a wrong
+number.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["batch_signature", "check_point_layout", "subsample_batch"]
+__all__ = ["POINTWISE_RTOL", "PointSplit", "batch_signature", "check_point_layout", "close", "subsample_batch"]
+
+# Relative tolerance (and absolute, relative to the largest magnitude) under which two evaluations of
+# a residual or two computations of per-point norms count as equal. Float32 rounding is ~1e-6 here;
+# a residual that mixes points or a path that does not apply is off by far more.
+POINTWISE_RTOL = 1e-4
 
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, int]]] = weakref.WeakKeyDictionary()
 
@@ -27,6 +33,49 @@ def batch_signature(batch: object) -> tuple:
         str(spec),
         tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, Tensor) else type(t) for t in leaves),
     )
+
+
+def close(got: Tensor, want: Tensor) -> bool:
+    """``got ≈ want`` within :data:`POINTWISE_RTOL`, absolute part relative to ``max |want|``."""
+    want = want.detach().reshape(got.shape)
+    scale = want.abs().nan_to_num(0.0, 0.0, 0.0).max() if want.numel() else want.new_zeros(())
+    atol = POINTWISE_RTOL * max(float(scale), torch.finfo(want.dtype).tiny)
+    return torch.allclose(got.detach(), want, rtol=POINTWISE_RTOL, atol=atol, equal_nan=True)
+
+
+class PointSplit:
+    """Builds the batch for a subset of the points of one group (the terms with ``size`` points)."""
+
+    def __init__(self, batch: object, size: int, other_sizes: set[int]) -> None:
+        self.leaves, self.spec = tree_flatten(batch)
+        self.size = size
+        self.mapped = [isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == size for t in self.leaves]
+        self.other = [
+            isinstance(t, Tensor) and t.ndim > 0 and not m and t.shape[0] in other_sizes
+            for t, m in zip(self.leaves, self.mapped, strict=True)
+        ]
+
+    @property
+    def splittable(self) -> bool:
+        return any(self.mapped)
+
+    def mapped_leaves(self, index: Tensor | None = None) -> list[Tensor]:
+        leaves = [t.detach() for t, m in zip(self.leaves, self.mapped, strict=True) if m]
+        return leaves if index is None else [t[index.to(t.device)] for t in leaves]
+
+    def build(self, points: Sequence[Tensor], shrink_others: bool, detach: bool) -> object:
+        """The batch with the group's tensors replaced by ``points`` (and other groups' cut to one row)."""
+        it = iter(points)
+        leaves = []
+        for leaf, mapped, other in zip(self.leaves, self.mapped, self.other, strict=True):
+            if mapped:
+                leaf = next(it)
+            elif shrink_others and other:
+                leaf = leaf[:1]
+            if detach and isinstance(leaf, Tensor):
+                leaf = leaf.detach()
+            leaves.append(leaf)
+        return tree_unflatten(leaves, self.spec)
 
 
 def subsample_batch(batch: object, indices: Mapping[int, Tensor]) -> object:
@@ -63,8 +112,7 @@ def check_point_layout(
     part = evaluate(subsample_batch(batch, indices))
     for name, r in part.items():
         want = full[name][indices[layout[name]].to(full[name].device)]
-        scale = float(want.abs().max()) if want.numel() else 0.0
-        if r.shape != want.shape or not torch.allclose(r, want, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
+        if r.shape != want.shape or not close(r, want):
             raise ValueError(
                 f"Point subsampling does not reproduce the residual of term {name!r}: its row n must depend "
                 "only on point n, and every tensor in the batch with that term's point count must hold one "

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import evaluate_residuals
-from lightning_ntk.jacobian import trainable_parameters
+from lightning_ntk.contract import evaluate_residuals, trainable_parameters
 
 __all__ = ["JacobianProducts"]
 

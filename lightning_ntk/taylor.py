@@ -1,4 +1,4 @@
-"""An MLP that propagates Taylor streams explicitly, and exact NTK traces from per-layer Gram identities.
+"""An MLP that propagates Taylor streams explicitly: value and input derivatives in one pass.
 
 :class:`TaylorMLP` computes the network value and the input derivatives a residual needs (first
 derivatives, pure and mixed second derivatives) by pushing *streams* through the layers: for a dense
@@ -9,16 +9,10 @@ activation mixes them by the chain rule,
     first:  h_i  = σ'(z) z_i
     second: h_ij = σ'(z) z_ij + σ''(z) z_i z_j .
 
-Plain autograd differentiates all of it, so training works as usual. Because every use of ``W``
-for point ``n`` is one stream, the per-point gradient of a residual row is ``Σ_s δ_{n,s} h_{n,s}ᵀ``
-with ``δ_{n,s} = ∂r_n/∂z_{n,s}``, hence
-
-    ‖∂r_n/∂W‖_F² = Σ_{s,s'} (δ_{n,s}·δ_{n,s'}) (h_{n,s}·h_{n,s'}),   ‖∂r_n/∂b‖² = ‖δ_{n,value}‖²,
-
-and one backward of ``Σ_n r_n`` (per output component) gives every ``δ`` when row ``n`` depends
-only on point ``n``. :func:`structured_squared_norms` does that: exact ``Tr K_ii`` at about the cost
-of one training step, no per-point gradient ever formed. The exact estimator uses it automatically
-when it applies and checks it once against the ``torch.func`` path (see :mod:`lightning_ntk.jacobian`).
+Plain autograd differentiates all of it, so training works as usual, and one pass gives ``u``,
+``u_t``, ``u_tt`` and ``u_xx`` together: a training step costs about half that of the same network
+with nested autograd or ``jvp`` derivatives. Its exact NTK traces come from the general Gram path
+(:mod:`lightning_ntk.jacobian.gram`), like those of any MLP.
 """
 
 from __future__ import annotations
@@ -26,12 +20,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "TaylorMLP", "recording", "structured_squared_norms"]
+__all__ = ["ACTIVATIONS", "TaylorMLP"]
 
 
 def _tanh(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,29 +55,6 @@ def _gelu(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 ACTIVATIONS = {"tanh": _tanh, "sin": _sin, "softplus": _softplus, "silu": _silu, "gelu": _gelu}
-
-StreamKey = tuple[int, ...]
-
-
-class _Recorder:
-    """What one residual evaluation pushed through the MLPs: per call and layer, inputs and outputs."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[TaylorMLP, list[tuple[Tensor, Tensor]]]] = []
-
-
-_ACTIVE: list[_Recorder] = []
-
-
-@contextmanager
-def recording():
-    """Record the streams of every :class:`TaylorMLP` call made inside the block."""
-    rec = _Recorder()
-    _ACTIVE.append(rec)
-    try:
-        yield rec
-    finally:
-        _ACTIVE.remove(rec)
 
 
 class TaylorMLP(nn.Module):
@@ -164,19 +134,13 @@ class TaylorMLP(nn.Module):
         index = {k: s for s, k in enumerate(keys)}
         if self.fourier_B is not None:
             h = self._fourier(h, keys, index)
-        recorder = _ACTIVE[-1] if _ACTIVE else None
-        record: list[tuple[Tensor, Tensor]] = []
         for layer_no, layer in enumerate(self.layers):
             z = torch.einsum("sni,oi->sno", h, layer.weight)
             z = torch.cat([z[:1] + layer.bias, z[1:]])
-            if recorder is not None:
-                record.append((h, z))
             if layer_no == len(self.layers) - 1:
                 h = z
                 break
             h = self._activate(z, keys, index)
-        if recorder is not None:
-            recorder.calls.append((self, record))
         out = {"u": h[0]}
         for k in keys[1:]:
             out[k[0] if len(k) == 1 else k] = h[index[k]]
@@ -207,55 +171,3 @@ class TaylorMLP(nn.Module):
                 b = B[:, k[0]] * B[:, k[1]]
                 out.append(torch.cat([-s * b, -c * b], dim=-1))
         return torch.stack(out)
-
-
-def structured_squared_norms(
-    module: nn.Module, batch: object, residuals_fn=None
-) -> tuple[dict[str, Tensor], dict[str, int]] | None:
-    """Per-point ``‖∂r_i(x_n)/∂θ‖²`` from Gram identities, or ``None`` when they do not apply.
-
-    They apply when every trainable parameter belongs to a :class:`TaylorMLP`'s dense layers, and
-    every call of an MLP that a term depends on has one row per point of that term (pointwise
-    residual). The caller must still check pointwise-ness, which the streams alone cannot prove.
-    """
-    mlps = [m for m in module.modules() if isinstance(m, TaylorMLP)]
-    if not mlps:
-        return None
-    covered = {id(p) for m in mlps for p in m.layers.parameters()}
-    if any(p.requires_grad and id(p) not in covered for p in module.parameters()):
-        return None
-    with torch.enable_grad(), recording() as rec:
-        out = (residuals_fn or module.residuals)(batch)
-    zs = [z for _, record in rec.calls for _, z in record]
-    if not zs:
-        return None
-    norms: dict[str, Tensor] = {}
-    rows: dict[str, int] = {}
-    for name, r in out.items():
-        if r.ndim == 0 or not r.requires_grad:
-            return None
-        n = r.shape[0]
-        flat = r.reshape(n, -1)
-        total = flat.new_zeros(n)
-        for c in range(flat.shape[1]):
-            deltas = torch.autograd.grad(flat[:, c].sum(), zs, retain_graph=True, allow_unused=True)
-            it = iter(deltas)
-            per_layer: dict[tuple[int, int], list[tuple[Tensor, Tensor, int]]] = {}
-            for mlp, record in rec.calls:
-                for layer_no, (h, _) in enumerate(record):
-                    delta = next(it)
-                    if delta is None:
-                        continue
-                    if delta.shape[1] != n:
-                        return None  # a call with another point count feeds this term
-                    per_layer.setdefault((id(mlp), layer_no), []).append((h, delta, 1))
-            for uses in per_layer.values():
-                h = torch.cat([u[0] for u in uses])  # all streams of all calls: (S, N, in)
-                d = torch.cat([u[1] for u in uses])  # (S, N, out)
-                gram_h = torch.einsum("sni,tni->nst", h.detach(), h.detach())
-                gram_d = torch.einsum("sno,tno->nst", d, d)
-                value = torch.stack([u[1][0] for u in uses]).sum(0)  # bias enters the value streams
-                total = total + (gram_h * gram_d).sum((1, 2)) + value.square().sum(-1)
-        norms[name] = total.detach()
-        rows[name] = r.numel()
-    return norms, rows

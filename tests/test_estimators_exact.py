@@ -38,12 +38,19 @@ def test_exact_equals_per_point_loop_float64(cls):
     assert got["pde"] > 0 and got["bc"] > 0
 
 
-def test_paths_fast_for_helpers_and_fallback_for_autograd_style():
+@pytest.mark.parametrize("model_cls", [HelperPoisson, FuncPoisson, AutogradPoisson])
+def test_every_residual_style_takes_the_gram_path_first(model_cls):
+    est = exact_traces(model_cls().double(), poisson_batch())
+    assert est.info["paths"] == {"bc": "gram", "pde": "gram"}
+
+
+def test_without_gram_helpers_take_vmap_and_autograd_style_the_loop():
     batch = poisson_batch()
-    assert exact_traces(HelperPoisson().double(), batch).info["paths"] == {"bc": "vmap", "pde": "vmap"}
-    assert exact_traces(FuncPoisson().double(), batch).info["paths"] == {"bc": "vmap", "pde": "vmap"}
-    with pytest.warns(UserWarning, match="lightning_ntk.derivatives"):
-        est = exact_traces(AutogradPoisson().double(), poisson_batch(seed=3))
+    per_point = ("vmap", "loop", "rows")
+    assert exact_traces(HelperPoisson().double(), batch, paths=per_point).info["paths"] == {"bc": "vmap", "pde": "vmap"}
+    assert exact_traces(FuncPoisson().double(), batch, paths=per_point).info["paths"] == {"bc": "vmap", "pde": "vmap"}
+    with pytest.warns(UserWarning, match="'loop' path"):
+        est = exact_traces(AutogradPoisson().double(), poisson_batch(seed=3), paths=per_point)
     assert est.info["paths"] == {"bc": "loop", "pde": "loop"}
 
 
@@ -67,9 +74,11 @@ def test_same_point_count_terms_share_one_vmap_and_stay_exact():
         torch.rand(12, 1, generator=g, dtype=torch.float64),
         torch.rand(12, 1, generator=g, dtype=torch.float64),
     )
-    est = exact_traces(model, batch)
-    assert est.info["paths"] == {"bc": "vmap", "pde": "vmap"}
-    assert_traces_close(est.traces, reference_traces(model, batch))
+    want = reference_traces(model, batch)
+    for path in ("gram", "vmap"):
+        est = exact_traces(model, batch, paths=(path,))
+        assert est.info["paths"] == {"bc": path, "pde": path}
+        assert_traces_close(est.traces, want)
 
 
 class NonPointwise(HelperPoisson):

@@ -1,13 +1,13 @@
-"""Exact traces from Taylor streams and per-layer Gram identities (lightning_ntk.taylor)."""
+"""TaylorMLP: its streams equal autograd derivatives, and its exact traces take the Gram path."""
 
 import pytest
 import torch
-from conftest import reference_traces
+from conftest import reference_point_norms, reference_traces
 from torch import nn
 
 from lightning_ntk.derivatives import partial
 from lightning_ntk.estimators.exact import exact_traces
-from lightning_ntk.jacobian import _generic_norms
+from lightning_ntk.jacobian import per_point_squared_norms
 from lightning_ntk.taylor import ACTIVATIONS, TaylorMLP
 
 
@@ -71,17 +71,17 @@ def make_batch(d_in, seed=0, n_bc=3, n_res=7):
 
 
 def assert_exact(model, batch):
-    est = exact_traces(model, batch)
-    assert set(est.info["paths"].values()) == {"structured"}
-    want = reference_traces(model, batch)
-    generic = _generic_norms(model, batch, chunk_size=None, terms=None, reference=None, indices=None)
+    got = per_point_squared_norms(model, batch)
+    assert set(got.paths.values()) == {"gram"}
+    want = reference_point_norms(model, batch)
+    via_func = per_point_squared_norms(model, batch, paths=("vmap",))
     for name in want:
-        torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0, msg=name)
-        torch.testing.assert_close(est.traces[name], generic.norms[name].sum(), rtol=1e-10, atol=0, msg=name)
+        torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0, msg=name)
+        torch.testing.assert_close(got.norms[name], via_func.norms[name], rtol=1e-10, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))
-def test_structured_traces_equal_per_point_loop_and_torch_func(problem):
+def test_gram_norms_equal_per_point_loop_and_torch_func(problem):
     d_in, d_out, fn = PROBLEMS[problem]
     torch.manual_seed(0)
     assert_exact(Problem(d_in, d_out, fn), make_batch(d_in))
@@ -116,13 +116,13 @@ def test_non_pointwise_residual_falls_back_and_stays_exact():
     batch = make_batch(2, seed=3)
     with pytest.warns(UserWarning, match="'rows' path"):
         est = exact_traces(model, batch)
-    assert "structured" not in est.info["paths"].values()
+    assert est.info["paths"]["pde"] == "rows"
     want = reference_traces(model, batch)
     for name in want:
         torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
 
 
-def test_parameters_outside_the_mlp_use_the_general_path():
+def test_a_coefficient_outside_the_mlp_stays_on_the_gram_path():
     class WithCoefficient(Problem):
         def __init__(self):
             super().__init__(2, 1, residual_heat)
@@ -134,10 +134,7 @@ def test_parameters_outside_the_mlp_use_the_general_path():
 
     model = WithCoefficient()
     batch = make_batch(2)
-    est = exact_traces(model, batch)
-    assert est.info["paths"]["pde"] == "vmap"
-    want = reference_traces(model, batch)
-    torch.testing.assert_close(est.traces["pde"], want["pde"], rtol=1e-10, atol=0)
+    assert_exact(model, batch)
 
 
 def test_bad_arguments():
@@ -150,9 +147,9 @@ def test_bad_arguments():
         net.taylor(torch.rand(3, 2), first=[2])
 
 
-def test_taylor_mlp_under_torch_func_derivatives_falls_back_cleanly():
-    # A residual that differentiates the TaylorMLP with torch.func (not with its streams) cannot use
-    # the Gram identities: the general path must take over and stay exact.
+def test_taylor_mlp_differentiated_by_torch_func_is_exact_too():
+    # Differentiating the TaylorMLP with torch.func instead of its streams records other uses of the
+    # same weights; the Gram path covers both.
     class ViaPartial(nn.Module):
         def __init__(self):
             super().__init__()
@@ -164,6 +161,4 @@ def test_taylor_mlp_under_torch_func_derivatives_falls_back_cleanly():
     torch.manual_seed(4)
     model = ViaPartial()
     x = torch.rand(6, 1, dtype=torch.float64)
-    est = exact_traces(model, x)
-    assert est.info["paths"]["pde"] != "structured"
-    torch.testing.assert_close(est.traces["pde"], reference_traces(model, x)["pde"], rtol=1e-10, atol=0)
+    assert_exact(model, x)

@@ -16,11 +16,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import evaluate_residuals
+from lightning_ntk.contract import evaluate_residuals, trainable_parameters
 from lightning_ntk.estimators.base import TraceEstimate, register_estimator
 from lightning_ntk.estimators.exact import exact_traces
 from lightning_ntk.estimators.hutchpp import hutchpp_traces
-from lightning_ntk.jacobian import trainable_parameters
 
 __all__ = ["DEFAULT_MAX_EXACT_WORK", "auto_traces", "exact_work"]
 

@@ -1,13 +1,13 @@
 """Exact NTK block traces: ``Tr K_ii = ‖J_i‖_F² = Σ_n ‖∂r_i(x_n)/∂θ‖²``.
 
-Cost: one per-point parameter Jacobian for every point (``N_i`` rows of ``P`` entries), computed by
-``torch.func.vmap`` over points in chunks when the residual allows it (see
-:mod:`lightning_ntk.jacobian` for the slower fallbacks). Memory: about ``chunk_size × P`` floats.
+Cost: about one to two training steps when the Gram identities over the recorded parameter uses
+apply (:mod:`lightning_ntk.jacobian.gram`: MLPs, any residual style), otherwise one per-point
+parameter Jacobian for every point (:mod:`lightning_ntk.jacobian` lists the paths in order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ def exact_traces(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     reference: Mapping[str, Tensor] | None = None,
+    paths: Sequence[str] | None = None,
 ) -> TraceEstimate:
     """Exact ``Tr K_ii`` for every term.
 
@@ -35,6 +36,8 @@ def exact_traces(
         chunk_size: Points per vectorized chunk (bounds memory); default: 8 MiB of rows on CPU, 1 GiB on GPU.
         generator: Unused; accepted so that every estimator takes the same arguments.
         reference: ``module.residuals(batch)`` if the caller already evaluated it (with its graph).
+        paths: Exact paths to try in order, from ``"gram"``, ``"vmap"``, ``"loop"``, ``"rows"``
+            (default: all). One path alone is an error where it does not apply.
 
     Example:
         >>> import torch
@@ -51,7 +54,7 @@ def exact_traces(
         >>> sorted(est.traces), est.num_rows
         (['bc', 'pde'], {'bc': 2, 'pde': 16})
     """
-    norms = per_point_squared_norms(module, batch, chunk_size=chunk_size, reference=reference)
+    norms = per_point_squared_norms(module, batch, chunk_size=chunk_size, reference=reference, paths=paths)
     traces = {name: v.sum() for name, v in norms.norms.items()}
     stderr = {name: t.new_zeros(()) for name, t in traces.items()}
     return TraceEstimate(traces, stderr, norms.num_rows, "exact", {"paths": norms.paths})

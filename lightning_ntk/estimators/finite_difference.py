@@ -31,10 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_ntk.contract import check_residuals
+from lightning_ntk.contract import ResidualCaller, check_residuals, trainable_parameters
 from lightning_ntk.estimators._sampling import check_num_probes, mean_and_stderr, rademacher, sample_points
 from lightning_ntk.estimators.base import TraceEstimate, register_estimator
-from lightning_ntk.jacobian import ResidualCaller, trainable_parameters
 from lightning_ntk.points import check_point_layout, subsample_batch
 
 __all__ = ["fd_step_size", "finite_difference_traces"]

@@ -351,6 +351,7 @@ def _fingerprint(uses: list[_Use]) -> tuple:
     return tuple((u.name, u.kind, tuple(u.output.shape)) for u in uses)
 
 
+@torch.enable_grad()  # the sums over points must join the graph even when the caller runs under no_grad
 def gram_squared_norms(
     module: nn.Module,
     batch: object,
@@ -373,7 +374,7 @@ def gram_squared_norms(
         GramUnsupported: The residual uses a parameter in a way the identities do not cover.
     """
     recorder = _Recorder(params)
-    with torch.enable_grad(), recorder:
+    with recorder:
         residuals = residuals_fn(batch)
     rec = recorder.recording
     del recorder  # drop the alias table (and the tensors it keeps alive)

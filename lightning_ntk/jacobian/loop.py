@@ -1,0 +1,64 @@
+"""The ``loop`` path: one residual evaluation per point and one ``torch.autograd.grad`` per row.
+
+Works with residuals in any style, including ordinary autograd input derivatives
+(``requires_grad_`` + ``torch.autograd.grad(create_graph=True)``); the slowest pointwise path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ntk.contract import evaluate_residuals
+from lightning_ntk.jacobian.vmap import NotPointwise, check_point_values
+from lightning_ntk.points import PointSplit
+
+__all__ = ["loop_norms", "point_ids", "row_norms"]
+
+
+def row_norms(rows: Tensor, params: list[Tensor]) -> Tensor:
+    """``Σ_k ‖∂rows[k]/∂θ‖²``, one backward per entry."""
+    total = rows.new_zeros(())
+    if not rows.requires_grad:
+        return total
+    for k in range(rows.numel()):
+        grads = torch.autograd.grad(rows[k], params, retain_graph=True, allow_unused=True)
+        for g in grads:
+            if g is not None:
+                total = total + g.square().sum()
+    return total
+
+
+def point_ids(size: int, index: Tensor | None) -> list[int]:
+    return list(range(size)) if index is None else index.tolist()
+
+
+def loop_norms(
+    module: nn.Module,
+    split: PointSplit,
+    terms: list[str],
+    reference: Mapping[str, Tensor],
+    params: dict[str, Tensor],
+    index: Tensor | None,
+    shrink_others: bool,
+) -> dict[str, Tensor]:
+    """Per-point squared norms of the terms of one point group, one point at a time."""
+    plist = list(params.values())
+    norms: dict[str, list[Tensor]] = {name: [] for name in terms}
+    leaves = [t for t, m in zip(split.leaves, split.mapped, strict=True) if m]
+    for n in point_ids(split.size, index):
+        points = []
+        for leaf in leaves:
+            # A fresh leaf per point keeps the user's `requires_grad_` calls legal and local.
+            p = leaf[n : n + 1].detach().clone()
+            points.append(p.requires_grad_(leaf.requires_grad))
+        out = evaluate_residuals(module, split.build(points, shrink_others, detach=False))
+        for name in terms:
+            r = out[name]
+            if r.shape[0] != 1:
+                raise NotPointwise(f"term {name!r} keeps {r.shape[0]} rows when its points are split")
+            check_point_values(name, r.detach().reshape(-1), reference[name][n])
+            norms[name].append(row_norms(r.reshape(-1), plist).detach())
+    return {name: torch.stack(v) for name, v in norms.items()}
