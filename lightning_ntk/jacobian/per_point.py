@@ -66,7 +66,8 @@ class PathMemory:
     """
 
     def __init__(self) -> None:
-        self.gram_verdicts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+        # module → {batch signature: True, or the reason the Gram path does not apply}
+        self.gram_verdicts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool | str]] = weakref.WeakKeyDictionary()
         self.gram_layouts = GramLayouts()
         self.warned: set[tuple] = set()
 
@@ -172,8 +173,9 @@ def _gram(
     """The Gram path, or ``None`` and the reason it does not apply to this module and batch layout."""
     signature = batch_signature(batch)
     verdicts = MEMORY.gram_verdicts.setdefault(module, {})
-    if verdicts.get(signature) is False and not strict:
-        return None, "it did not apply to this module and batch layout before"
+    known = verdicts.get(signature)
+    if isinstance(known, str) and not strict:
+        return None, known
     params = trainable_parameters(module)
 
     def evaluate(b: object) -> dict[str, Tensor]:
@@ -182,10 +184,10 @@ def _gram(
     try:
         norms, rows = _gram_in_slices(module, batch, params, evaluate, reference)
     except GramUnsupported as err:
+        verdicts[signature] = f"the Gram path does not apply ({err})"
         if strict:
             raise ValueError(f"The 'gram' path does not apply: {err}.") from err
-        verdicts[signature] = False
-        return None, f"the Gram path does not apply ({err})"
+        return None, verdicts[signature]
     names = list(norms)
     if signature not in verdicts:
         # The recorded uses cannot show everything (say, a residual normalized by a batch mean):
@@ -196,10 +198,13 @@ def _gram(
         for name, values in check.norms.items():
             want = norms[name][probe[norms[name].shape[0]].to(norms[name].device)]
             if not close(want, values):
-                verdicts[signature] = False
+                verdicts[signature] = (
+                    f"the Gram path disagreed with the per-point {check.paths[name]!r} path on {name!r} (a parameter "
+                    "use it does not see, e.g. inside a custom autograd.Function)"
+                )
                 if strict:
-                    raise ValueError(f"The 'gram' path disagrees with the {check.paths[name]!r} path on {name!r}.")
-                return None, f"the Gram path disagreed with the per-point {check.paths[name]!r} path on {name!r}"
+                    raise ValueError(f"The 'gram' path does not apply: {verdicts[signature]}.")
+                return None, verdicts[signature]
         verdicts[signature] = True
     return PointNorms(norms=norms, num_rows=rows, paths=dict.fromkeys(names, "gram")), None
 

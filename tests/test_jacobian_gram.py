@@ -1,0 +1,403 @@
+"""The Gram path (lightning_ntk.jacobian.gram): per-point norms equal a hand-built Jacobian, or it steps aside.
+
+Every case compares per-point norms with an independent per-row autograd loop on the full batch
+(float64, rtol 1e-10). Networks × residual styles cover what PINN users write; the fallback cases
+use a parameter in a way the identities do not model and must still give the loop's values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import reference_point_norms
+from torch import nn
+from torch.func import hessian, jacfwd, vmap
+
+from lightning_ntk.derivatives import laplacian, partial
+from lightning_ntk.jacobian import per_point_squared_norms
+from lightning_ntk.taylor import TaylorMLP
+
+
+class Sine(nn.Module):
+    def forward(self, x):
+        return torch.sin(x)
+
+
+class AdaptiveTanh(nn.Module):
+    """Jagtap-style adaptive activation: tanh(n·a·x) with a trainable slope a."""
+
+    def __init__(self, n: float = 10.0):
+        super().__init__()
+        self.n = n
+        self.a = nn.Parameter(torch.full((1,), 1.0 / n))
+
+    def forward(self, x):
+        return torch.tanh(self.n * self.a * x)
+
+
+def sequential(d_in, d_out, activation=nn.Tanh, width=6):
+    return nn.Sequential(
+        nn.Linear(d_in, width), activation(), nn.Linear(width, width), activation(), nn.Linear(width, d_out)
+    )
+
+
+class Skip(nn.Module):
+    """Residual (skip) connections between hidden layers."""
+
+    def __init__(self, d_in, d_out, width=6):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+        self.out = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for layer in self.hidden:
+            h = h + torch.tanh(layer(h))
+        return self.out(h)
+
+
+class ModifiedMLP(nn.Module):
+    """JAX-PI's modified MLP: gates U, V from the input, h ← (1 − z)⊙U + z⊙V."""
+
+    def __init__(self, d_in, d_out, width=6):
+        super().__init__()
+        self.u, self.v, self.inp = nn.Linear(d_in, width), nn.Linear(d_in, width), nn.Linear(d_in, width)
+        self.hidden = nn.Linear(width, width)
+        self.out = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        u, v = torch.tanh(self.u(x)), torch.tanh(self.v(x))
+        z = torch.tanh(self.inp(x))
+        h = (1 - z) * u + z * v
+        z = torch.tanh(self.hidden(h))
+        h = (1 - z) * u + z * v
+        return self.out(h)
+
+
+class Fourier(nn.Module):
+    """A fixed Fourier-feature embedding (a buffer) before an MLP."""
+
+    def __init__(self, d_in, d_out, m=3):
+        super().__init__()
+        self.register_buffer("B", torch.randn(m, d_in))
+        self.mlp = sequential(2 * m, d_out)
+
+    def forward(self, x):
+        p = 2 * math.pi * x @ self.B.T
+        return self.mlp(torch.cat([torch.sin(p), torch.cos(p)], dim=-1))
+
+
+class NTKParameterized(nn.Module):
+    """Layers in the NTK parameterization: ``F.linear(h, W / √fan_in, b)``, a scaled weight in the product."""
+
+    def __init__(self, d_in, d_out, width=6):
+        super().__init__()
+        dims = [d_in, width, width, d_out]
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(b, a)) for a, b in itertools.pairwise(dims))
+        self.biases = nn.ParameterList(nn.Parameter(torch.randn(b)) for b in dims[1:])
+
+    def forward(self, x):
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = nn.functional.linear(x, w / math.sqrt(w.shape[1]), b)
+            if i < len(self.weights) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+class MatmulAndBroadcast(nn.Module):
+    """One weight used both in a matrix product and in a broadcast multiply (the dense branch)."""
+
+    def __init__(self, d_in, d_out, width=6):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(width, d_in))
+        self.out = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        via_product = x @ self.w.T
+        via_broadcast = (x.unsqueeze(1) * self.w).sum(-1)
+        return self.out(torch.tanh(via_product) + torch.sin(via_broadcast))
+
+
+NETWORKS = {
+    "tanh": lambda d_in, d_out: sequential(d_in, d_out),
+    "sin": lambda d_in, d_out: sequential(d_in, d_out, Sine),
+    "silu": lambda d_in, d_out: sequential(d_in, d_out, nn.SiLU),
+    "gelu": lambda d_in, d_out: sequential(d_in, d_out, nn.GELU),
+    "softplus": lambda d_in, d_out: sequential(d_in, d_out, nn.Softplus),
+    "adaptive": lambda d_in, d_out: sequential(d_in, d_out, AdaptiveTanh),
+    "skip": Skip,
+    "modified_mlp": ModifiedMLP,
+    "fourier": Fourier,
+    "ntk_parameterization": NTKParameterized,
+    "matmul_and_broadcast": MatmulAndBroadcast,
+}
+
+
+def autograd_laplacian(net, x):
+    x = x.detach().clone().requires_grad_(True)
+    u = net(x)[:, :1]
+    du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+    total = 0
+    for i in range(x.shape[1]):
+        total = total + torch.autograd.grad(du[:, i].sum(), x, create_graph=True)[0][:, i : i + 1]
+    return total
+
+
+def autograd_mixed(net, x):
+    x = x.detach().clone().requires_grad_(True)
+    u = net(x)[:, :1]
+    u_0 = torch.autograd.grad(u.sum(), x, create_graph=True)[0][:, :1]
+    return torch.autograd.grad(u_0.sum(), x, create_graph=True)[0][:, -1:] + u_0
+
+
+def func_laplacian(net, x):
+    def u(xi):
+        return net(xi.unsqueeze(0))[0, 0]
+
+    return vmap(hessian(u))(x).diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+
+
+def func_gradient(net, x):
+    return vmap(jacfwd(lambda xi: net(xi.unsqueeze(0))[0]))(x)[:, 0, :]
+
+
+STYLES = {
+    "autograd_laplacian": autograd_laplacian,
+    "autograd_mixed": autograd_mixed,
+    "helpers_laplacian": lambda net, x: laplacian(lambda y: net(y)[:, :1], x),
+    "helpers_first": lambda net, x: partial(net, x, x.shape[1] - 1),
+    "func_hessian": func_laplacian,
+    "func_jacfwd": func_gradient,
+}
+
+
+class Problem(nn.Module):
+    def __init__(self, net, style, d_out=1):
+        super().__init__()
+        self.net, self.style = net, style
+
+    def residuals(self, batch):
+        # The network is shared by both terms: its weights are used by both blocks.
+        return {"bc": self.net(batch["bc"]) - 1.0, "pde": STYLES[self.style](self.net, batch["res"]) + 0.5}
+
+
+def make_batch(d_in, seed=0, n_bc=3, n_res=7):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "bc": torch.rand(n_bc, d_in, generator=g, dtype=torch.float64),
+        "res": torch.rand(n_res, d_in, generator=g, dtype=torch.float64),
+    }
+
+
+def assert_gram_exact(model, batch):
+    got = per_point_squared_norms(model, batch, paths=("gram",))
+    want = reference_point_norms(model, batch)
+    assert set(got.norms) == set(want)
+    for name in want:
+        torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0, msg=name)
+    return got
+
+
+@pytest.mark.parametrize("network", list(NETWORKS))
+@pytest.mark.parametrize("style", list(STYLES))
+def test_every_network_and_residual_style_is_exact(network, style):
+    torch.manual_seed(0)
+    d_in = 2
+    model = Problem(NETWORKS[network](d_in, 1), style).double()
+    assert_gram_exact(model, make_batch(d_in))
+
+
+@pytest.mark.parametrize("d_in", [1, 2, 3])
+@pytest.mark.parametrize("style", ["autograd_laplacian", "helpers_laplacian", "func_hessian"])
+def test_one_two_and_three_input_dimensions(d_in, style):
+    torch.manual_seed(d_in)
+    assert_gram_exact(Problem(sequential(d_in, 1), style).double(), make_batch(d_in, seed=d_in))
+
+
+class NavierStokesLike(nn.Module):
+    """A vector field (u, v, p) with one residual per equation, nonlinear in the outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sequential(2, 3, width=8)
+
+    def residuals(self, batch):
+        x = batch["res"].detach().clone().requires_grad_(True)
+        out = self.net(x)
+        u, v, p = out[:, :1], out[:, 1:2], out[:, 2:]
+
+        def grad(f):
+            return torch.autograd.grad(f.sum(), x, create_graph=True)[0]
+
+        du, dv, dp = grad(u), grad(v), grad(p)
+        u_xx = grad(du[:, :1])[:, :1]
+        return {
+            "momentum_x": u * du[:, :1] + v * du[:, 1:] + dp[:, :1] - 0.01 * u_xx,
+            "momentum_y": u * dv[:, :1] + v * dv[:, 1:] + dp[:, 1:],
+            "continuity": du[:, :1] + dv[:, 1:],
+            "wall": self.net(batch["bc"])[:, :2],  # two rows per point
+        }
+
+
+def test_vector_valued_outputs_one_residual_per_equation():
+    torch.manual_seed(5)
+    got = assert_gram_exact(NavierStokesLike().double(), make_batch(2, seed=5))
+    assert got.num_rows["wall"] == 6
+
+
+def test_taylor_mlp_streams_take_the_same_path():
+    class Heat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TaylorMLP(2, 6, 2, fourier_features=(3, 1.0))
+
+        def residuals(self, batch):
+            d = self.net.taylor(batch["res"], first=[1], second=[0])
+            return {"bc": self.net(batch["bc"]), "pde": d[1] - 0.1 * d[0, 0]}
+
+    torch.manual_seed(6)
+    assert_gram_exact(Heat().double(), make_batch(2, seed=6))
+
+
+def test_large_groups_are_taken_in_slices(monkeypatch):
+    from lightning_ntk.jacobian import per_point
+
+    monkeypatch.setattr(per_point, "_GRAM_MAX_POINTS", 4)
+    torch.manual_seed(7)
+    model = Problem(sequential(1, 1), "autograd_laplacian").double()
+    assert_gram_exact(model, make_batch(1, seed=7, n_bc=2, n_res=11))
+
+
+def test_leaves_param_grad_alone_and_excludes_frozen_parameters():
+    torch.manual_seed(8)
+    model = Problem(sequential(2, 1), "autograd_laplacian").double()
+    batch = make_batch(2, seed=8)
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        p.grad = s.clone()
+    model.net[0].weight.requires_grad_(False)
+    got = per_point_squared_norms(model, batch, paths=("gram",))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    want = reference_point_norms(model, batch, trainable)
+    for name in want:
+        torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        assert torch.equal(p.grad, s)
+
+
+# --- uses the identities do not model: detected, and the result is the loop's -------------------------
+
+
+class WeightFactorized(nn.Module):
+    """Random weight factorization: W = diag(exp(s)) · V, a weight built from two parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(6, 1) * 0.1)
+        self.v = nn.Parameter(torch.randn(6, 2))
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        w = torch.exp(self.s) * self.v
+        return self.out(torch.tanh(x @ w.T))
+
+
+class Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, kernel_size=1)
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.conv(x.unsqueeze(-1)).squeeze(-1)))
+
+
+class SlicedWeight(nn.Module):
+    """Only part of a weight matrix used in a product (a slice, not the whole W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4))
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ self.w[:, : x.shape[1]].T))
+
+
+class MixesPoints(nn.Module):
+    """Row n of the residual depends on every point (a smoothing over the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sequential(2, 1)
+
+    def forward(self, x):
+        u = self.net(x)
+        return u - u.mean()
+
+
+class _HiddenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x, w):
+        return x @ w.T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad @ w, grad.T @ x
+
+
+class CustomFunction(nn.Module):
+    """A custom autograd.Function runs its ops without autograd: the uses inside are not recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 2))
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(_HiddenLinear.apply(x, self.w)))
+
+
+FALLBACKS = {
+    "weight_factorized": WeightFactorized,
+    "conv": Conv,
+    "sliced": SlicedWeight,
+    "mixes_points": MixesPoints,
+    "custom_function": CustomFunction,
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_unsupported_uses_fall_back_with_a_message_and_stay_exact(case):
+    torch.manual_seed(9)
+    model = Problem(FALLBACKS[case]().double(), "autograd_laplacian").double()
+    batch = make_batch(2, seed=9)
+    with pytest.raises(ValueError, match="'gram' path"):
+        per_point_squared_norms(model, batch, paths=("gram",))
+    with pytest.warns(UserWarning, match="Gram path"):
+        got = per_point_squared_norms(model, batch)
+    assert "gram" not in got.paths.values()
+    want = reference_point_norms(model, batch)
+    for name in want:
+        torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
+
+
+def test_a_failed_check_is_remembered_per_module_and_batch_layout():
+    torch.manual_seed(10)
+    model = Problem(MixesPoints().double(), "helpers_laplacian").double()
+    batch = make_batch(2, seed=10)
+    with pytest.warns(UserWarning, match="Gram path"):
+        per_point_squared_norms(model, batch)
+    from lightning_ntk.jacobian import MEMORY
+
+    assert any(isinstance(v, str) for v in MEMORY.gram_verdicts[model].values())
+    assert "gram" not in per_point_squared_norms(model, batch).paths.values()
