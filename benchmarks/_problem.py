@@ -1,4 +1,7 @@
-"""The benchmark problem shared by the scripts here: 1-D Poisson-type residual plus boundary term."""
+"""The benchmark problem shared by the scripts here: a Poisson-type residual plus a boundary term.
+
+``d`` input dimensions (default 1); the residual is the Laplacian of a tanh MLP plus a source.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from lightning_ntk import PINNModule
 from lightning_ntk.derivatives import partial
 
 
-def mlp(width: int, depth: int) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(1, width), nn.Tanh()]
+def mlp(width: int, depth: int, d: int = 1) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(d, width), nn.Tanh()]
     for _ in range(depth - 1):
         layers += [nn.Linear(width, width), nn.Tanh()]
     layers.append(nn.Linear(width, 1))
@@ -29,14 +32,16 @@ def source(x: torch.Tensor) -> torch.Tensor:
 class FastPoisson(PINNModule):
     """u_xx - f on residual points and u on boundary-type points, N of each."""
 
-    def __init__(self, width: int = 256, depth: int = 3, lr: float = 1e-3) -> None:
+    def __init__(self, width: int = 256, depth: int = 3, lr: float = 1e-3, d: int = 1) -> None:
         super().__init__(terms=["bc", "pde"])
-        self.net = mlp(width, depth)
+        self.net = mlp(width, depth, d)
         self.lr = lr
+        self.d = d
 
     def residuals(self, batch):
         x_b, x_r = batch
-        return {"bc": self.net(x_b), "pde": partial(self.net, x_r, 0, 0) - source(x_r)}
+        lap = sum(partial(self.net, x_r, i, i) for i in range(self.d))
+        return {"bc": self.net(x_b), "pde": lap - source(x_r[:, :1])}
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
@@ -49,14 +54,14 @@ class AutogradPoisson(FastPoisson):
         x_b, x_r = batch
         x_r = x_r.requires_grad_(True)
         u = self.net(x_r)
-        u_x = torch.autograd.grad(u.sum(), x_r, create_graph=True)[0]
-        u_xx = torch.autograd.grad(u_x.sum(), x_r, create_graph=True)[0]
-        return {"bc": self.net(x_b), "pde": u_xx - source(x_r)}
+        du = torch.autograd.grad(u.sum(), x_r, create_graph=True)[0]
+        lap = sum(torch.autograd.grad(du[:, i].sum(), x_r, create_graph=True)[0][:, i : i + 1] for i in range(self.d))
+        return {"bc": self.net(x_b), "pde": lap - source(x_r[:, :1])}
 
 
-def make_batch(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(n: int, device: torch.device, seed: int = 0, d: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, generator=g).to(device), torch.rand(n, 1, generator=g).to(device)
+    return torch.rand(n, d, generator=g).to(device), torch.rand(n, d, generator=g).to(device)
 
 
 def sync(device: torch.device) -> None:

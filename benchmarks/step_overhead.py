@@ -34,10 +34,11 @@ class StepClock(pl.Callback):
         self.starts.append(time.perf_counter())
 
 
-def time_per_step(args, callback: NTKWeightingCallback | None, device: torch.device) -> float:
+def time_per_step(args, callback: NTKWeightingCallback | None, device: torch.device, model=None, batch=None) -> float:
+    """Seconds per optimizer step of ``model`` (default: a fresh FastPoisson) through a Trainer."""
     torch.manual_seed(0)
-    model = FastPoisson(args.width, args.depth)
-    batch = make_batch(args.n, torch.device("cpu"))
+    model = FastPoisson(args.width, args.depth) if model is None else model
+    batch = make_batch(args.n, torch.device("cpu")) if batch is None else batch
     steps = 2 * args.every + 1
     loader = torch.utils.data.DataLoader([batch] * (steps + 1), batch_size=None)
     clock = StepClock(device)

@@ -62,7 +62,7 @@ class GramUnsupported(Exception):
 @dataclass
 class _Alias:
     name: str
-    index: Tensor  # int64, same shape as the aliasing tensor: flat index into the parameter
+    index: Tensor  # int64 on the CPU, same shape as the aliasing tensor: flat index into the parameter
     scale: float
     keep: Tensor  # keeps the tensor alive so that its id() stays unique while recording
 
@@ -100,7 +100,8 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.aliases: dict[int, _Alias] = {}
         for name, p in params.items():
-            index = torch.arange(p.numel(), device=p.device).view(p.shape)
+            # Index maps live on the CPU whatever the device: checking them never waits for the GPU.
+            index = torch.arange(p.numel()).view(p.shape)
             self.aliases[id(p)] = _Alias(name, index, 1.0, p)
         self.recording = _Recording()
 
@@ -264,14 +265,23 @@ class _Accumulator:
     def squared_norms(self, n: int) -> Tensor:
         if not self.us:
             return self.dense.square().sum(1)
-        u, v = torch.cat(self.us, 1), torch.cat(self.vs, 1)  # (N, R, a), (N, R, b)
-        a, b, rows = u.shape[2], v.shape[2], u.shape[1]
-        if self.dense is not None or a * b <= rows * (a + b):
-            full = torch.bmm(u.transpose(1, 2), v).reshape(n, -1)
-            if self.dense is not None:
-                full = full + self.dense
+        # Factors per use, (N, R_k, a) and (N, R_k, b): blockwise, no concatenated copy.
+        a, b = self.us[0].shape[2], self.vs[0].shape[2]
+        rows = sum(u.shape[1] for u in self.us)
+        if self.dense is not None or a * b <= rows * (a + b):  # forming ∂r_n/∂W is cheaper (thin layers)
+            full = self.dense
+            for u, v in zip(self.us, self.vs, strict=True):
+                outer = torch.bmm(u.transpose(1, 2), v).reshape(n, -1)
+                full = outer if full is None else full + outer
             return full.square().sum(1)
-        return (torch.bmm(u, u.transpose(1, 2)) * torch.bmm(v, v.transpose(1, 2))).sum((1, 2))
+        total = None
+        for k, (uk, vk) in enumerate(zip(self.us, self.vs, strict=True)):
+            for j in range(k + 1):
+                uj, vj = self.us[j], self.vs[j]
+                term = (torch.bmm(uk, uj.transpose(1, 2)) * torch.bmm(vk, vj.transpose(1, 2))).sum((1, 2))
+                term = term if j == k else 2 * term
+                total = term if total is None else total + term
+        return total
 
 
 def _orientation(index: Tensor, shape: tuple[int, ...]) -> bool:
@@ -279,7 +289,7 @@ def _orientation(index: Tensor, shape: tuple[int, ...]) -> bool:
     if len(shape) != 2:
         raise GramUnsupported("a parameter with other than two dimensions is used in a matrix product")
     flat = index.reshape(-1, *index.shape[-2:])
-    grid = torch.arange(shape[0] * shape[1], device=index.device).view(shape)
+    grid = torch.arange(shape[0] * shape[1]).view(shape)
     if not bool((flat == flat[:1]).all()):
         raise GramUnsupported("a parameter operand of a batched product differs between batch entries")
     first = flat[0]
@@ -300,7 +310,8 @@ def _add_matrix_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout,
     other = other.expand(*lead, other.shape[-1])
     rows_other = layout.points_first(other, n).reshape(n, -1, other.shape[-1])
     rows_grad = layout.points_first(grad, n).reshape(n, -1, grad.shape[-1])
-    rows_other = rows_other * use.scale
+    if use.scale != 1.0:
+        rows_other = rows_other * use.scale
     if same:  # ∂/∂P = l ⊗ g with P ≅ W
         acc.us.append(rows_other)
         acc.vs.append(rows_grad)
@@ -314,11 +325,11 @@ def _add_elementwise_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _La
     contribution = contribution.expand(grad.shape)
     index = use.index.expand(grad.shape)
     per_point = layout.points_first(contribution, n).reshape(n, -1)
-    flat_index = layout.points_first(index, n)[0].reshape(-1)
+    flat_index = layout.points_first(index, n)[0].reshape(-1).to(grad.device, non_blocking=True)
     if n * numel * grad.element_size() > _DENSE_BYTES:
         raise GramUnsupported("too many points for the dense per-point gradient of an elementwise parameter use")
     dense = per_point.new_zeros(n, numel).index_add_(1, flat_index, per_point)
-    acc.add_dense(dense * use.scale)
+    acc.add_dense(dense if use.scale == 1.0 else dense * use.scale)
 
 
 def _choose_layout(use: _Use, grad: Tensor, seeded: Tensor, weights: Tensor, n: int) -> _Layout:
