@@ -152,12 +152,23 @@ def test_seeded_generators_reproduce():
         assert all(torch.equal(a.traces[t], b.traces[t]) for t in a.traces)
 
 
-def test_auto_chooses_by_work():
-    model = HelperPoisson().double()
+class CentredPoisson(HelperPoisson):
+    """Rows that mix points (mean-centred): the Gram path does not apply."""
+
+    def residuals(self, batch):
+        out = super().residuals(batch)
+        return {"bc": out["bc"], "pde": out["pde"] - out["pde"].mean()}
+
+
+def test_auto_is_exact_where_the_gram_path_applies_and_chooses_by_work_elsewhere():
     batch = poisson_batch()
-    assert estimate_ntk_traces(model, batch, "auto").info["chosen"] == "exact"
-    est = estimate_ntk_traces(model, batch, "auto", max_exact_work=10.0, generator=torch.Generator().manual_seed(0))
-    assert est.info["chosen"] == "hutchpp"
+    seeded = {"generator": torch.Generator().manual_seed(0)}
+    cheap = estimate_ntk_traces(HelperPoisson().double(), batch, "auto", max_exact_work=10.0, **seeded)
+    assert cheap.info["chosen"] == "exact" and set(cheap.info["paths"].values()) == {"gram"}
+    model = CentredPoisson().double()
+    with pytest.warns(UserWarning, match="Gram path"):
+        assert estimate_ntk_traces(model, batch, "auto").info["chosen"] == "exact"
+    assert estimate_ntk_traces(model, batch, "auto", max_exact_work=10.0, **seeded).info["chosen"] == "hutchpp"
 
 
 @pytest.mark.parametrize("name", list(SKETCHES))

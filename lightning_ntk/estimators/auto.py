@@ -1,12 +1,14 @@
-"""Pick the exact estimator or a sketch from the size of the work.
+"""Pick the exact estimator or a sketch from the cost of exact traces.
 
-The exact estimator materializes one ``P``-vector per residual row: its work and memory traffic grow
-as ``W = Σ_i N_i · P`` (rows × trainable parameters). Measured on CPU (torch 2.13, 3×256 tanh MLP,
+Where the Gram path applies (:mod:`lightning_ntk.jacobian.gram`: MLP-like networks, any residual
+style) exact traces cost one to two training steps whatever ``N_i``, and ``"auto"`` is exact.
+Otherwise the exact estimator materializes one ``P``-vector per residual row: its work grows as
+``W = Σ_i N_i · P`` (rows × trainable parameters). Measured on CPU (torch 2.13, 3×256 tanh MLP,
 u_xx residual): ``W ≈ 1.1e9`` (N = 4096 per term) took ~30 training steps, ``W ≈ 1.7e7`` (a 2×50
 MLP, 100 points) a fraction of one. Below ``max_exact_work`` (default ``2.5e8``, a few seconds on a
-laptop CPU and well under a second on a GPU) ``"auto"`` is exact; above, it uses Hutch++, whose cost
-is a fixed number of backward passes (``num_probes``) whatever ``N_i``, and which is accurate to
-well under 1 % on the nearly low-rank blocks of PINNs.
+laptop CPU and well under a second on a GPU) ``"auto"`` is then exact; above, it uses Hutch++, whose
+cost is a fixed number of backward passes (``num_probes``) whatever ``N_i``, and which is accurate
+to well under 1 % on the nearly low-rank blocks of PINNs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lightning_ntk.contract import evaluate_residuals, trainable_parameters
 from lightning_ntk.estimators.base import TraceEstimate, register_estimator
 from lightning_ntk.estimators.exact import exact_traces
 from lightning_ntk.estimators.hutchpp import hutchpp_traces
+from lightning_ntk.jacobian import PathUnavailable
 
 __all__ = ["DEFAULT_MAX_EXACT_WORK", "auto_traces", "exact_work"]
 
@@ -42,17 +45,22 @@ def auto_traces(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
 ) -> TraceEstimate:
-    """Exact traces when ``Σ_i N_i · P ≤ max_exact_work``, otherwise Hutch++ with ``num_probes``.
+    """Exact traces by the Gram path, else exact when ``Σ_i N_i · P ≤ max_exact_work``, else Hutch++.
 
     The choice is recorded in ``info["chosen"]``.
     """
-    residuals = evaluate_residuals(module, batch, getattr(module, "terms", None))
-    work = exact_work(module, residuals)
-    if work <= max_exact_work:
-        # The evaluation above doubles as the exact path's reference: no second forward.
-        est = exact_traces(module, batch, chunk_size=chunk_size, reference=residuals)
-    else:
-        est = hutchpp_traces(module, batch, num_probes=num_probes, generator=generator)
+    try:
+        est = exact_traces(module, batch, chunk_size=chunk_size, paths=("gram",))
+        rows = sum(est.num_rows.values())
+        work = float(rows * sum(p.numel() for p in trainable_parameters(module).values()))
+    except PathUnavailable:
+        residuals = evaluate_residuals(module, batch, getattr(module, "terms", None))
+        work = exact_work(module, residuals)
+        if work <= max_exact_work:
+            # The evaluation above doubles as the exact path's reference: no second forward.
+            est = exact_traces(module, batch, chunk_size=chunk_size, reference=residuals)
+        else:
+            est = hutchpp_traces(module, batch, num_probes=num_probes, generator=generator)
     return TraceEstimate(
         est.traces, est.stderr, est.num_rows, "auto", {**est.info, "chosen": est.estimator, "work": work}
     )

@@ -9,13 +9,21 @@ tries the paths fastest first (:mod:`~lightning_ntk.jacobian.per_point` explains
 
 from lightning_ntk.contract import ResidualCaller, trainable_parameters
 from lightning_ntk.jacobian.gram import GramUnsupported
-from lightning_ntk.jacobian.per_point import MEMORY, PATHS, PathMemory, PointNorms, per_point_squared_norms
+from lightning_ntk.jacobian.per_point import (
+    MEMORY,
+    PATHS,
+    PathMemory,
+    PathUnavailable,
+    PointNorms,
+    per_point_squared_norms,
+)
 
 __all__ = [
     "MEMORY",
     "PATHS",
     "GramUnsupported",
     "PathMemory",
+    "PathUnavailable",
     "PointNorms",
     "ResidualCaller",
     "per_point_squared_norms",

@@ -52,7 +52,9 @@ _NO_DERIVATIVE = {
     "isfinite", "sign", "is_same_size", "_local_scalar_dense", "is_nonzero", "equal",
 }  # fmt: skip
 # Ops that copy values unchanged (same index map as their input).
-_COPIES = {"clone", "_to_copy", "_unsafe_view", "contiguous", "lift_fresh_copy", "view_copy"}
+_COPIES = {"clone", "_to_copy", "contiguous", "lift_fresh_copy"}
+# Ops that copy values into a new shape.
+_RESHAPES = {"_unsafe_view", "view_copy", "reshape"}
 
 
 class GramUnsupported(Exception):
@@ -136,10 +138,13 @@ class _Recorder(TorchDispatchMode):
         if not hits:  # the alias sits inside a list argument (cat, stack, ...)
             raise GramUnsupported(f"a parameter is an element of a list argument of aten.{name}")
         alias = self.aliases[id(args[hits[0]])]
-        if func.is_view or name in _COPIES:
+        if func.is_view or name in _COPIES or name in _RESHAPES:
             if hits != [0]:
                 raise GramUnsupported(f"aten.{name} takes a parameter in an unexpected position")
-            index = func(alias.index, *args[1:], **kwargs) if func.is_view else alias.index
+            if func.is_view:
+                index = func(alias.index, *args[1:], **kwargs)
+            else:
+                index = alias.index.reshape(out.shape) if name in _RESHAPES else alias.index
             self._derive(out, alias, index.expand(out.shape) if index.shape != out.shape else index, 1.0)
             return
         if name == "addmm" and hits in ([0], [1], [2], [0, 1], [0, 2]):  # bias + (L @ P or P @ R)
@@ -288,6 +293,15 @@ def _orientation(index: Tensor, shape: tuple[int, ...]) -> bool:
     """For a product operand with index map ``(.., K, O)``: True if it is ``W``, False if ``Wᵀ``."""
     if len(shape) != 2:
         raise GramUnsupported("a parameter with other than two dimensions is used in a matrix product")
+    # Fast answer from the view's geometry (index maps are views of one arange): W itself or Wᵀ,
+    # broadcast (stride 0) over any batch dims.
+    lead = index.ndim - 2
+    if index.storage_offset() == 0 and all(index.stride(i) == 0 or index.shape[i] == 1 for i in range(lead)):
+        geometry = (tuple(index.shape[lead:]), index.stride()[lead:])
+        if geometry == (shape, (shape[1], 1)):
+            return True
+        if geometry == ((shape[1], shape[0]), (1, shape[1])):
+            return False
     flat = index.reshape(-1, *index.shape[-2:])
     grid = torch.arange(shape[0] * shape[1]).view(shape)
     if not bool((flat == flat[:1]).all()):

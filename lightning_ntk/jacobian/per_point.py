@@ -35,12 +35,16 @@ from lightning_ntk.jacobian.rows import rows_norms
 from lightning_ntk.jacobian.vmap import NotPointwise, default_chunk_size, vmap_norms
 from lightning_ntk.points import PointSplit, batch_signature, close, subsample_batch
 
-__all__ = ["PATHS", "PathMemory", "PointNorms", "per_point_squared_norms"]
+__all__ = ["PATHS", "PathMemory", "PathUnavailable", "PointNorms", "per_point_squared_norms"]
 
 PATHS = ("gram", "vmap", "loop", "rows")
 # Points per recorded Gram pass: larger groups are cut into slices of this many points, which keeps
 # the recorded activations of a 3x256 MLP with second derivatives near 1 GiB.
 _GRAM_MAX_POINTS = 16384
+
+
+class PathUnavailable(ValueError):
+    """None of the exact paths the caller allowed applies to this module and batch."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,9 @@ def _gram(
     signature = batch_signature(batch)
     verdicts = MEMORY.gram_verdicts.setdefault(module, {})
     known = verdicts.get(signature)
-    if isinstance(known, str) and not strict:
+    if isinstance(known, str):
+        if strict:
+            raise PathUnavailable(f"The 'gram' path does not apply: {known}.")
         return None, known
     params = trainable_parameters(module)
 
@@ -186,7 +192,7 @@ def _gram(
     except GramUnsupported as err:
         verdicts[signature] = f"the Gram path does not apply ({err})"
         if strict:
-            raise ValueError(f"The 'gram' path does not apply: {err}.") from err
+            raise PathUnavailable(f"The 'gram' path does not apply: {err}.") from err
         return None, verdicts[signature]
     names = list(norms)
     if signature not in verdicts:
@@ -203,7 +209,7 @@ def _gram(
                     "use it does not see, e.g. inside a custom autograd.Function)"
                 )
                 if strict:
-                    raise ValueError(f"The 'gram' path does not apply: {verdicts[signature]}.")
+                    raise PathUnavailable(f"The 'gram' path does not apply: {verdicts[signature]}.")
                 return None, verdicts[signature]
         verdicts[signature] = True
     return PointNorms(norms=norms, num_rows=rows, paths=dict.fromkeys(names, "gram")), None
@@ -298,7 +304,9 @@ def _per_point_paths(
             reasons.append(reason)
         if result is None:
             if "rows" not in order:
-                raise ValueError(f"No exact path in {list(order)} applies to term(s) {group}: {'; '.join(reasons)}.")
+                raise PathUnavailable(
+                    f"No exact path in {list(order)} applies to term(s) {group}: {'; '.join(reasons)}."
+                )
             path = "rows"
             result = rows_norms(reference, group, params, index)
         if not quiet and reasons:
