@@ -88,6 +88,15 @@ def poisson_batch(n_r: int = 12, dtype=torch.float64, seed: int = 0):
     return x_b, x_r
 
 
+def bc_res_batch(d_in: int, seed: int = 0, n_bc: int = 3, n_res: int = 7) -> dict[str, torch.Tensor]:
+    """A float64 batch of boundary points ``"bc"`` and residual points ``"res"`` in ``[0, 1]^d_in``."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "bc": torch.rand(n_bc, d_in, generator=g, dtype=torch.float64),
+        "res": torch.rand(n_res, d_in, generator=g, dtype=torch.float64),
+    }
+
+
 def reference_point_norms(module: nn.Module, batch, params=None) -> dict[str, torch.Tensor]:
     """Per-point ``Σ_rows ‖∂r/∂θ‖²`` from a hand-built Jacobian: one autograd.grad per row, full batch."""
     if params is None:

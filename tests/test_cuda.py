@@ -17,14 +17,30 @@ def to(batch, device):
 
 
 @pytest.mark.parametrize("cls", [HelperPoisson, AutogradPoisson])
-def test_exact_traces_on_cuda_equal_cpu(cls):
+def test_exact_traces_on_cuda_equal_cpu_and_take_the_gram_path(cls):
+    # On CUDA the double backward of autograd-style residuals runs on autograd's device thread: the
+    # recording must see those parameter uses too, or the Gram path would not be taken.
     model = cls().double()
     batch = poisson_batch(n_r=16)
     cpu = estimate_ntk_traces(model, batch).traces
-    gpu = estimate_ntk_traces(copy.deepcopy(model).to(CUDA), to(batch, CUDA)).traces
+    est = estimate_ntk_traces(copy.deepcopy(model).to(CUDA), to(batch, CUDA))
+    assert set(est.info["paths"].values()) == {"gram"}
     for name in cpu:
-        assert gpu[name].device.type == "cuda"
-        torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-10, atol=0)
+        assert est.traces[name].device.type == "cuda"
+        torch.testing.assert_close(est.traces[name].cpu(), cpu[name], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("cls", [HelperPoisson, AutogradPoisson])
+def test_gram_path_makes_no_host_sync_once_its_layout_is_confirmed(cls):
+    model = cls().to(CUDA)
+    batch = to(poisson_batch(dtype=torch.float32), CUDA)
+    estimate_ntk_traces(model, batch)  # first call: layouts and the check against the per-point path
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        est = estimate_ntk_traces(model, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert set(est.info["paths"].values()) == {"gram"}
 
 
 @pytest.mark.parametrize("name", ["subsample", "hutchinson", "hutchpp", "fd", "auto"])

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import bc_res_batch as make_batch
 from conftest import reference_point_norms
 from torch import nn
 from torch.func import hessian, jacfwd, vmap
@@ -183,14 +184,6 @@ class Problem(nn.Module):
     def residuals(self, batch):
         # The network is shared by both terms: its weights are used by both blocks.
         return {"bc": self.net(batch["bc"]) - 1.0, "pde": STYLES[self.style](self.net, batch["res"]) + 0.5}
-
-
-def make_batch(d_in, seed=0, n_bc=3, n_res=7):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "bc": torch.rand(n_bc, d_in, generator=g, dtype=torch.float64),
-        "res": torch.rand(n_res, d_in, generator=g, dtype=torch.float64),
-    }
 
 
 def assert_gram_exact(model, batch):

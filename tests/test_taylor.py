@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import bc_res_batch as make_batch
 from conftest import reference_point_norms, reference_traces
 from torch import nn
 
@@ -60,14 +61,6 @@ class Problem(nn.Module):
 
     def residuals(self, batch):
         return self.fn(self.net, batch)
-
-
-def make_batch(d_in, seed=0, n_bc=3, n_res=7):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "bc": torch.rand(n_bc, d_in, generator=g, dtype=torch.float64),
-        "res": torch.rand(n_res, d_in, generator=g, dtype=torch.float64),
-    }
 
 
 def assert_exact(model, batch):
