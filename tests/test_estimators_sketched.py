@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import AutogradPoisson, HelperPoisson, poisson_batch, reference_traces
+from conftest import AutogradPoisson, HelperPoisson, TwoFieldModel, poisson_batch, reference_traces
 
 from lightning_ntk import estimate_ntk_traces
 from lightning_ntk.products import JacobianProducts
@@ -186,6 +186,17 @@ def test_fd_points_per_probe_is_unbiased_and_reports_full_row_counts(setup):
         assert abs(float(v.mean()) - float(exact[term])) <= 4 * float(v.std() / len(v) ** 0.5)
     est = estimate_ntk_traces(model, batch, "fd", points_per_probe=10)
     assert est.num_rows == {"bc": 2, "pde": 40}
+
+
+def test_fd_points_per_probe_row_counts_are_exact_integers():
+    # 11 of 15 points per probe: 11 * (15 / 11) is 14.999... in floating point, and must still be 15.
+    two_field = TwoFieldModel().double()
+    g = torch.Generator().manual_seed(4)
+    batch = (torch.rand(3, 2, generator=g, dtype=torch.float64), torch.rand(15, 2, generator=g, dtype=torch.float64))
+    est = estimate_ntk_traces(two_field, batch, "fd", points_per_probe=11, generator=g)
+    assert est.num_rows == {"data": 6, "pde": 30}
+    est = estimate_ntk_traces(HelperPoisson().double(), poisson_batch(n_r=15), "fd", points_per_probe=11)
+    assert est.num_rows == {"bc": 2, "pde": 15}
 
 
 def test_fd_points_per_probe_checks_the_layout_once_and_rejects_non_pointwise_residuals():

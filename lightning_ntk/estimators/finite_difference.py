@@ -133,7 +133,8 @@ def finite_difference_traces(
             diff = (plus[name] - minus[name]) / (2 * h)
             scale = 1.0 if layout is None else layout[name] / diff.shape[0]
             samples.setdefault(name, []).append(diff.square().sum() * scale)
-            rows[name] = int(plus[name].numel() * scale)
+            points = plus[name].shape[0] if layout is None else layout[name]
+            rows[name] = plus[name].numel() // plus[name].shape[0] * points  # integers: no rounding down
     traces, stderr = {}, {}
     for name, values in samples.items():
         traces[name], stderr[name] = mean_and_stderr(torch.stack(values))
