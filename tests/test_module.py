@@ -111,8 +111,11 @@ def test_training_step_is_weighted_sum_and_term_loss_is_overridable():
     total, losses = model.weighted_loss(batch)
     torch.testing.assert_close(total, expected)
     torch.testing.assert_close(losses["pde"], r["pde"].square().mean())
-    # The weights are constants for autograd: d total / d weights does not exist.
-    assert not model.ntk_weights.requires_grad
+    # The weights are constants for autograd: weights given as a tensor with a graph are not linked.
+    w = torch.tensor([3.0, 0.5], dtype=torch.float64, requires_grad=True)
+    model.set_term_weights(w)
+    total, _ = model.weighted_loss(batch)
+    assert torch.autograd.grad(total, w, allow_unused=True)[0] is None
 
 
 def test_checkpoint_with_other_terms_fails_clearly():

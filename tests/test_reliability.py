@@ -155,7 +155,6 @@ def test_param_grad_is_that_of_the_weighted_loss_alone(tmp_path, estimator):
     loss.backward()
     for got, p in zip(recorder.grads[0], reference.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, rtol=1e-12, atol=0)
-    assert not model.ntk_weights.requires_grad
 
 
 class RssProbe(Callback):
@@ -232,13 +231,14 @@ def test_on_nonfinite_skip_keeps_previous_weights_and_warns(tmp_path):
     good = poisson_batch(dtype=torch.float32)
     bad = (good[0], good[1].clone())
     bad[1][0] = float("inf")
+    initial = copy.deepcopy(model)
     ntk = NTKWeightingCallback(update_every_n_steps=1, on_nonfinite="skip")
     trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk], logger=False)
     with pytest.warns(UserWarning, match=r"At optimizer step 1: .*term 'pde'.*Keeping the previous weights"):
         trainer.fit(model, torch.utils.data.DataLoader([good, bad], batch_size=None))
-    expected = trace_weights(ntk_traces(HelperPoisson().requires_grad_(True), good))
-    assert set(expected) == set(model.term_weights)
-    assert all(v > 0 for v in model.term_weights.values())
+    # Step 0 set the weights from the initial parameters; step 1 (inf) must leave exactly those.
+    expected = trace_weights(ntk_traces(initial, good))
+    assert model.term_weights == pytest.approx({k: float(v) for k, v in expected.items()}, rel=1e-5)
 
 
 def test_bad_on_nonfinite():

@@ -414,6 +414,10 @@ def gram_squared_norms(
     if known is not None and known["fingerprint"] != fingerprint:
         known = None
     chosen: dict = {} if known is None else known["layouts"]
+    if known is None and not all(bool(torch.isfinite(r).all()) for r in residuals.values()):
+        # Non-finite residuals cannot confirm a layout; their traces are NaN, which the caller reports.
+        nan = {term: r.new_full((r.shape[0],), float("nan")).detach() for term, r in residuals.items()}
+        return nan, {term: r.numel() for term, r in residuals.items()}
     outputs: list[Tensor] = []
     slot: dict[int, int] = {}
     for use in uses:

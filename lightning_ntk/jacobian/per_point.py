@@ -195,7 +195,8 @@ def _gram(
             raise PathUnavailable(f"The 'gram' path does not apply: {err}.") from err
         return None, verdicts[signature]
     names = list(norms)
-    if signature not in verdicts:
+    finite = all(bool(torch.isfinite(v).all()) for v in norms.values()) if signature not in verdicts else True
+    if signature not in verdicts and finite:
         # The recorded uses cannot show everything (say, a residual normalized by a batch mean):
         # compare three points per term with the per-point paths once.
         sizes = {v.shape[0] for v in norms.values()}
