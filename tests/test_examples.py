@@ -64,6 +64,7 @@ def test_poisson_1d_paper_setting_gives_lambda_bc_near_100(capsys):
     assert 1.5 < float(w_many["bc"]) < 5  # 100 boundary rows: Tr K_bb is 50× larger
 
 
+@pytest.mark.slow
 def test_fd_per_step_weights_train_as_well_as_exact_weights(tmp_path):
     # Per-step weights from one finite-difference probe (averaged over steps) against exact weights
     # every 100 steps, on a short run of the Poisson example (plain training is at ~1.7 here).

@@ -394,3 +394,17 @@ def test_a_failed_check_is_remembered_per_module_and_batch_layout():
 
     assert any(isinstance(v, str) for v in MEMORY.gram_verdicts[model].values())
     assert "gram" not in per_point_squared_norms(model, batch).paths.values()
+
+
+def test_non_finite_residuals_give_nan_and_leave_the_path_undecided():
+    from lightning_ntk.jacobian import MEMORY
+
+    torch.manual_seed(11)
+    model = Problem(sequential(1, 1), "autograd_laplacian").double()
+    batch = make_batch(1, seed=11)
+    bad = {"bc": batch["bc"], "res": batch["res"].clone()}
+    bad["res"][2] = float("nan")
+    got = per_point_squared_norms(model, bad)
+    assert got.paths == {"bc": "gram", "pde": "gram"} and bool(got.norms["pde"].isnan().all())
+    assert model not in MEMORY.gram_verdicts or not MEMORY.gram_verdicts[model]
+    assert_gram_exact(model, batch)  # the same layout with finite values: still the Gram path

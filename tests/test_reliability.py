@@ -168,6 +168,7 @@ class RssProbe(Callback):
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc")
+@pytest.mark.slow
 def test_memory_does_not_grow_over_1000_updates(tmp_path):
     probe = RssProbe()
     ntk = NTKWeightingCallback(update_every_n_steps=1)
