@@ -35,11 +35,10 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lightning_ntk.points import POINTWISE_RTOL
+
 __all__ = ["GramUnsupported", "gram_squared_norms"]
 
-# Relative mismatch allowed when a point layout is confirmed by the seeded backward. Rounding gives
-# ~1e-7 (float32); a wrong layout gives ~0.2 (seeds are uniform on [1, 2)).
-_LAYOUT_RTOL = 1e-3
 # A parameter whose uses need dense per-point gradients (elementwise uses) may take at most this
 # many bytes of them; beyond, the caller falls back (or chunks the points).
 _DENSE_BYTES = 1 << 29
@@ -351,7 +350,8 @@ def _choose_layout(use: _Use, grad: Tensor, seeded: Tensor, weights: Tensor, n: 
     for layout in _use_candidates(use, n):
         g = layout.points_first(grad, n).reshape(n, -1)
         s = layout.points_first(seeded, n).reshape(n, -1)
-        if (s - weights[:, None] * g).norm() <= _LAYOUT_RTOL * scale:
+        # Rounding leaves ~1e-7 (float32); a wrong layout ~0.2 (the seeds are uniform on [1, 2)).
+        if (s - weights[:, None] * g).norm() <= POINTWISE_RTOL * scale:
             return layout
     raise GramUnsupported(
         f"the rows of an aten product on {use.name!r} do not map to the points of a term (rows mix points, "
