@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from lightning_ntk.points import POINTWISE_RTOL
 
@@ -112,14 +111,25 @@ class _Recorder(TorchDispatchMode):
         rec = self.recording
         if rec.unsupported is not None or not torch.is_grad_enabled():
             return out
-        leaves = tree_flatten((args, kwargs))[0]
-        if not any(isinstance(t, Tensor) and id(t) in self.aliases for t in leaves):
+        if not self._touches_alias(args) and not self._touches_alias(kwargs.values()):
             return out
         try:
             self._record(func, args, kwargs, out)
         except GramUnsupported as err:
             rec.unsupported = str(err)
         return out
+
+    def _touches_alias(self, values) -> bool:
+        # aten ops nest tensors at most one level deep (Tensor[] arguments); this runs for every op,
+        # so it avoids the cost of a general pytree flatten.
+        aliases = self.aliases
+        for v in values:
+            if isinstance(v, Tensor):
+                if id(v) in aliases:
+                    return True
+            elif isinstance(v, (list, tuple)) and any(isinstance(t, Tensor) and id(t) in aliases for t in v):
+                return True
+        return False
 
     def _alias_args(self, args: tuple) -> list[int]:
         return [i for i, a in enumerate(args) if isinstance(a, Tensor) and id(a) in self.aliases]
