@@ -123,6 +123,21 @@ class MatmulAndBroadcast(nn.Module):
         return self.out(torch.tanh(via_product) + torch.sin(via_broadcast))
 
 
+class TransposedCopy(nn.Module):
+    """A square weight used through a reshaped copy of its transpose (values of Wᵀ, contiguous strides)."""
+
+    def __init__(self, d_in, d_out, width=6):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.w = nn.Parameter(torch.randn(width, width))
+        self.out = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        w_t = self.w.t().reshape(-1).reshape(self.w.shape)  # a copy: Wᵀ laid out row-major
+        return self.out(torch.tanh(h @ w_t.t()) + torch.sin(h @ self.w.t()))
+
+
 NETWORKS = {
     "tanh": lambda d_in, d_out: sequential(d_in, d_out),
     "sin": lambda d_in, d_out: sequential(d_in, d_out, Sine),
@@ -135,6 +150,7 @@ NETWORKS = {
     "fourier": Fourier,
     "ntk_parameterization": NTKParameterized,
     "matmul_and_broadcast": MatmulAndBroadcast,
+    "transposed_copy": TransposedCopy,
 }
 
 

@@ -76,6 +76,7 @@ class _Use:
     index: Tensor  # index map of the parameter operand as used
     scale: float
     other: Tensor | None  # L, R, or the elementwise factor (None: factor 1)
+    view_of_base: bool = False  # index is a view of the parameter's own arange (not of a copy)
 
 
 @dataclass
@@ -99,9 +100,11 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, params: Mapping[str, Tensor]) -> None:
         super().__init__()
         self.aliases: dict[int, _Alias] = {}
+        self.bases: set[int] = set()
         for name, p in params.items():
             # Index maps live on the CPU whatever the device: checking them never waits for the GPU.
             index = torch.arange(p.numel()).view(p.shape)
+            self.bases.add(index.untyped_storage().data_ptr())
             self.aliases[id(p)] = _Alias(name, index, 1.0, p)
         self.recording = _Recording()
 
@@ -203,7 +206,8 @@ class _Recorder(TorchDispatchMode):
     def _matrix(self, operands: tuple, pos: int, out: Tensor, alias: _Alias, factor: float) -> None:
         other = operands[1 - pos]
         kind = "right" if pos == 1 else "left"
-        use = _Use(alias.name, kind, out, out._version, alias.index, alias.scale * factor, other)
+        base = alias.index.untyped_storage().data_ptr() in self.bases
+        use = _Use(alias.name, kind, out, out._version, alias.index, alias.scale * factor, other, base)
         self.recording.uses.append(use)
 
 
@@ -298,14 +302,18 @@ class _Accumulator:
         return total
 
 
-def _orientation(index: Tensor, shape: tuple[int, ...]) -> bool:
+def _orientation(index: Tensor, shape: tuple[int, ...], view_of_base: bool) -> bool:
     """For a product operand with index map ``(.., K, O)``: True if it is ``W``, False if ``Wᵀ``."""
     if len(shape) != 2:
         raise GramUnsupported("a parameter with other than two dimensions is used in a matrix product")
-    # Fast answer from the view's geometry (index maps are views of one arange): W itself or Wᵀ,
-    # broadcast (stride 0) over any batch dims.
+    # Fast answer from the geometry of a view of the parameter's own arange (a copy's strides say
+    # nothing about its values): W itself or Wᵀ, broadcast (stride 0) over any batch dims.
     lead = index.ndim - 2
-    if index.storage_offset() == 0 and all(index.stride(i) == 0 or index.shape[i] == 1 for i in range(lead)):
+    if (
+        view_of_base
+        and index.storage_offset() == 0
+        and all(index.stride(i) == 0 or index.shape[i] == 1 for i in range(lead))
+    ):
         geometry = (tuple(index.shape[lead:]), index.stride()[lead:])
         if geometry == (shape, (shape[1], 1)):
             return True
@@ -328,7 +336,7 @@ def _add_matrix_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout,
     if use.kind == "left":  # Y = P R  ⇔  Yᵀ = Rᵀ Pᵀ: the right case on transposes
         other, index, grad = other.transpose(-1, -2), index.transpose(-1, -2), grad.transpose(-1, -2)
         layout = _Layout(layout.axis if layout.axis < grad.ndim - 2 else grad.ndim - 2, layout.split)
-    same = _orientation(index, acc.shape)
+    same = _orientation(index, acc.shape, use.view_of_base)
     lead = grad.shape[:-1]
     other = other.expand(*lead, other.shape[-1])
     rows_other = layout.points_first(other, n).reshape(n, -1, other.shape[-1])
