@@ -273,6 +273,7 @@ class _Accumulator:
     """Per-point gradient pieces of one parameter: rank-one factors and a dense part."""
 
     shape: tuple[int, ...]
+    dtype: torch.dtype  # the parameter's: factors recorded in lower precision (autocast) are promoted
     us: list[Tensor] = field(default_factory=list)
     vs: list[Tensor] = field(default_factory=list)
     dense: Tensor | None = None
@@ -339,8 +340,8 @@ def _add_matrix_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout,
     same = _orientation(index, acc.shape, use.view_of_base)
     lead = grad.shape[:-1]
     other = other.expand(*lead, other.shape[-1])
-    rows_other = layout.points_first(other, n).reshape(n, -1, other.shape[-1])
-    rows_grad = layout.points_first(grad, n).reshape(n, -1, grad.shape[-1])
+    rows_other = layout.points_first(other, n).reshape(n, -1, other.shape[-1]).to(acc.dtype)
+    rows_grad = layout.points_first(grad, n).reshape(n, -1, grad.shape[-1]).to(acc.dtype)
     if use.scale != 1.0:
         rows_other = rows_other * use.scale
     if same:  # ∂/∂P = l ⊗ g with P ≅ W
@@ -355,7 +356,7 @@ def _add_elementwise_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _La
     contribution = grad if use.other is None else grad * use.other
     contribution = contribution.expand(grad.shape)
     index = use.index.expand(grad.shape)
-    per_point = layout.points_first(contribution, n).reshape(n, -1)
+    per_point = layout.points_first(contribution, n).reshape(n, -1).to(acc.dtype)
     flat_index = layout.points_first(index, n)[0].reshape(-1).to(grad.device, non_blocking=True)
     if n * numel * grad.element_size() > _DENSE_BYTES:
         raise GramUnsupported("too many points for the dense per-point gradient of an elementwise parameter use")
@@ -442,7 +443,7 @@ def gram_squared_norms(
         if id(use.output) not in slot and use.output.requires_grad:
             slot[id(use.output)] = len(outputs)
             outputs.append(use.output)
-    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    shapes = {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
     numels = {name: p.numel() for name, p in params.items()}
     norms: dict[str, Tensor] = {}
     rows: dict[str, int] = {}
@@ -450,7 +451,7 @@ def gram_squared_norms(
     for term, r in residuals.items():
         n = r.shape[0]
         flat = r.reshape(n, -1)
-        total = flat.new_zeros(n)
+        total = flat.new_zeros(n, dtype=next(iter(params.values())).dtype)
         weights = None
         if known is None:
             weights = (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(flat)
@@ -468,14 +469,14 @@ def gram_squared_norms(
                 layout = chosen.get((term, c, i))
                 if layout is None:  # a use whose gradient was zero when the layouts were confirmed
                     raise GramUnsupported("the parameter uses changed since the layout was confirmed")
-                acc = accs.setdefault(use.name, _Accumulator(shapes[use.name]))
+                acc = accs.setdefault(use.name, _Accumulator(*shapes[use.name]))
                 if use.kind == "elementwise":
                     _add_elementwise_use(acc, use, grad, layout, n, numels[use.name])
                 else:
                     _add_matrix_use(acc, use, grad, layout, n)
             for acc in accs.values():
                 total = total + acc.squared_norms(n)
-        norms[term] = total.detach()
+        norms[term] = total.detach()  # in the parameters' dtype
         rows[term] = r.numel()
     if known is None:
         layouts.store(module, key, {"fingerprint": fingerprint, "layouts": chosen})
