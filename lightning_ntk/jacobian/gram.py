@@ -417,6 +417,54 @@ def gram_squared_norms(
     Raises:
         GramUnsupported: The residual uses a parameter in a way the identities do not cover.
     """
+    residuals, uses = _record_uses(params, residuals_fn, batch)
+    rows = {term: r.numel() for term, r in residuals.items()}
+    known = layouts.lookup(module, key)
+    fingerprint = _fingerprint(uses)
+    if known is not None and known["fingerprint"] != fingerprint:
+        known = None
+    if known is None and not all(bool(torch.isfinite(r).all()) for r in residuals.values()):
+        # Non-finite residuals cannot confirm a layout; their traces are NaN, which the caller reports.
+        return {term: r.new_full((r.shape[0],), float("nan")).detach() for term, r in residuals.items()}, rows
+    chosen: dict = {} if known is None else known["layouts"]
+    outputs: list[Tensor] = []
+    slot: dict[int, int] = {}
+    for use in uses:
+        if id(use.output) not in slot and use.output.requires_grad:
+            slot[id(use.output)] = len(outputs)
+            outputs.append(use.output)
+    dtype = next(iter(params.values())).dtype
+    seeds = torch.Generator(device="cpu").manual_seed(0)
+    norms: dict[str, Tensor] = {}
+    for term, r in residuals.items():
+        n = r.shape[0]
+        flat = r.reshape(n, -1)
+        weights = None if known is not None else (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(flat)
+        total = flat.new_zeros(n, dtype=dtype)
+        for c in range(flat.shape[1]):
+            grads = _grads(flat[:, c].sum(), outputs)
+            seeded = None if weights is None else _grads((flat[:, c] * weights).sum(), outputs)
+            per_use = [(i, use, slot.get(id(use.output))) for i, use in enumerate(uses)]
+            confirmed = {}
+            for i, use, j in per_use:
+                if j is None or grads[j] is None:
+                    continue
+                if seeded is not None:
+                    chosen[(term, c, i)] = _choose_layout(use, grads[j], seeded[j], weights, n)
+                if (term, c, i) not in chosen:  # a use whose gradient was zero when layouts were confirmed
+                    raise GramUnsupported("the parameter uses changed since the layout was confirmed")
+                confirmed[i] = (grads[j], chosen[(term, c, i)])
+            total = total + _component_norms(uses, confirmed, params, n)
+        norms[term] = total.detach()  # in the parameters' dtype
+    if known is None:
+        layouts.store(module, key, {"fingerprint": fingerprint, "layouts": chosen})
+    return norms, rows
+
+
+def _record_uses(
+    params: Mapping[str, Tensor], residuals_fn: Callable[[object], Mapping[str, Tensor]], batch: object
+) -> tuple[Mapping[str, Tensor], list[_Use]]:
+    """One residual evaluation with its parameter uses recorded."""
     recorder = _Recorder(params)
     with recorder:
         residuals = residuals_fn(batch)
@@ -424,63 +472,30 @@ def gram_squared_norms(
     del recorder  # drop the alias table (and the tensors it keeps alive)
     if rec.unsupported is not None:
         raise GramUnsupported(rec.unsupported)
-    uses = rec.uses
-    for use in uses:
+    for use in rec.uses:
         if use.output._version != use.version:
             raise GramUnsupported("the output of a product with a parameter was modified in place")
-    known = layouts.lookup(module, key)
-    fingerprint = _fingerprint(uses)
-    if known is not None and known["fingerprint"] != fingerprint:
-        known = None
-    chosen: dict = {} if known is None else known["layouts"]
-    if known is None and not all(bool(torch.isfinite(r).all()) for r in residuals.values()):
-        # Non-finite residuals cannot confirm a layout; their traces are NaN, which the caller reports.
-        nan = {term: r.new_full((r.shape[0],), float("nan")).detach() for term, r in residuals.items()}
-        return nan, {term: r.numel() for term, r in residuals.items()}
-    outputs: list[Tensor] = []
-    slot: dict[int, int] = {}
-    for use in uses:
-        if id(use.output) not in slot and use.output.requires_grad:
-            slot[id(use.output)] = len(outputs)
-            outputs.append(use.output)
-    shapes = {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
-    numels = {name: p.numel() for name, p in params.items()}
-    norms: dict[str, Tensor] = {}
-    rows: dict[str, int] = {}
-    seeds = torch.Generator(device="cpu").manual_seed(0)
-    for term, r in residuals.items():
-        n = r.shape[0]
-        flat = r.reshape(n, -1)
-        total = flat.new_zeros(n, dtype=next(iter(params.values())).dtype)
-        weights = None
-        if known is None:
-            weights = (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(flat)
-        for c in range(flat.shape[1]):
-            grads = _grads(flat[:, c].sum(), outputs)
-            seeded = _grads((flat[:, c] * weights).sum(), outputs) if weights is not None else None
-            accs: dict[str, _Accumulator] = {}
-            for i, use in enumerate(uses):
-                j = slot.get(id(use.output))
-                grad = None if j is None else grads[j]
-                if grad is None:
-                    continue
-                if seeded is not None:
-                    chosen[(term, c, i)] = _choose_layout(use, grad, seeded[j], weights, n)
-                layout = chosen.get((term, c, i))
-                if layout is None:  # a use whose gradient was zero when the layouts were confirmed
-                    raise GramUnsupported("the parameter uses changed since the layout was confirmed")
-                acc = accs.setdefault(use.name, _Accumulator(*shapes[use.name]))
-                if use.kind == "elementwise":
-                    _add_elementwise_use(acc, use, grad, layout, n, numels[use.name])
-                else:
-                    _add_matrix_use(acc, use, grad, layout, n)
-            for acc in accs.values():
-                total = total + acc.squared_norms(n)
-        norms[term] = total.detach()  # in the parameters' dtype
-        rows[term] = r.numel()
-    if known is None:
-        layouts.store(module, key, {"fingerprint": fingerprint, "layouts": chosen})
-    return norms, rows
+    return residuals, rec.uses
+
+
+def _component_norms(
+    uses: list[_Use], confirmed: dict[int, tuple[Tensor, _Layout]], params: Mapping[str, Tensor], n: int
+) -> Tensor:
+    """``Σ_params ‖∂r_n[c]/∂p‖²`` for one output component from the uses' gradients and layouts."""
+    accs: dict[str, _Accumulator] = {}
+    for i, (grad, layout) in confirmed.items():
+        use = uses[i]
+        p = params[use.name]
+        acc = accs.setdefault(use.name, _Accumulator(tuple(p.shape), p.dtype))
+        if use.kind == "elementwise":
+            _add_elementwise_use(acc, use, grad, layout, n, p.numel())
+        else:
+            _add_matrix_use(acc, use, grad, layout, n)
+    first = next(iter(params.values()))
+    total = first.new_zeros(n)
+    for acc in accs.values():
+        total = total + acc.squared_norms(n)
+    return total
 
 
 def _grads(output: Tensor, inputs: list[Tensor]) -> tuple[Tensor | None, ...]:

@@ -284,31 +284,16 @@ def _per_point_paths(
             "vmap": functools.partial(vmap_norms, module, split, group, reference, params, chunk, index),
             "loop": functools.partial(loop_norms, module, split, group, reference, params, index),
         }
-        result, path = None, "rows"
         reasons = [first_reason] if first_reason else []
         if not split.splittable:
             reasons.append("no tensor in the batch has one row per point")
-        for path in [p for p in order if p in attempts] if split.splittable else []:
-            for shrink in (True, False):
-                try:
-                    result = attempts[path](shrink)
-                    break
-                except NotPointwise as err:
-                    reason = f"{path}: {err}"
-                except Exception as err:
-                    if path == "loop":
-                        raise  # plain autograd failing is the user's bug: show it as it is
-                    reason = f"{path}: " + f"{type(err).__name__}: {err}".splitlines()[0][:160]
-                    break  # shrinking other terms' points does not make a residual vmappable
-            if result is not None:
-                break
-            reasons.append(reason)
+        tried = [p for p in order if p in attempts] if split.splittable else []
+        result, path = _first_that_applies(attempts, tried, reasons)
         if result is None:
             if "rows" not in order:
                 raise PathUnavailable(
                     f"No exact path in {list(order)} applies to term(s) {group}: {'; '.join(reasons)}."
                 )
-            path = "rows"
             result = rows_norms(reference, group, params, index)
         if not quiet and reasons:
             MEMORY.warn_once(module, group, path, "; ".join(reasons))
@@ -316,3 +301,22 @@ def _per_point_paths(
             norms[name] = result[name]
             paths[name] = path
     return PointNorms(norms={n: norms[n] for n in names}, num_rows=num_rows, paths=paths)
+
+
+def _first_that_applies(
+    attempts: Mapping[str, Callable[[bool], dict[str, Tensor]]], tried: list[str], reasons: list[str]
+) -> tuple[dict[str, Tensor] | None, str]:
+    """The first per-point path in ``tried`` that works (``None, "rows"`` if none); why the others did not."""
+    for path in tried:
+        for shrink in (True, False):  # other groups' points cut to one row first, then left whole
+            try:
+                return attempts[path](shrink), path
+            except NotPointwise as err:
+                reason = f"{path}: {err}"
+            except Exception as err:
+                if path == "loop":
+                    raise  # plain autograd failing is the user's bug: show it as it is
+                reason = f"{path}: " + f"{type(err).__name__}: {err}".splitlines()[0][:160]
+                break  # shrinking other terms' points does not make a residual vmappable
+        reasons.append(reason)
+    return None, "rows"
