@@ -18,7 +18,8 @@ from torch import nn
 from torch.func import hessian, jacfwd, vmap
 
 from lightning_ntk.derivatives import laplacian, partial
-from lightning_ntk.jacobian import per_point_squared_norms
+from lightning_ntk.jacobian import GramUnsupported, per_point_squared_norms
+from lightning_ntk.jacobian.gram import GramLayouts, gram_squared_norms
 from lightning_ntk.taylor import TaylorMLP
 
 
@@ -296,6 +297,64 @@ def test_leaves_param_grad_alone_and_excludes_frozen_parameters():
         torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
     for p, s in zip(model.parameters(), sentinel, strict=True):
         assert torch.equal(p.grad, s)
+
+
+class Concatenated(nn.Module):
+    """DeepXDE style: one network evaluation on the concatenation of every term's points."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.net = sequential(2, 1)
+        self.style = style
+
+    def residuals(self, batch):
+        x = torch.cat([batch["bc"], batch["res"], batch["ic"]])
+        nb, nr = batch["bc"].shape[0], batch["res"].shape[0]
+        if self.style == "autograd":
+            x = x.detach().clone().requires_grad_(True)
+            u = self.net(x)
+            du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+            u_xx = torch.autograd.grad(du[:, :1].sum(), x, create_graph=True)[0][:, :1]
+            u_t = du[:, 1:]
+        else:
+            u, u_t, u_xx = self.net(x), partial(self.net, x, 1), partial(self.net, x, 0, 0)
+        return {"bc": u[:nb] - 1.0, "pde": u_t[nb : nb + nr] - u_xx[nb : nb + nr], "ic": u_t[nb + nr :]}
+
+
+@pytest.mark.parametrize("style", ["autograd", "helpers"])
+def test_one_evaluation_on_concatenated_points_of_several_terms(style):
+    torch.manual_seed(12)
+    batch = {**make_batch(2, seed=12), "ic": torch.rand(4, 2, dtype=torch.float64)}
+    assert_gram_exact(Concatenated(style).double(), batch)
+
+
+class BlockAndMore(nn.Module):
+    """Residual point n also reads row n of the boundary block: its gradient is not all in one block."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sequential(2, 1)
+
+    def residuals(self, batch):
+        nb, nr = batch["bc"].shape[0], batch["res"].shape[0]
+        u = self.net(torch.cat([batch["bc"], batch["res"]]))
+        return {"bc": u[:nb], "pde": u[nb:] + 0.5 * u[:nr]}
+
+
+def test_a_block_must_hold_all_of_a_terms_gradient():
+    torch.manual_seed(13)
+    model = BlockAndMore().double()
+    batch = make_batch(2, seed=13, n_bc=7, n_res=3)
+    # The layout check itself rejects it (not only the later comparison on three points).
+    params = dict(model.named_parameters())
+    with pytest.raises(GramUnsupported, match="do not map to the points"):
+        gram_squared_norms(model, batch, params, model.residuals, GramLayouts(), ("key",))
+    with pytest.warns(UserWarning, match="Gram path"):
+        got = per_point_squared_norms(model, batch)
+    assert "gram" not in got.paths.values()
+    want = reference_point_norms(model, batch)
+    for name in want:
+        torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
 
 
 # --- uses the identities do not model: detected, and the result is the loop's -------------------------

@@ -213,13 +213,21 @@ class _Recorder(TorchDispatchMode):
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where the points sit in a tensor: ``axis``, split ``"s"`` (…, S, N, …) or ``"n"`` (…, N, S, …)."""
+    """Where the points sit in a tensor along ``axis``.
+
+    ``split``: ``"s"`` (…, S, N, …) or ``"n"`` (…, N, S, …) when the axis holds ``S`` rows per point;
+    ``"b"`` when it holds this term's points as one block at ``offset`` among other terms' rows (one
+    network evaluation on the concatenation of several terms' points).
+    """
 
     axis: int
     split: str
+    offset: int = 0
 
     def points_first(self, t: Tensor, n: int) -> Tensor:
         """``t`` as ``(N, rest...)`` with point ``p`` in row ``p``."""
+        if self.split == "b":
+            return t.narrow(self.axis, self.offset, n).movedim(self.axis, 0)
         if n == 1:
             return t.unsqueeze(0)
         size = t.shape[self.axis]
@@ -256,16 +264,31 @@ def _broadcast_free(index: Tensor, shape: tuple[int, ...]) -> Callable[[int], bo
     return fixed
 
 
-def _use_candidates(use: _Use, n: int) -> list[_Layout]:
+def _point_axes(use: _Use) -> tuple[list[int], Callable[[int], bool]]:
+    """Axes of the output that may hold points, and whether the parameter is constant along each."""
     shape = tuple(use.output.shape)
     if use.kind == "elementwise":
-        return _candidates(shape, range(len(shape)), n, _broadcast_free(use.index, shape))
+        return list(range(len(shape))), _broadcast_free(use.index, shape)
     # Products: the points are among the batch dims and the rows (right) or columns (left) of the
     # output, along which the parameter operand never varies.
     batch = len(shape) - 2
     lead = [*range(batch), batch if use.kind == "right" else batch + 1]
     in_batch = _broadcast_free(use.index[..., 0, 0], shape[:batch])
-    return _candidates(shape, lead, n, lambda axis: axis >= batch or in_batch(axis))
+    return lead, lambda axis: axis >= batch or in_batch(axis)
+
+
+def _use_candidates(use: _Use, n: int, grad: Tensor) -> list[_Layout]:
+    axes, fixed = _point_axes(use)
+    out = _candidates(tuple(use.output.shape), axes, n, fixed)
+    for axis in axes:
+        size = grad.shape[axis]
+        if size > n and fixed(axis):
+            # A block of this term's points among other rows: it starts at the first row with a gradient.
+            busy = grad.movedim(axis, 0).reshape(size, -1).abs().sum(1) > 0
+            first = int(busy.nonzero()[0, 0]) if bool(busy.any()) else 0
+            if first + n <= size:
+                out.append(_Layout(axis, "b", first))
+    return out
 
 
 @dataclass
@@ -336,7 +359,8 @@ def _add_matrix_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout,
     other, index = use.other, use.index
     if use.kind == "left":  # Y = P R  ⇔  Yᵀ = Rᵀ Pᵀ: the right case on transposes
         other, index, grad = other.transpose(-1, -2), index.transpose(-1, -2), grad.transpose(-1, -2)
-        layout = _Layout(layout.axis if layout.axis < grad.ndim - 2 else grad.ndim - 2, layout.split)
+        axis = layout.axis if layout.axis < grad.ndim - 2 else grad.ndim - 2
+        layout = _Layout(axis, layout.split, layout.offset)
     same = _orientation(index, acc.shape, use.view_of_base)
     lead = grad.shape[:-1]
     other = other.expand(*lead, other.shape[-1])
@@ -366,15 +390,16 @@ def _add_elementwise_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _La
 
 def _choose_layout(use: _Use, grad: Tensor, seeded: Tensor, weights: Tensor, n: int) -> _Layout:
     scale = seeded.norm()
-    for layout in _use_candidates(use, n):
+    for layout in _use_candidates(use, n, grad):
         g = layout.points_first(grad, n).reshape(n, -1)
         s = layout.points_first(seeded, n).reshape(n, -1)
-        # Rounding leaves ~1e-7 (float32); a wrong layout ~0.2 (the seeds are uniform on [1, 2)).
-        if (s - weights[:, None] * g).norm() <= POINTWISE_RTOL * scale:
+        # Rounding leaves ~1e-7 (float32); a wrong layout ~0.2 (the seeds are uniform on [1, 2)). A
+        # block must also hold all of the gradient: rows outside it belong to no point of this term.
+        outside = (seeded.norm() ** 2 - s.norm() ** 2).clamp_min(0).sqrt() if layout.split == "b" else 0.0
+        if (s - weights[:, None] * g).norm() + outside <= POINTWISE_RTOL * scale:
             return layout
     raise GramUnsupported(
-        f"the rows of an aten product on {use.name!r} do not map to the points of a term (rows mix points, "
-        "or one evaluation serves several terms' points)"
+        f"the rows of an aten product on {use.name!r} do not map to the points of a term (rows mix points)"
     )
 
 
