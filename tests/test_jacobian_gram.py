@@ -357,6 +357,27 @@ def test_a_block_must_hold_all_of_a_terms_gradient():
         torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
 
 
+class MeanConstraint(nn.Module):
+    """Neumann-type problems fix the constant with a one-row term: the mean of u over all points."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sequential(2, 1)
+
+    def residuals(self, batch):
+        return {
+            "pde": autograd_laplacian(self.net, batch["res"]) + 1.0,
+            "mean": self.net(batch["res"]).mean().reshape(1),
+        }
+
+
+def test_a_one_row_term_over_all_points_is_one_point():
+    torch.manual_seed(14)
+    got = assert_gram_exact(MeanConstraint().double(), make_batch(2, seed=14))
+    assert got.num_rows == {"pde": 7, "mean": 1}
+    assert per_point_squared_norms(MeanConstraint().double(), make_batch(2, seed=14)).paths["mean"] == "gram"
+
+
 # --- uses the identities do not model: detected, and the result is the loop's -------------------------
 
 
