@@ -7,6 +7,7 @@ divided by 2n, so a run that updates every n steps pays for exactly two updates,
 
     python benchmarks/step_overhead.py                       # 3×256, N=1024, CPU
     python benchmarks/step_overhead.py --width 64            # a smaller network
+    python benchmarks/step_overhead.py --style autograd      # u_xx by torch.autograd.grad
     python benchmarks/step_overhead.py --device cuda
 """
 
@@ -17,9 +18,13 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from _problem import FastPoisson, make_batch, sync
+from _problem import AutogradPoisson, FastPoisson, make_batch, sync
 
-from lightning_ntk import NTKWeightingCallback
+from lightning_ntk import FiniteDifference, HutchPlusPlus, NTKWeightingCallback, TraceAverager, ntk_traces
+
+# The residual of the benchmark problem, written with lightning_ntk.derivatives (vmapped jvp) or in
+# the ordinary autograd style (requires_grad_ + torch.autograd.grad).
+MODELS = {"helpers": FastPoisson, "autograd": AutogradPoisson}
 
 
 class StepClock(pl.Callback):
@@ -37,7 +42,7 @@ class StepClock(pl.Callback):
 def time_per_step(args, callback: NTKWeightingCallback | None, device: torch.device, model=None, batch=None) -> float:
     """Seconds per optimizer step of ``model`` (default: a fresh FastPoisson) through a Trainer."""
     torch.manual_seed(0)
-    model = FastPoisson(args.width, args.depth) if model is None else model
+    model = MODELS[getattr(args, "style", "helpers")](args.width, args.depth) if model is None else model
     batch = make_batch(args.n, torch.device("cpu")) if batch is None else batch
     steps = 2 * args.every + 1
     loader = torch.utils.data.DataLoader([batch] * (steps + 1), batch_size=None)
@@ -63,30 +68,63 @@ def main(argv=None) -> None:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--every", type=int, default=100, help="update period of the exact run")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--style", choices=list(MODELS), default="helpers", help="how the residual takes u_xx")
+    p.add_argument("--error-steps", type=int, default=300, help="per-step fd updates for the error report (0: skip)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    per_step = NTKWeightingCallback(update_every_n_steps=1, estimator="fd", trace_averager=TraceAverager(0.99), seed=0)
     runs = {
         "plain": None,
-        "fd every step (1 probe, trace_ema=0.99)": NTKWeightingCallback(
-            update_every_n_steps=1, estimator="fd", trace_ema=0.99, seed=0
-        ),
-        f"fd every step (1 probe on {args.n // 8} points)": NTKWeightingCallback(
+        "fd every step, defaults (1 probe, auto points)": per_step,
+        "fd every step, every point (points_per_probe=None)": NTKWeightingCallback(
             update_every_n_steps=1,
-            estimator="fd",
-            trace_ema=0.99,
+            estimator=FiniteDifference(points_per_probe=None),
+            trace_averager=TraceAverager(0.99),
             seed=0,
-            estimator_options={"points_per_probe": args.n // 8},
         ),
         f"exact every {args.every} steps": NTKWeightingCallback(update_every_n_steps=args.every),
         f"hutchpp (9) every {args.every} steps": NTKWeightingCallback(
-            update_every_n_steps=args.every, estimator="hutchpp", num_probes=9, seed=0
+            update_every_n_steps=args.every, estimator=HutchPlusPlus(num_probes=9), seed=0
         ),
     }
     times = {name: time_per_step(args, cb, device) for name, cb in runs.items()}
-    print(f"device={device} torch {torch.__version__}  N={args.n} per term  MLP {args.depth}x{args.width} tanh")
+    print(
+        f"device={device} torch {torch.__version__}  N={args.n} per term  "
+        f"MLP {args.depth}x{args.width} tanh  residual style: {args.style}"
+    )
     print(f"{'run':<42}{'s / step':>10}{'× plain':>9}")
     for name, t in times.items():
-        print(f"{name:<42}{t:10.4f}{t / times['plain']:9.2f}")
+        print(f"{name:<52}{t:10.4f}{t / times['plain']:9.2f}")
+    if args.error_steps:
+        print(
+            f"\nRMS error (4 seeds) of the averaged fd trace after {args.error_steps} per-step updates, "
+            "TraceAverager(0.99):"
+        )
+        for label, estimator in (
+            ("defaults", FiniteDifference()),
+            ("every point", FiniteDifference(points_per_probe=None)),
+        ):
+            errors = averaged_trace_error(args, estimator, args.error_steps)
+            print(f"  {label:<12}" + "  ".join(f"{t}: {e:.3f}" for t, e in errors.items()) + "  (relative to exact)")
+
+
+def averaged_trace_error(args, estimator, steps: int, beta: float = 0.99, seeds: int = 4) -> dict[str, float]:
+    """Root mean square over ``seeds`` runs of |TraceAverager(β) of ``steps`` estimates − exact| / exact,
+    per term, on one fixed model and batch (no drift of the traces: only the sketch's error)."""
+    torch.manual_seed(0)
+    model = MODELS[args.style](args.width, args.depth)
+    batch = make_batch(args.n, torch.device("cpu"))
+    exact = ntk_traces(model, batch)
+    names = list(exact)
+    squares = torch.zeros(len(names), dtype=torch.float64)
+    for seed in range(seeds):
+        averager = TraceAverager(beta)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            est = estimator(model, batch, generator)
+            mean, _ = averager.update(torch.stack([est.traces[n] for n in names]))
+        squares += (mean.double() / torch.stack([exact[n] for n in names]).double() - 1).square()
+    return dict(zip(names, (squares / seeds).sqrt().tolist(), strict=True))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_ntk import NTKWeightingCallback, PINNModule, ntk_eigenvalues
+from lightning_ntk import NTKSpectrumMonitor, NTKWeightingCallback, PINNModule, ntk_eigenvalues
 from lightning_ntk.derivatives import partial
 
 
@@ -109,11 +109,11 @@ def main(argv=None) -> None:
         pl.seed_everything(args.seed, verbose=False)
         model = MultiScalePoisson(fourier, args.width, args.sigma)
         init = spectra(model, batch, args.k)
-        ntk = NTKWeightingCallback(update_every_n_steps=100, spectrum_every_n_updates=5, spectrum_k=10)
+        callbacks = [NTKWeightingCallback(update_every_n_steps=100), NTKSpectrumMonitor(every_n_steps=500, k=10)]
         trainer = pl.Trainer(
             max_steps=args.steps,
             accelerator="cpu",
-            callbacks=[ntk],
+            callbacks=callbacks,
             logger=TensorBoardLogger(args.logdir, name="fourier_features_spectrum", version=name),
             enable_progress_bar=False,
             enable_model_summary=False,

@@ -33,8 +33,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_ntk import NTKWeightingCallback, PINNModule, trace_weights
+from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager, WeightRule, trace_weights
 from lightning_ntk.derivatives import partial
+from lightning_ntk.estimators import as_estimator
 from lightning_ntk.metrics import RelativeL2Error
 from lightning_ntk.traces import estimate_ntk_traces
 
@@ -269,15 +270,17 @@ def train(args, use_ntk: bool) -> tuple[Poisson1D, float, NTKWeightingCallback |
     model, data = build(args)
     ntk = None
     if use_ntk:
+        options = {}
+        if args.num_probes is not None:
+            options["num_points" if args.estimator == "subsample" else "num_probes"] = args.num_probes
+        if args.points_per_probe is not None:
+            options["points_per_probe"] = args.points_per_probe
         ntk = NTKWeightingCallback(
             update_every_n_steps=args.update_every,
-            estimator=args.estimator,
-            mode=args.mode,
-            ema=args.ema,
-            num_probes=args.num_probes,
-            trace_ema=args.trace_ema,
+            estimator=as_estimator(args.estimator, **options),
+            weight_rule=WeightRule(mode=args.mode, ema=args.ema),
+            trace_averager=TraceAverager(args.trace_ema) if args.trace_ema > 0 else None,
             seed=args.seed,
-            estimator_options={"points_per_probe": args.points_per_probe} if args.points_per_probe else None,
         )
     trainer = pl.Trainer(
         max_steps=args.steps,

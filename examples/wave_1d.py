@@ -36,8 +36,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_ntk import NTKWeightingCallback, PINNModule
+from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager
 from lightning_ntk.derivatives import partial
+from lightning_ntk.estimators import as_estimator
 from lightning_ntk.metrics import RelativeL2Error
 from lightning_ntk.taylor import TaylorMLP
 
@@ -280,12 +281,16 @@ def train(args, use_ntk: bool) -> tuple[Wave1D, float]:
     name = "ntk" if use_ntk else "plain"
     callbacks: list[pl.Callback] = [_Progress(args.report_every, name)]
     if use_ntk:
+        probes = (
+            {}
+            if args.num_probes is None
+            else {"num_points" if args.estimator == "subsample" else "num_probes": args.num_probes}
+        )
         callbacks.append(
             NTKWeightingCallback(
                 args.update_every,
-                estimator=args.estimator,
-                num_probes=args.num_probes,
-                trace_ema=args.trace_ema,
+                estimator=as_estimator(args.estimator, **probes),
+                trace_averager=TraceAverager(args.trace_ema) if args.trace_ema > 0 else None,
                 seed=args.seed,
             )
         )

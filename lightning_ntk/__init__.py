@@ -3,7 +3,7 @@
 The pure-torch core (:mod:`~lightning_ntk.traces`, :mod:`~lightning_ntk.estimators`,
 :mod:`~lightning_ntk.weights`, :mod:`~lightning_ntk.spectrum`, :mod:`~lightning_ntk.derivatives`,
 :mod:`~lightning_ntk.jacobian`) does not import Lightning, and neither does ``import lightning_ntk``:
-:class:`PINNModule` and :class:`NTKWeightingCallback` (the thin Lightning layer) and
+:class:`PINNModule`, :class:`NTKWeightingCallback` and :class:`NTKSpectrumMonitor` (the thin Lightning layer) and
 :class:`RelativeL2Error` (torchmetrics) are imported when first used.
 """
 
@@ -13,20 +13,33 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lightning_ntk import derivatives
-from lightning_ntk.estimators import TraceEstimate, register_estimator
-from lightning_ntk.spectrum import Spectrum, ntk_eigenvalues, ntk_matrix
+from lightning_ntk.averaging import TraceAverager
+from lightning_ntk.estimators import (
+    Auto,
+    Exact,
+    FiniteDifference,
+    Hutchinson,
+    HutchPlusPlus,
+    Subsample,
+    TraceEstimate,
+    TraceEstimator,
+    register_estimator,
+)
+from lightning_ntk.spectrum import Spectrum, block_spectra, ntk_eigenvalues, ntk_matrix
 from lightning_ntk.taylor import TaylorMLP
 from lightning_ntk.traces import estimate_ntk_traces, ntk_traces
-from lightning_ntk.weights import clamp_weights, ema_update, ntk_weights, trace_weights
+from lightning_ntk.weights import WeightRule, clamp_weights, ema_update, ntk_weights, trace_weights
 
 if TYPE_CHECKING:
     from lightning_ntk.callback import NTKWeightingCallback
     from lightning_ntk.metrics import RelativeL2Error
     from lightning_ntk.module import PINNModule
+    from lightning_ntk.spectrum_monitor import NTKSpectrumMonitor
 
 __version__ = "0.1.0.dev0"
 
 _LAZY = {
+    "NTKSpectrumMonitor": "lightning_ntk.spectrum_monitor",
     "NTKWeightingCallback": "lightning_ntk.callback",
     "PINNModule": "lightning_ntk.module",
     "RelativeL2Error": "lightning_ntk.metrics",
@@ -46,17 +59,30 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-# Lightning layer: NTKWeightingCallback, PINNModule. Traces: ntk_traces, estimate_ntk_traces,
-# TraceEstimate, register_estimator. Spectra: ntk_matrix, ntk_eigenvalues, Spectrum. Weight rules:
-# ntk_weights, trace_weights, ema_update, clamp_weights. Networks and metrics: TaylorMLP,
+# Lightning layer: NTKWeightingCallback, NTKSpectrumMonitor, PINNModule. Callback parts: the trace
+# estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, TraceEstimator),
+# WeightRule, TraceAverager. Traces: ntk_traces, estimate_ntk_traces, TraceEstimate,
+# register_estimator. Spectra: ntk_matrix, ntk_eigenvalues, block_spectra, Spectrum. Weight rules as
+# functions: ntk_weights, trace_weights, ema_update, clamp_weights. Networks and metrics: TaylorMLP,
 # RelativeL2Error. Input derivatives: the `derivatives` module.
 __all__ = [
+    "Auto",
+    "Exact",
+    "FiniteDifference",
+    "HutchPlusPlus",
+    "Hutchinson",
+    "NTKSpectrumMonitor",
     "NTKWeightingCallback",
     "PINNModule",
     "RelativeL2Error",
     "Spectrum",
+    "Subsample",
     "TaylorMLP",
+    "TraceAverager",
     "TraceEstimate",
+    "TraceEstimator",
+    "WeightRule",
+    "block_spectra",
     "clamp_weights",
     "derivatives",
     "ema_update",

@@ -8,13 +8,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_ntk.contract import check_residuals, check_terms
 
-__all__ = ["PINNModule"]
+__all__ = ["PINNModule", "require_pinn_module"]
 
 
 def _fresh_tensors(batch: Any) -> Any:
@@ -171,3 +172,16 @@ class PINNModule(pl.LightningModule):
                 f"This checkpoint was written for terms {list(saved)}, but {type(self).__name__} declares "
                 f"{list(self._terms)}. Declare the same terms (same names and order) to load it."
             )
+
+
+def require_pinn_module(module: pl.LightningModule, user: str) -> None:
+    """Raise a ``MisconfigurationException`` that says what to change unless ``module`` keeps the contract."""
+    if not isinstance(module, PINNModule):
+        raise MisconfigurationException(
+            f"{user} needs a lightning_ntk.PINNModule, got {type(module).__name__}. "
+            "Subclass PINNModule, declare `terms` and implement `residuals(batch)`."
+        )
+    if type(module).residuals is PINNModule.residuals:
+        raise MisconfigurationException(
+            f"{type(module).__name__} does not implement `residuals(batch)`; NTK traces need it."
+        )

@@ -16,14 +16,58 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["POINTWISE_RTOL", "PointSplit", "batch_signature", "check_point_layout", "close", "subsample_batch"]
+__all__ = [
+    "LAYOUTS",
+    "POINTWISE_RTOL",
+    "LayoutMemory",
+    "PointSplit",
+    "batch_signature",
+    "check_point_layout",
+    "close",
+    "subsample_batch",
+]
 
 # Relative tolerance (and absolute, relative to the largest magnitude) under which two evaluations of
 # a residual or two computations of per-point norms count as equal. Float32 rounding is ~1e-6 here;
 # a residual that mixes points or a path that does not apply is off by far more.
 POINTWISE_RTOL = 1e-4
 
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, int]]] = weakref.WeakKeyDictionary()
+
+class LayoutMemory:
+    """Point counts of every term, per module and batch layout, once checked by :func:`check_point_layout`.
+
+    ``None`` records a module whose residuals failed the check (not pointwise), so that callers that
+    can do without subsampling do not repeat it.
+    """
+
+    def __init__(self) -> None:
+        self._layouts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, int] | None]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _entries(self, module: nn.Module) -> dict[tuple, dict[str, int] | None]:
+        return self._layouts.setdefault(module, {})
+
+    def get(self, module: nn.Module, batch: object) -> dict[str, int] | None:
+        return self._entries(module).get(batch_signature(batch))
+
+    def set(self, module: nn.Module, batch: object, layout: dict[str, int]) -> None:
+        self._entries(module)[batch_signature(batch)] = layout
+
+    def subsamplable(self, module: nn.Module, batch: object) -> bool:
+        """False once the check failed for this module and batch layout."""
+        entries = self._entries(module)
+        key = batch_signature(batch)
+        return key not in entries or entries[key] is not None
+
+    def mark_not_subsamplable(self, module: nn.Module, batch: object) -> None:
+        self._entries(module)[batch_signature(batch)] = None
+
+    def clear(self) -> None:
+        self._layouts.clear()
+
+
+LAYOUTS = LayoutMemory()
 
 
 def batch_signature(batch: object) -> tuple:
@@ -102,10 +146,9 @@ def check_point_layout(
     demands that the subset's rows equal the full rows at those points; a residual whose row ``n``
     depends on other points (or a batch whose layout the inference gets wrong) is a clear error.
     """
-    key = batch_signature(batch)
-    cache = _LAYOUTS.setdefault(module, {})
-    if key in cache:
-        return cache[key]
+    known = LAYOUTS.get(module, batch)
+    if known is not None:
+        return known
     full = evaluate(batch)
     layout = {name: r.shape[0] for name, r in full.items()}
     indices = {n: sample(n) for n in sorted(set(layout.values()))}
@@ -118,5 +161,5 @@ def check_point_layout(
                 "only on point n, and every tensor in the batch with that term's point count must hold one "
                 "row per point. Use points_per_probe=None for this module."
             )
-    cache[key] = layout
+    LAYOUTS.set(module, batch, layout)
     return layout

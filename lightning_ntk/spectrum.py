@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_ntk.products import JacobianProducts
 
-__all__ = ["DEFAULT_MAX_NTK_BYTES", "Spectrum", "lanczos_top_k", "ntk_eigenvalues", "ntk_matrix"]
+__all__ = ["DEFAULT_MAX_NTK_BYTES", "Spectrum", "block_spectra", "lanczos_top_k", "ntk_eigenvalues", "ntk_matrix"]
 
 DEFAULT_MAX_NTK_BYTES = 1 << 30
 _EXACT_MAX_ROWS = 2048
@@ -211,43 +211,116 @@ def ntk_eigenvalues(
         >>> spec.eigenvalues, spec.effective_rank   # K = x xᵀ has one eigenvalue, ‖x‖² = 5
         (tensor([5.]), tensor(1.))
     """
-    if method not in ("auto", "exact", "lanczos"):
-        raise ValueError(f"Unknown method {method!r}; choose 'auto', 'exact' or 'lanczos'.")
+    _check_method(method)
     products = JacobianProducts(module, batch)
     names = list(products.residuals)
     if term is not None and term not in products.residuals:
         raise ValueError(f"Unknown term {term!r}; terms: {names}.")
     chosen = [term] if term is not None else names
-    sizes = [products.num_rows(t) for t in chosen]
-    n = sum(sizes)
+    n = sum(products.num_rows(t) for t in chosen)
     if not 1 <= k <= n:
         raise ValueError(f"`k` must be between 1 and the number of rows ({n}), got {k}.")
-    first = products.residuals[chosen[0]]
+    top, method, block_trace = _top_eigenvalues(
+        products, module, batch, chosen, k, method, num_iter, generator, max_bytes
+    )
+    if trace is None:
+        trace = block_trace if block_trace is not None else _exact_trace(module, batch, chosen)
+    return _summarize(top, trace, method)
+
+
+def block_spectra(
+    module: nn.Module,
+    batch: object,
+    k: int = 5,
+    method: str = "auto",
+    *,
+    num_iter: int | None = None,
+    generator: torch.Generator | None = None,
+    max_bytes: int = DEFAULT_MAX_NTK_BYTES,
+) -> dict[str, Spectrum]:
+    """:func:`ntk_eigenvalues` of every diagonal block ``K_ii``, from one residual evaluation.
+
+    ``k`` is capped at each block's number of rows.
+
+    Example:
+        >>> class Fit(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(1, 1, bias=False)
+        ...     def residuals(self, x):
+        ...         return {"a": self.lin(x), "b": 2 * self.lin(x[:1])}
+        >>> {t: s.eigenvalues for t, s in block_spectra(Fit(), torch.tensor([[1.0], [2.0]]), k=2).items()}
+        {'a': tensor([5., 0.]), 'b': tensor([4.])}
+    """
+    _check_method(method)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}.")
+    products = JacobianProducts(module, batch)
+    spectra: dict[str, Spectrum] = {}
+    traces: dict[str, Tensor] | None = None
+    for name in products.residuals:
+        k_i = min(k, products.num_rows(name))
+        top, used, trace = _top_eigenvalues(
+            products, module, batch, [name], k_i, method, num_iter, generator, max_bytes
+        )
+        if trace is None:
+            traces = traces or _exact_traces(module, batch)
+            trace = traces[name]
+        spectra[name] = _summarize(top, trace, used)
+    return spectra
+
+
+def _check_method(method: str) -> None:
+    if method not in ("auto", "exact", "lanczos"):
+        raise ValueError(f"Unknown method {method!r}; choose 'auto', 'exact' or 'lanczos'.")
+
+
+def _exact_traces(module: nn.Module, batch: object) -> dict[str, Tensor]:
+    from lightning_ntk.estimators.exact import exact_traces  # the exact trace of the same rows
+
+    return exact_traces(module, batch).traces
+
+
+def _exact_trace(module: nn.Module, batch: object, chosen: list[str]) -> Tensor:
+    traces = _exact_traces(module, batch)
+    return sum(traces[t] for t in chosen)
+
+
+def _top_eigenvalues(
+    products: JacobianProducts,
+    module: nn.Module,
+    batch: object,
+    chosen: list[str],
+    k: int,
+    method: str,
+    num_iter: int | None,
+    generator: torch.Generator | None,
+    max_bytes: int,
+) -> tuple[Tensor, str, Tensor | None]:
+    """Top ``k`` eigenvalues of the NTK restricted to ``chosen`` terms, the method used, and the
+    trace when it came for free (the exact method forms the matrix)."""
+    sizes = [products.num_rows(t) for t in chosen]
+    n = sum(sizes)
     if method == "auto":
         method = "exact" if n <= _EXACT_MAX_ROWS else "lanczos"
     if method == "exact":
         block, _ = ntk_matrix(module, batch, max_bytes=max_bytes, terms=chosen)
-        evals = torch.linalg.eigvalsh(block).flip(0)
-        top = evals[:k]
-        trace = block.diagonal().sum() if trace is None else trace
-    else:
+        return torch.linalg.eigvalsh(block).flip(0)[:k], method, block.diagonal().sum()
 
-        def matvec(v: Tensor) -> Tensor:
-            parts = v.split(sizes)
-            jtv = None
-            for t, part in zip(chosen, parts, strict=True):
-                g = products.vjp(t, part)
-                jtv = g if jtv is None else [a + b for a, b in zip(jtv, g, strict=True)]
-            return torch.cat([products.jvp(t, jtv) for t in chosen])
+    def matvec(v: Tensor) -> Tensor:
+        parts = v.split(sizes)
+        jtv = None
+        for t, part in zip(chosen, parts, strict=True):
+            g = products.vjp(t, part)
+            jtv = g if jtv is None else [a + b for a, b in zip(jtv, g, strict=True)]
+        return torch.cat([products.jvp(t, jtv) for t in chosen])
 
-        top = lanczos_top_k(
-            matvec, n, k, num_iter=num_iter, dtype=first.dtype, device=first.device, generator=generator
-        )
-        if trace is None:
-            from lightning_ntk.estimators.exact import exact_traces  # the exact trace of the same rows
+    first = products.residuals[chosen[0]]
+    top = lanczos_top_k(matvec, n, k, num_iter=num_iter, dtype=first.dtype, device=first.device, generator=generator)
+    return top, method, None
 
-            traces = exact_traces(module, batch).traces
-            trace = sum(traces[t] for t in chosen)
+
+def _summarize(top: Tensor, trace: Tensor, method: str) -> Spectrum:
     top = top.clamp_min(0)  # K is PSD; rounding can make the smallest Ritz values slightly negative
     lam_max = top[0]
     tiny = torch.finfo(top.dtype).tiny

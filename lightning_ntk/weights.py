@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "check_traces", "clamp_weights", "ema_update", "ntk_weights", "trace_weights"]
+__all__ = ["MODES", "WeightRule", "check_traces", "clamp_weights", "ema_update", "ntk_weights", "trace_weights"]
 
 MODES = ("trace", "mean_trace")
 
@@ -107,3 +107,63 @@ def trace_weights(
     if num_rows is not None:
         rows = torch.tensor([float(num_rows[n]) for n in names], dtype=vec.dtype, device=vec.device)
     return dict(zip(names, ntk_weights(vec, mode, rows), strict=True))
+
+
+def _check_fraction(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be a number in [0, 1) (0 = no smoothing), got {value!r}.")
+    return float(value)
+
+
+def _check_bound(value: object, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"`{name}` must be a positive number or None, got {value!r}.")
+
+
+class WeightRule:
+    """Turns block traces into loss weights: the rule (``mode``), smoothing across updates, clamps.
+
+    ``rule(traces, num_rows, previous)`` returns ``clamp(ema·previous + (1 − ema)·λ(traces))``, with
+    ``λ`` from :func:`ntk_weights` and ``previous`` the weights in use (``None`` before the first
+    update: no smoothing then).
+
+    Args:
+        mode: ``"trace"`` (Wang, Yu & Perdikaris 2022) or ``"mean_trace"`` (the JAX-PI rule on mean
+            diagonals); see :func:`ntk_weights`.
+        ema: Smoothing of the weights across updates in ``[0, 1)``; ``0`` overwrites.
+        min_weight: Lower clamp, or ``None``.
+        max_weight: Upper clamp, or ``None``.
+
+    Example:
+        >>> rule = WeightRule(ema=0.5, max_weight=50.0)
+        >>> rule(torch.tensor([1.0, 99.0]), previous=torch.tensor([1.0, 1.0]))
+        tensor([50.0000,  1.0051])
+    """
+
+    def __init__(
+        self,
+        mode: str = "trace",
+        ema: float = 0.0,
+        min_weight: float | None = None,
+        max_weight: float | None = None,
+    ) -> None:
+        self.mode = check_mode(mode)
+        self.ema = _check_fraction(ema, "ema")
+        _check_bound(min_weight, "min_weight")
+        _check_bound(max_weight, "max_weight")
+        if min_weight is not None and max_weight is not None and min_weight > max_weight:
+            raise ValueError(f"`min_weight` ({min_weight}) is larger than `max_weight` ({max_weight}).")
+        self.min_weight = min_weight
+        self.max_weight = max_weight
+
+    def __call__(self, traces: Tensor, num_rows: Tensor | None = None, previous: Tensor | None = None) -> Tensor:
+        weights = ntk_weights(traces, self.mode, num_rows)
+        if self.ema > 0.0 and previous is not None:
+            weights = ema_update(previous, weights, self.ema)
+        return clamp_weights(weights, self.min_weight, self.max_weight)
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightRule(mode={self.mode!r}, ema={self.ema!r}, min_weight={self.min_weight!r}, "
+            f"max_weight={self.max_weight!r})"
+        )

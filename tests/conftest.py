@@ -12,6 +12,7 @@ from torch.func import hessian, vmap
 
 from lightning_ntk import PINNModule, jacobian
 from lightning_ntk.derivatives import partial
+from lightning_ntk.points import LAYOUTS
 
 
 def mlp(d_in: int = 1, width: int = 8, d_out: int = 1, depth: int = 2) -> nn.Sequential:
@@ -124,6 +125,7 @@ def _seed_and_fresh_warnings():
     torch.manual_seed(1234)
     # The slow-path warning is issued once per model class; every test starts without that memory.
     jacobian.MEMORY.clear()
+    LAYOUTS.clear()
 
 
 def repeat_loader(batch, steps: int):

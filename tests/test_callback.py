@@ -1,5 +1,4 @@
 import copy
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -8,7 +7,20 @@ from conftest import HelperPoisson, poisson_batch, quiet_trainer, repeat_loader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_ntk import NTKWeightingCallback, ntk_traces, trace_weights
+from lightning_ntk import (
+    Auto,
+    Exact,
+    FiniteDifference,
+    Hutchinson,
+    HutchPlusPlus,
+    NTKWeightingCallback,
+    Subsample,
+    TraceAverager,
+    TraceEstimator,
+    WeightRule,
+    ntk_traces,
+    trace_weights,
+)
 
 
 class Recording(HelperPoisson):
@@ -84,10 +96,10 @@ def test_fit_writes_tensorboard_scalars_and_checkpoint_holds_weights(tmp_path):
 
 
 def test_state_dict_round_trip():
-    a = NTKWeightingCallback(update_every_n_steps=3, monitor_only=True, ema=0.5)
+    a = NTKWeightingCallback(update_every_n_steps=3, monitor_only=True, weight_rule=WeightRule(ema=0.5))
     a._last_update_step = 9
     a._monitored_weights = torch.tensor([2.0, 1.0])
-    b = NTKWeightingCallback(update_every_n_steps=3, monitor_only=True, ema=0.5)
+    b = NTKWeightingCallback(update_every_n_steps=3, monitor_only=True, weight_rule=WeightRule(ema=0.5))
     b.load_state_dict(a.state_dict())
     assert b._last_update_step == 9
     torch.testing.assert_close(b._monitored_weights, a._monitored_weights)
@@ -125,7 +137,7 @@ def test_ema_and_mean_trace_in_the_callback(tmp_path):
     batch = poisson_batch(dtype=torch.float32)
     traces = ntk_traces(copy.deepcopy(model), batch)
     lam = trace_weights(traces, mode="mean_trace", num_rows={"bc": 2, "pde": 12})
-    ntk = NTKWeightingCallback(update_every_n_steps=1, mode="mean_trace", ema=0.5)
+    ntk = NTKWeightingCallback(update_every_n_steps=1, weight_rule=WeightRule(mode="mean_trace", ema=0.5))
     trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk], logger=False)
     trainer.fit(model, repeat_loader(batch, 2))
     for name in ("bc", "pde"):
@@ -136,7 +148,7 @@ def test_ema_and_mean_trace_in_the_callback(tmp_path):
 
 def test_clamps_in_the_callback(tmp_path):
     model = Recording()
-    ntk = NTKWeightingCallback(update_every_n_steps=1, max_weight=2.5, min_weight=2.0)
+    ntk = NTKWeightingCallback(update_every_n_steps=1, weight_rule=WeightRule(max_weight=2.5, min_weight=2.0))
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[ntk], logger=False)
     trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 1))
     assert model.used[0] == {"bc": 2.5, "pde": 2.0}
@@ -173,18 +185,52 @@ def test_nonfinite_trace_raises_at_that_step_naming_the_term(tmp_path):
     [
         ({"update_every_n_steps": 0}, "update_every_n_steps"),
         ({"update_every_n_steps": 2.0}, "update_every_n_steps"),
-        ({"estimator": "nope"}, "Unknown `estimator` 'nope'"),
-        ({"mode": "max"}, "Unknown `mode` 'max'"),
-        ({"ema": 1.0}, r"`ema` must be a number in \[0, 1\)"),
-        ({"ema": -0.1}, "`ema`"),
-        ({"min_weight": 10.0, "max_weight": 1.0}, "larger than"),
-        ({"min_weight": 0.0}, "min_weight"),
-        ({"estimator_options": 5}, "estimator_options"),
+        ({"estimator": "nope"}, "Unknown NTK trace estimator 'nope'"),
+        ({"estimator": 3}, "Unknown NTK trace estimator 3"),
+        ({"weight_rule": "trace"}, "`weight_rule` must be a lightning_ntk.WeightRule"),
+        ({"trace_averager": 0.99}, "`trace_averager` must be a lightning_ntk.TraceAverager"),
+        ({"seed": "x"}, "seed"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         NTKWeightingCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: WeightRule(mode="max"), "Unknown weighting mode 'max'"),
+        (lambda: WeightRule(ema=1.0), r"`ema` must be a number in \[0, 1\)"),
+        (lambda: WeightRule(ema=-0.1), "`ema`"),
+        (lambda: WeightRule(min_weight=10.0, max_weight=1.0), "larger than"),
+        (lambda: WeightRule(min_weight=0.0), "min_weight"),
+        (lambda: TraceAverager(1.0), "beta"),
+        (lambda: Exact(chunk_size=0), "chunk_size"),
+        (lambda: Exact(paths=["fast"]), "paths"),
+        (lambda: Hutchinson(num_probes=0), "num_probes"),
+        (lambda: HutchPlusPlus(num_probes=2.5), "num_probes"),
+        (lambda: Subsample(num_points=0), "num_points"),
+        (lambda: FiniteDifference(points_per_probe=0), "points_per_probe"),
+        (lambda: FiniteDifference(points_per_probe="many"), "points_per_probe"),
+        (lambda: FiniteDifference(step_scale=0.0), "step_scale"),
+        (lambda: Auto(max_exact_work=-1), "max_exact_work"),
+        (lambda: TraceEstimator("nope"), "Unknown NTK trace estimator"),
+        (lambda: TraceEstimator("hutchinson", generator=None), "generator"),
+    ],
+)
+def test_callback_parts_check_their_options_when_built(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_estimator_names_stand_for_their_classes_with_defaults():
+    assert NTKWeightingCallback(estimator="fd").estimator == FiniteDifference()
+    assert NTKWeightingCallback(estimator="hutchinson").estimator == Hutchinson(num_probes=16)
+    assert NTKWeightingCallback().estimator == Exact()
+    fd = FiniteDifference(num_probes=2, points_per_probe=5)
+    assert NTKWeightingCallback(estimator=fd).estimator is fd
 
 
 def test_setup_rejects_a_plain_lightning_module(tmp_path):
@@ -217,7 +263,9 @@ class Capturing(NTKWeightingCallback):
 
 def test_trace_ema_averages_the_estimates_before_weighting(tmp_path):
     model = Recording(lr=0.0)
-    ntk = Capturing(update_every_n_steps=1, estimator="fd", num_probes=1, trace_ema=0.5, seed=3)
+    ntk = Capturing(
+        update_every_n_steps=1, estimator=FiniteDifference(num_probes=1), trace_averager=TraceAverager(0.5), seed=3
+    )
     trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ntk])
     trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
     mean = dict(ntk.raw[0])
@@ -235,7 +283,7 @@ def test_trace_ema_averages_the_estimates_before_weighting(tmp_path):
     for raw in ntk.raw[1:]:
         delta = raw["pde"] - mean
         mean += (1 - beta) * delta
-        var = beta * (var + (1 - beta) * delta**2)
+        var = beta * var + (1 - beta) * (1 + beta) / 2 * delta**2
         want.append((var * (1 - beta) / (1 + beta)) ** 0.5)
     stderr = [e.value for e in events.Scalars("ntk/trace_stderr/pde")]
     assert stderr == pytest.approx(want, rel=1e-4, abs=1e-6) and want[-1] > 0
@@ -264,66 +312,9 @@ def test_generator_state_round_trip(tmp_path):
     assert torch.equal(torch.rand(4, generator=a._generator), torch.rand(4, generator=b._generator))
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [({"trace_ema": 1.0}, "trace_ema"), ({"num_probes": 0}, "num_probes"), ({"seed": "x"}, "seed")],
-)
-def test_bad_sketch_arguments(kwargs, match):
-    with pytest.raises(MisconfigurationException, match=match):
-        NTKWeightingCallback(**kwargs)
-
-
-def test_spectra_residual_average_and_layout_are_logged(tmp_path):
-    model = Recording()
-    ntk = NTKWeightingCallback(update_every_n_steps=1, spectrum_every_n_updates=2, spectrum_k=3)
-    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[ntk])
-    trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 4))
-    events = EventAccumulator(trainer.logger.log_dir)
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    for name in ("bc", "pde"):
-        assert [e.step for e in events.Scalars(f"ntk/eig/{name}/1")] == [0, 2]
-        assert {f"ntk/cond/{name}", f"ntk/effective_rank/{name}", f"ntk/top_k_fraction/{name}"} <= scalars
-        assert f"ntk/eig_hist/{name}" in events.Tags()["histograms"]
-    assert "ntk/eig/bc/3" not in scalars  # bc has 2 rows: k is capped at the block size
-    eig = [events.Scalars(f"ntk/eig/pde/{j}")[-1].value for j in (1, 2, 3)]
-    assert eig == sorted(eig, reverse=True)
-    spec = ntk.last_spectra["pde"]
-    assert float(spec.effective_rank) >= 1.0 and 0 < float(spec.top_k_fraction) <= 1.0 + 1e-6
-    avg = events.Scalars("ntk/residual_time_avg")
-    assert len(avg) == 4 and all(e.value > 0 for e in avg)
-    assert "custom_scalars__config__" in events.Tags()["tensors"]  # the layout, written once at fit start
-
-
 def test_custom_scalars_layout_groups_every_term():
     from lightning_ntk.tensorboard import custom_scalars_layout
 
     layout = custom_scalars_layout(["bc", "pde"])
     assert layout["lightning_ntk"]["weights"] == ["Multiline", ["ntk/weight/bc", "ntk/weight/pde"]]
     assert layout["lightning_ntk term pde"]["top eigenvalues"] == ["Multiline", [r"ntk/eig/pde/\d+"]]
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"spectrum_every_n_updates": 0}, "spectrum_every_n_updates"),
-        ({"spectrum_k": 0}, "spectrum_k"),
-        ({"spectrum_method": "svd"}, "spectrum_method"),
-    ],
-)
-def test_bad_spectrum_arguments(kwargs, match):
-    with pytest.raises(MisconfigurationException, match=match):
-        NTKWeightingCallback(**kwargs)
-
-
-def test_non_tensorboard_logger_gets_scalars_and_one_warning(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger
-
-    model = Recording()
-    ntk = NTKWeightingCallback(update_every_n_steps=1, spectrum_every_n_updates=1, spectrum_k=2)
-    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ntk], logger=CSVLogger(tmp_path, name="csv"))
-    with pytest.warns(UserWarning, match="histograms need a TensorBoardLogger") as record:
-        trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
-    assert sum("histograms need a TensorBoardLogger" in str(w.message) for w in record) == 1
-    header = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
-    assert "ntk/eig/pde/1" in header and "ntk/weight/bc" in header

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import AutogradPoisson, HelperPoisson, poisson_batch, quiet_trainer, repeat_loader
 
-from lightning_ntk import NTKWeightingCallback, estimate_ntk_traces
+from lightning_ntk import NTKWeightingCallback, TraceAverager, estimate_ntk_traces
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -78,7 +78,7 @@ class DeviceRecorder(NTKWeightingCallback):
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_callback_on_gpu_keeps_state_on_device_and_traces_in_float32(tmp_path, precision):
     model = HelperPoisson()
-    ntk = DeviceRecorder(update_every_n_steps=1, estimator="fd", trace_ema=0.9, seed=0)
+    ntk = DeviceRecorder(update_every_n_steps=1, estimator="fd", trace_averager=TraceAverager(0.9), seed=0)
     trainer = quiet_trainer(tmp_path, accelerator="gpu", max_steps=3, callbacks=[ntk], precision=precision)
     trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
     # (Lightning moves the module back to the CPU when fit ends, so the devices are read during fit.)

@@ -8,9 +8,21 @@ import torch
 from conftest import AutogradPoisson, HelperPoisson, TwoFieldModel, poisson_batch
 
 from lightning_ntk import estimate_ntk_traces
-from lightning_ntk.estimators import ESTIMATORS, TraceEstimate
+from lightning_ntk.estimators import (
+    ESTIMATOR_CLASSES,
+    ESTIMATORS,
+    Exact,
+    FiniteDifference,
+    Hutchinson,
+    Subsample,
+    TraceEstimate,
+    TraceEstimator,
+    as_estimator,
+    register_estimator,
+)
+from lightning_ntk.points import LAYOUTS
 
-NAMES = sorted(ESTIMATORS)
+NAMES = sorted(ESTIMATORS)  # collected before any test registers its own
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -59,3 +71,50 @@ def test_a_seeded_generator_reproduces_the_estimate(name):
     a = estimate_ntk_traces(model, poisson_batch(), name, generator=seeded(3))
     b = estimate_ntk_traces(model, poisson_batch(), name, generator=seeded(3))
     assert all(torch.equal(a.traces[t], b.traces[t]) for t in a.traces)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_name_stands_for_an_object_with_the_estimators_defaults(name):
+    model = HelperPoisson().double()
+    estimator = as_estimator(name)
+    assert isinstance(estimator, TraceEstimator) and estimator.name == name
+    a = estimator(model, poisson_batch(), seeded(3))
+    b = estimate_ntk_traces(model, poisson_batch(), name, generator=seeded(3))
+    assert a.estimator == name and all(torch.equal(a.traces[t], b.traces[t]) for t in b.traces)
+    if name in ESTIMATOR_CLASSES:
+        assert type(estimator) is ESTIMATOR_CLASSES[name]
+
+
+def test_options_of_an_object_reach_the_estimator():
+    model = HelperPoisson().double()
+    batch = poisson_batch(n_r=30)
+    for made, name, options in [
+        (Hutchinson(num_probes=3), "hutchinson", {"num_probes": 3}),
+        (FiniteDifference(num_probes=2, points_per_probe=7), "fd", {"num_probes": 2, "points_per_probe": 7}),
+        (Subsample(num_points=5), "subsample", {"num_probes": 5}),
+    ]:
+        LAYOUTS.clear()  # every call makes the same draws, fd's one-time layout check included
+        a = made(model, batch, seeded(1))
+        LAYOUTS.clear()
+        b = estimate_ntk_traces(model, batch, name, generator=seeded(1), **options)
+        LAYOUTS.clear()
+        c = estimate_ntk_traces(model, batch, name, generator=seeded(1))
+        assert all(torch.equal(a.traces[t], b.traces[t]) for t in b.traces)
+        assert not all(torch.equal(a.traces[t], c.traces[t]) for t in c.traces)  # the options matter here
+    assert Exact(paths=["gram"])(model, batch).info["paths"] == {"bc": "gram", "pde": "gram"}
+
+
+def test_a_registered_function_without_a_class_is_wrapped_by_name():
+    @register_estimator("constant_for_test")
+    def constant(module, batch, *, generator=None, value=2.0):
+        traces = {t: torch.tensor(value) for t in module.terms}
+        return TraceEstimate(
+            traces, {t: torch.tensor(0.0) for t in traces}, dict.fromkeys(traces, 1), "constant_for_test"
+        )
+
+    try:
+        wrapped = as_estimator("constant_for_test")
+        assert repr(wrapped) == "TraceEstimator('constant_for_test')"
+        assert TraceEstimator("constant_for_test", value=3.0)(HelperPoisson(), poisson_batch()).traces["bc"] == 3.0
+    finally:
+        del ESTIMATORS["constant_for_test"]

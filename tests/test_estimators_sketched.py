@@ -1,5 +1,7 @@
 """Statistical tests of the randomized trace estimators (fixed seeds, float64, tiny models)."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import AutogradPoisson, HelperPoisson, TwoFieldModel, poisson_batch, reference_traces
@@ -221,3 +223,59 @@ def test_fd_points_per_probe_checks_the_layout_once_and_rejects_non_pointwise_re
 
     with pytest.raises(ValueError, match=r"term 'pde'.*points_per_probe=None"):
         estimate_ntk_traces(NotPointwise().double(), batch, "fd", points_per_probe=8)
+
+
+def test_auto_points_per_probe_is_an_eighth_but_at_least_64():
+    from lightning_ntk.estimators.finite_difference import auto_points_per_probe
+
+    assert [auto_points_per_probe(n) for n in (10, 64, 100, 513, 1000, 1024)] == [10, 64, 64, 65, 125, 128]
+
+
+class ShapeRecording(HelperPoisson):
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, int]] = []
+
+    def residuals(self, batch):
+        out = super().residuals(batch)
+        self.rows.append((out["bc"].shape[0], out["pde"].shape[0]))
+        return out
+
+
+def test_fd_auto_subsamples_large_terms_only_and_stays_unbiased():
+    torch.manual_seed(3)
+    model = ShapeRecording().double()
+    batch = poisson_batch(n_r=200)
+    exact = reference_traces(model, batch)
+    model.rows.clear()
+    est = estimate_ntk_traces(model, batch, "fd", generator=torch.Generator().manual_seed(0))
+    # Layout check (full batch, then 64 of 200), then one probe: two evaluations on 64 points.
+    assert model.rows == [(2, 200), (2, 64), (2, 64), (2, 64)]
+    assert est.num_rows == {"bc": 2, "pde": 200}
+    values, _ = draws(model, batch, "fd", 300, seed=2)
+    for term in ("bc", "pde"):
+        v = values[term]
+        assert abs(float(v.mean()) - float(exact[term])) <= 4 * float(v.std() / len(v) ** 0.5)
+
+    small = ShapeRecording().double()
+    estimate_ntk_traces(small, poisson_batch(n_r=40), "fd")
+    assert small.rows == [(2, 40), (2, 40)]  # every term within 64 points: no check, no subsampling
+
+
+def test_fd_auto_falls_back_to_every_point_for_non_pointwise_residuals_with_one_warning():
+    class NotPointwise(ShapeRecording):
+        def residuals(self, batch):
+            out = super().residuals(batch)
+            return {"bc": out["bc"], "pde": out["pde"] - out["pde"].mean()}
+
+    model = NotPointwise().double()
+    batch = poisson_batch(n_r=200)
+    with pytest.warns(UserWarning, match=r"term 'pde'.*points_per_probe='auto' evaluates every point"):
+        auto = estimate_ntk_traces(model, batch, "fd", generator=torch.Generator().manual_seed(5))
+    model.rows.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = estimate_ntk_traces(model, batch, "fd", generator=torch.Generator().manual_seed(5))
+    assert model.rows == [(2, 200), (2, 200)]  # no second check, every point
+    full = estimate_ntk_traces(model, batch, "fd", points_per_probe=None, generator=torch.Generator().manual_seed(5))
+    assert again.traces == full.traces and torch.isfinite(auto.traces["pde"])

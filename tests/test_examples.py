@@ -161,6 +161,21 @@ def test_cli_sets_callback_arguments_and_rejects_bad_ones(tmp_path, capsys):
 
 
 @needs_cli
+def test_cli_builds_callback_parts_from_class_paths(tmp_path):
+    from lightning_ntk import FiniteDifference, TraceAverager, WeightRule
+
+    config = EXAMPLES / "configs" / "poisson_1d_ntk_fd_per_step.yaml"
+    cli = _cli(config, tmp_path, "--trainer.callbacks.estimator.init_args.num_probes", "3")
+    (ntk,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "NTKWeightingCallback"]
+    assert ntk.estimator == FiniteDifference(num_probes=3, points_per_probe="auto")
+    assert isinstance(ntk.trace_averager, TraceAverager) and ntk.trace_averager.beta == 0.99
+    assert isinstance(ntk.weight_rule, WeightRule) and ntk.weight_rule.mode == "trace"
+    cli = _cli(EXAMPLES / "configs" / "poisson_1d_ntk.yaml", tmp_path, "--trainer.callbacks.estimator", "hutchinson")
+    (ntk,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "NTKWeightingCallback"]
+    assert repr(ntk.estimator) == "Hutchinson(num_probes=16)"
+
+
+@needs_cli
 def test_cli_help_for_the_callback_comes_from_its_docstring(tmp_path, capsys):
     from lightning_ntk import NTKWeightingCallback
 
@@ -169,7 +184,7 @@ def test_cli_help_for_the_callback_comes_from_its_docstring(tmp_path, capsys):
         _cli(config, tmp_path, "--trainer.callbacks.help", "lightning_ntk.NTKWeightingCallback")
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse rewraps the text
-    assert "--trainer.callbacks.update_every_n_steps" in out and "--trainer.callbacks.trace_ema" in out
+    assert "--trainer.callbacks.update_every_n_steps" in out and "--trainer.callbacks.trace_averager" in out
     phrase = "Recompute the weights every this many optimizer steps"
     assert phrase in " ".join(NTKWeightingCallback.__doc__.split()) and phrase in out
 

@@ -15,7 +15,7 @@ def run(code: str) -> subprocess.CompletedProcess:
 def test_core_imports_with_lightning_blocked():
     core = "lightning_ntk.traces, lightning_ntk.estimators, lightning_ntk.weights, lightning_ntk.spectrum"
     done = run(
-        f"import lightning_ntk, {core}, lightning_ntk.derivatives, lightning_ntk.jacobian; "
+        f"import lightning_ntk, {core}, lightning_ntk.derivatives, lightning_ntk.jacobian, lightning_ntk.averaging; "
         "print(sorted(m for m, v in sys.modules.items() if m.split('.')[0] == 'lightning' and v is not None))"
     )
     assert done.returncode == 0, done.stderr
@@ -42,6 +42,7 @@ def test_lightning_layer_resolves_lazily_and_unknown_names_raise():
 
     assert lightning_ntk.PINNModule.__name__ == "PINNModule"
     assert lightning_ntk.NTKWeightingCallback.__name__ == "NTKWeightingCallback"
+    assert lightning_ntk.NTKSpectrumMonitor.__name__ == "NTKSpectrumMonitor"
     assert set(lightning_ntk.__all__) <= set(dir(lightning_ntk))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lightning_ntk.nope  # noqa: B018

@@ -11,7 +11,7 @@ from conftest import AutogradPoisson, HelperPoisson, poisson_batch, quiet_traine
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_ntk import NTKWeightingCallback, ntk_traces, trace_weights
+from lightning_ntk import NTKWeightingCallback, TraceAverager, WeightRule, ntk_traces, trace_weights
 
 # ---------------------------------------------------------------- resume equals uninterrupted
 
@@ -25,8 +25,10 @@ def _fit(tmp_path, model, callback, steps, batch, accumulate=1, ckpt_path=None):
 
 
 CALLBACKS = {
-    "exact+ema": lambda: NTKWeightingCallback(update_every_n_steps=3, ema=0.5),
-    "fd+trace_ema": lambda: NTKWeightingCallback(update_every_n_steps=2, estimator="fd", trace_ema=0.8, seed=4),
+    "exact+ema": lambda: NTKWeightingCallback(update_every_n_steps=3, weight_rule=WeightRule(ema=0.5)),
+    "fd+trace_ema": lambda: NTKWeightingCallback(
+        update_every_n_steps=2, estimator="fd", trace_averager=TraceAverager(0.8), seed=4
+    ),
 }
 
 
@@ -54,9 +56,10 @@ def test_resume_equals_uninterrupted(tmp_path, kind, stop, accumulate):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=0, msg=name)
     torch.testing.assert_close(resumed.ntk_weights, a_model.ntk_weights, rtol=1e-12, atol=0)
     assert r_cb._last_update_step == a_cb._last_update_step
-    if a_cb._trace_mean is not None:
-        torch.testing.assert_close(r_cb._trace_mean, a_cb._trace_mean, rtol=1e-12, atol=0)
-        torch.testing.assert_close(r_cb._trace_var, a_cb._trace_var, rtol=1e-12, atol=0)
+    if a_cb.trace_averager is not None:
+        assert a_cb.trace_averager.mean is not None
+        torch.testing.assert_close(r_cb.trace_averager.mean, a_cb.trace_averager.mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(r_cb.trace_averager.var, a_cb.trace_averager.var, rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------- DDP agreement
@@ -104,7 +107,7 @@ def test_ddp_ranks_apply_identical_weights_from_summed_traces(tmp_path):
         name: float(ntk_traces(model, batch_a)[name] + ntk_traces(model, batch_b)[name]) for name in model.terms
     }
     loader = torch.utils.data.DataLoader(RankBatches([batch_a, batch_b], 12), batch_size=None)
-    callback = RankRecorder(str(tmp_path), update_every_n_steps=1, ema=0.5)
+    callback = RankRecorder(str(tmp_path), update_every_n_steps=1, weight_rule=WeightRule(ema=0.5))
     trainer = quiet_trainer(
         tmp_path,
         strategy="ddp_spawn",

@@ -3,7 +3,7 @@ import torch
 from conftest import AutogradPoisson, HelperPoisson, TwoFieldModel, poisson_batch
 
 from lightning_ntk import ntk_traces
-from lightning_ntk.spectrum import lanczos_top_k, ntk_eigenvalues, ntk_matrix
+from lightning_ntk.spectrum import block_spectra, lanczos_top_k, ntk_eigenvalues, ntk_matrix
 
 
 def hand_built_jacobian(model, batch):
@@ -95,3 +95,24 @@ def test_lanczos_pads_with_zeros_when_the_rank_is_below_k():
     A = v.T @ v  # rank one, eigenvalue 30
     got = lanczos_top_k(lambda x: A @ x, 4, 3, dtype=torch.float64)
     torch.testing.assert_close(got, torch.tensor([30.0, 0.0, 0.0], dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_block_spectra_equal_eigvalsh_of_each_hand_built_block_with_k_capped(method):
+    model = TwoFieldModel().double()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.rand(2, 2, generator=g, dtype=torch.float64), torch.rand(9, 2, generator=g, dtype=torch.float64))
+    J = hand_built_jacobian(model, batch)
+    K = J @ J.T
+    spectra = block_spectra(model, batch, k=5, method=method, generator=torch.Generator().manual_seed(0))
+    assert list(spectra) == ["data", "pde"]
+    for term, rows in (("data", slice(0, 4)), ("pde", slice(4, 22))):
+        block = K[rows, rows]
+        k = min(5, block.shape[0])
+        want = torch.linalg.eigvalsh(block).flip(0)[:k].clamp_min(0)
+        assert spectra[term].eigenvalues.shape == (k,)
+        torch.testing.assert_close(spectra[term].eigenvalues, want, rtol=1e-6, atol=1e-9 * float(want[0]))
+        torch.testing.assert_close(spectra[term].trace, block.trace(), rtol=1e-10, atol=0)
+        assert spectra[term].method == method
+    with pytest.raises(ValueError, match="`k` must be a positive int"):
+        block_spectra(model, batch, k=0)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_ntk.weights import check_traces, clamp_weights, ema_update, ntk_weights, trace_weights
+from lightning_ntk.weights import WeightRule, check_traces, clamp_weights, ema_update, ntk_weights, trace_weights
 
 
 def test_trace_mode_upweights_the_smaller_trace():
@@ -67,3 +67,18 @@ def test_bad_traces_name_the_term(bad, kind, match):
         check_traces(torch.tensor([1.0, bad]), ["bc", "pde"])
     with pytest.raises(kind, match="'pde'"):
         trace_weights({"bc": 1.0, "pde": bad})
+
+
+def test_weight_rule_is_the_rule_then_smoothing_then_clamps():
+    traces = torch.tensor([2.0, 30.0, 500.0], dtype=torch.float64)
+    rows = torch.tensor([4.0, 10.0, 100.0], dtype=torch.float64)
+    previous = torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)
+    rule = WeightRule(mode="mean_trace", ema=0.25, min_weight=0.6, max_weight=4.0)
+    mean_diag = traces / rows
+    lam = mean_diag.mean() / mean_diag
+    want = (0.25 * previous + 0.75 * lam).clamp(0.6, 4.0)
+    torch.testing.assert_close(rule(traces, rows, previous), want, rtol=1e-12, atol=0)
+    assert want.max() == 4.0 and want.min() == 0.6  # both clamps are exercised
+    # Without previous weights there is nothing to smooth towards.
+    torch.testing.assert_close(WeightRule(ema=0.5)(traces), traces.sum() / traces, rtol=1e-12, atol=0)
+    assert "mean_trace" in repr(rule)

@@ -1,27 +1,51 @@
 """NTK block-trace estimators, one per module, registered by name for :func:`lightning_ntk.ntk_traces`.
 
-| name | estimate of ``Tr K_ii`` | cost |
-| --- | --- | --- |
-| ``exact`` | ``Σ_n ‖∂r_i(x_n)/∂θ‖²`` | one per-point Jacobian per point |
-| ``subsample`` | exact norms on ``m`` random points × ``N_i/m`` | ``m/N_i`` of exact |
-| ``hutchinson`` | ``mean ‖J_iᵀ v‖²``, ``v`` Rademacher | one backward per probe and term |
-| ``hutchpp`` | Hutch++ on ``K_ii`` | ``k`` NTK products + ``2k`` backward per term |
-| ``fd`` | ``mean ‖(r(θ+hz) − r(θ−hz))/2h‖²`` | two residual evaluations per probe, all terms |
-| ``auto`` | ``exact`` or ``hutchpp`` by ``Σ N_i · P`` | |
+| name | class | estimate of ``Tr K_ii`` | cost |
+| --- | --- | --- | --- |
+| ``exact`` | :class:`Exact` | ``Σ_n ‖∂r_i(x_n)/∂θ‖²`` | 1–2 training steps (Gram path), else one Jacobian per point |
+| ``subsample`` | :class:`Subsample` | exact norms on ``m`` random points × ``N_i/m`` | ``m/N_i`` of exact |
+| ``hutchinson`` | :class:`Hutchinson` | ``mean ‖J_iᵀ v‖²``, ``v`` Rademacher | one backward per probe and term |
+| ``hutchpp`` | :class:`HutchPlusPlus` | Hutch++ on ``K_ii`` | ``k`` NTK products + ``2k`` backward per term |
+| ``fd`` | :class:`FiniteDifference` | ``mean ‖(r(θ+hz) − r(θ−hz))/2h‖²`` | 2 residual evaluations per probe |
+| ``auto`` | :class:`Auto` | ``exact`` or ``hutchpp`` by ``Σ N_i · P`` | |
+
+Each class validates its options when it is built; its name alone (``estimator="fd"``) stands for the
+class with its defaults (:func:`as_estimator`).
 """
 
-from lightning_ntk.estimators.base import ESTIMATORS, TraceEstimate, get_estimator, register_estimator
-from lightning_ntk.estimators.exact import exact_traces
-from lightning_ntk.estimators.finite_difference import fd_step_size, finite_difference_traces
-from lightning_ntk.estimators.hutchinson import hutchinson_traces
-from lightning_ntk.estimators.hutchpp import hutchpp_traces
-from lightning_ntk.estimators.subsample import subsample_traces
+from lightning_ntk.estimators.base import (
+    ESTIMATOR_CLASSES,
+    ESTIMATORS,
+    TraceEstimate,
+    TraceEstimator,
+    as_estimator,
+    get_estimator,
+    register_estimator,
+)
+from lightning_ntk.estimators.exact import Exact, exact_traces
+from lightning_ntk.estimators.finite_difference import FiniteDifference, fd_step_size, finite_difference_traces
+from lightning_ntk.estimators.hutchinson import Hutchinson, hutchinson_traces
+from lightning_ntk.estimators.hutchpp import HutchPlusPlus, hutchpp_traces
+from lightning_ntk.estimators.subsample import Subsample, subsample_traces
 
-from lightning_ntk.estimators.auto import auto_traces  # isort: skip  (uses exact and hutchpp)
+from lightning_ntk.estimators.auto import Auto, auto_traces  # isort: skip  (uses exact and hutchpp)
+
+ESTIMATOR_CLASSES.update(
+    exact=Exact, subsample=Subsample, hutchinson=Hutchinson, hutchpp=HutchPlusPlus, fd=FiniteDifference, auto=Auto
+)
 
 __all__ = [
     "ESTIMATORS",
+    "ESTIMATOR_CLASSES",
+    "Auto",
+    "Exact",
+    "FiniteDifference",
+    "HutchPlusPlus",
+    "Hutchinson",
+    "Subsample",
     "TraceEstimate",
+    "TraceEstimator",
+    "as_estimator",
     "auto_traces",
     "exact_traces",
     "fd_step_size",

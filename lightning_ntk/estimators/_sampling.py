@@ -28,12 +28,6 @@ def sample_points(size: int, count: int, *, generator: torch.Generator | None, d
     return torch.randperm(size, generator=generator, device=where)[:count].to(device)
 
 
-def check_num_probes(num_probes: int, name: str = "num_probes") -> int:
-    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {num_probes!r}.")
-    return num_probes
-
-
 def mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
     """Mean of i.i.d. samples and its standard error (NaN, i.e. unknown, for a single sample)."""
     mean = samples.mean()

@@ -19,12 +19,18 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ntk.contract import evaluate_residuals, trainable_parameters
-from lightning_ntk.estimators.base import TraceEstimate, register_estimator
+from lightning_ntk.estimators.base import (
+    TraceEstimate,
+    TraceEstimator,
+    check_positive_int,
+    check_positive_number,
+    register_estimator,
+)
 from lightning_ntk.estimators.exact import exact_traces
 from lightning_ntk.estimators.hutchpp import hutchpp_traces
 from lightning_ntk.jacobian import PathUnavailable
 
-__all__ = ["DEFAULT_MAX_EXACT_WORK", "auto_traces", "exact_work"]
+__all__ = ["DEFAULT_MAX_EXACT_WORK", "Auto", "auto_traces", "exact_work"]
 
 DEFAULT_MAX_EXACT_WORK = 2.5e8
 
@@ -64,3 +70,20 @@ def auto_traces(
     return TraceEstimate(
         est.traces, est.stderr, est.num_rows, "auto", {**est.info, "chosen": est.estimator, "work": work}
     )
+
+
+class Auto(TraceEstimator):
+    """Exact traces where they are cheap, Hutch++ otherwise (:func:`auto_traces`).
+
+    Example:
+        >>> Auto(num_probes=12)
+        Auto(max_exact_work=250000000.0, num_probes=12, chunk_size=None)
+    """
+
+    def __init__(
+        self, max_exact_work: float = DEFAULT_MAX_EXACT_WORK, num_probes: int = 9, chunk_size: int | None = None
+    ) -> None:
+        check_positive_number(max_exact_work, "max_exact_work")
+        check_positive_int(num_probes, "num_probes")
+        check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        super().__init__("auto", max_exact_work=max_exact_work, num_probes=num_probes, chunk_size=chunk_size)

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["ESTIMATORS", "TraceEstimate", "get_estimator", "register_estimator"]
+__all__ = [
+    "ESTIMATORS",
+    "ESTIMATOR_CLASSES",
+    "TraceEstimate",
+    "TraceEstimator",
+    "as_estimator",
+    "get_estimator",
+    "register_estimator",
+]
 
 
 @dataclass(frozen=True)
@@ -49,3 +57,82 @@ def get_estimator(name: str) -> Estimator:
     if not isinstance(name, str) or name not in ESTIMATORS:
         raise ValueError(f"Unknown NTK trace estimator {name!r}; choose one of {sorted(ESTIMATORS)}.")
     return ESTIMATORS[name]
+
+
+class TraceEstimator:
+    """A configured trace estimator: a registered estimator and its options, checked at construction.
+
+    The estimator classes (:class:`~lightning_ntk.estimators.Exact`,
+    :class:`~lightning_ntk.estimators.Hutchinson`, :class:`~lightning_ntk.estimators.FiniteDifference`,
+    …) fix ``name`` and validate their own options, so a misspelt or out-of-range option is an error
+    where the estimator is built, not at the first update. ``TraceEstimator(name, **options)`` wraps an
+    estimator registered with :func:`register_estimator` that has no class of its own.
+
+    Calling the object computes the estimate: ``estimator(module, batch, generator)``.
+
+    Example:
+        >>> TraceEstimator("exact", chunk_size=64)
+        TraceEstimator('exact', chunk_size=64)
+    """
+
+    def __init__(self, name: str, **options: object) -> None:
+        get_estimator(name)
+        if "generator" in options:
+            raise ValueError("Pass the generator when calling the estimator, not as an option.")
+        self.name = name
+        self.options = options
+
+    def __call__(self, module: object, batch: object, generator: object = None) -> TraceEstimate:
+        return get_estimator(self.name)(module, batch, generator=generator, **self.options)
+
+    @property
+    def randomized(self) -> bool:
+        """Whether the estimate is random (so averaging over updates reduces its error)."""
+        return self.name != "exact"
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        if type(self) is TraceEstimator:
+            return f"TraceEstimator({self.name!r}{', ' if options else ''}{options})"
+        return f"{type(self).__name__}({options})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TraceEstimator) and (self.name, self.options) == (other.name, other.options)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable options
+
+
+# Estimator classes by name, so that ``estimator="fd"`` means ``FiniteDifference()`` with its defaults.
+ESTIMATOR_CLASSES: dict[str, Callable[..., TraceEstimator]] = {}
+
+
+def as_estimator(spec: str | TraceEstimator, **options: object) -> TraceEstimator:
+    """``spec`` itself, or the estimator a name stands for, built with ``options`` (its class's
+    defaults for the rest).
+
+    Example:
+        >>> from lightning_ntk.estimators import as_estimator
+        >>> as_estimator("hutchinson", num_probes=4)
+        Hutchinson(num_probes=4)
+    """
+    if isinstance(spec, TraceEstimator):
+        if options:
+            raise ValueError("Options go to the estimator's constructor, not to as_estimator, for an estimator object.")
+        return spec
+    if isinstance(spec, str) and spec in ESTIMATOR_CLASSES:
+        return ESTIMATOR_CLASSES[spec](**options)
+    return TraceEstimator(spec, **options)
+
+
+def check_positive_int(value: object, name: str, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int{' or None' if allow_none else ''}, got {value!r}.")
+
+
+def check_positive_number(value: object, name: str, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive number{' or None' if allow_none else ''}, got {value!r}.")

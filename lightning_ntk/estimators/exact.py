@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.estimators.base import TraceEstimate, register_estimator
+from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator, check_positive_int, register_estimator
 from lightning_ntk.jacobian import per_point_squared_norms
+from lightning_ntk.jacobian.per_point import PATHS
 
-__all__ = ["exact_traces"]
+__all__ = ["Exact", "exact_traces"]
 
 
 @register_estimator("exact")
@@ -58,3 +59,25 @@ def exact_traces(
     traces = {name: v.sum() for name, v in norms.norms.items()}
     stderr = {name: t.new_zeros(()) for name, t in traces.items()}
     return TraceEstimate(traces, stderr, norms.num_rows, "exact", {"paths": norms.paths})
+
+
+class Exact(TraceEstimator):
+    """Exact traces (:func:`exact_traces`), by the fastest exact path that applies.
+
+    Args:
+        chunk_size: Points per vectorized chunk of the per-point paths (bounds memory); ``None``: automatic.
+        paths: Exact paths to try in order (default: all); a single path is an error where it does not apply.
+
+    Example:
+        >>> Exact(paths=["gram"])
+        Exact(chunk_size=None, paths=('gram',))
+    """
+
+    def __init__(self, chunk_size: int | None = None, paths: Sequence[str] | None = None) -> None:
+        check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        if paths is not None:
+            paths = tuple(paths)
+            unknown = [p for p in paths if p not in PATHS]
+            if not paths or unknown:
+                raise ValueError(f"`paths` must be a non-empty sequence of {list(PATHS)}, got {list(paths)!r}.")
+        super().__init__("exact", chunk_size=chunk_size, paths=paths)

@@ -11,7 +11,10 @@ residual code, including code ``torch.func`` cannot transform. The central diffe
 ``O(h²)``; averaged over probes (or over training steps, see the callback's ``trace_ema``) it is
 unbiased up to that error. With ``points_per_probe = m`` each probe evaluates ``m`` random points
 per term and scales by ``N_i/m``, which stays unbiased (points and direction are drawn independently)
-and cuts the cost of a probe to ``m/N_i``.
+and cuts the cost of a probe to ``m/N_i``. The default, ``points_per_probe="auto"``, takes
+``max(64, ⌈N_i/8⌉)`` points of each term: one probe then costs about a quarter of a training step, so
+per-step weighting stays cheap, and averaging over steps removes the extra variance. Residuals that
+are not pointwise (row ``n`` depends on other points) are detected once and evaluated on all points.
 
 Step rule: ``h = c · eps^(1/3) · ‖θ‖ / ‖z‖`` with ``eps`` the machine epsilon of the parameters'
 dtype, ``‖z‖ = √P``, and ``c = step_scale`` (default 0.1). ``eps^(1/3)`` balances truncation
@@ -27,16 +30,28 @@ probe values over ``√k`` (NaN for one probe).
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
 
 from lightning_ntk.contract import ResidualCaller, check_residuals, trainable_parameters
-from lightning_ntk.estimators._sampling import check_num_probes, mean_and_stderr, rademacher, sample_points
-from lightning_ntk.estimators.base import TraceEstimate, register_estimator
-from lightning_ntk.points import check_point_layout, subsample_batch
+from lightning_ntk.estimators._sampling import mean_and_stderr, rademacher, sample_points
+from lightning_ntk.estimators.base import (
+    TraceEstimate,
+    TraceEstimator,
+    check_positive_int,
+    check_positive_number,
+    register_estimator,
+)
+from lightning_ntk.points import LAYOUTS, check_point_layout, subsample_batch
 
-__all__ = ["fd_step_size", "finite_difference_traces"]
+__all__ = ["AUTO_MIN_POINTS", "FiniteDifference", "auto_points_per_probe", "fd_step_size", "finite_difference_traces"]
 
 
 def fd_step_size(params: list[Tensor], direction_norm: float, step_scale: float = 0.1) -> Tensor:
@@ -54,6 +69,73 @@ def _evaluate_at(caller: ResidualCaller, params: dict[str, Tensor], batch: objec
     return {name: r.detach() for name, r in check_residuals(out, terms, require_grad=False).items()}
 
 
+# "auto" points per probe: an eighth of each term's points, but never fewer than this many.
+AUTO_MIN_POINTS = 64
+AUTO_FRACTION = 8
+
+
+def auto_points_per_probe(size: int) -> int:
+    """The points of a term of ``size`` points that one probe evaluates under ``points_per_probe="auto"``."""
+    return min(size, max(AUTO_MIN_POINTS, math.ceil(size / AUTO_FRACTION)))
+
+
+PointsPerProbe = int | Literal["auto"] | None
+
+
+def _check_points_per_probe(points_per_probe: object) -> None:
+    if points_per_probe is None or points_per_probe == "auto":
+        return
+    check_positive_int(points_per_probe, "points_per_probe")
+
+
+def _step_size(params: list[Tensor], step_scale: float, step_size: float | None) -> Tensor:
+    if step_size is not None:
+        return torch.tensor(step_size, dtype=params[0].dtype, device=params[0].device)
+    return fd_step_size(params, sum(p.numel() for p in params) ** 0.5, step_scale)
+
+
+def _point_sampler(
+    module: nn.Module,
+    batch: object,
+    evaluate: Callable[[object], Mapping[str, Tensor]],
+    points_per_probe: PointsPerProbe,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[Callable[[], object] | None, dict[str, int]]:
+    """A function that draws one probe's batch (``None``: every probe evaluates every point), and the
+    point count of every term (empty when there is no subsampling)."""
+    if points_per_probe is None:
+        return None, {}
+
+    def count(n: int) -> int:
+        return auto_points_per_probe(n) if points_per_probe == "auto" else int(points_per_probe)
+
+    def draw(n: int) -> Tensor:
+        return sample_points(n, count(n), generator=generator, device=device)
+
+    if points_per_probe == "auto" and (
+        _max_leading_size(batch) <= AUTO_MIN_POINTS or not LAYOUTS.subsamplable(module, batch)
+    ):
+        return None, {}
+    try:
+        layout = check_point_layout(module, batch, evaluate, generator, draw)
+    except ValueError as err:
+        if points_per_probe != "auto":
+            raise
+        LAYOUTS.mark_not_subsamplable(module, batch)
+        warnings.warn(f"{err} points_per_probe='auto' evaluates every point of this module instead.", stacklevel=4)
+        return None, {}
+    if all(count(n) >= n for n in layout.values()):
+        return None, {}
+    sizes = sorted(set(layout.values()))
+    return (lambda: subsample_batch(batch, {n: draw(n) for n in sizes})), layout
+
+
+def _max_leading_size(batch: object) -> int:
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor) and t.ndim > 0]
+    return max((t.shape[0] for t in leaves), default=0)
+
+
 @register_estimator("fd")
 def finite_difference_traces(
     module: nn.Module,
@@ -63,7 +145,7 @@ def finite_difference_traces(
     generator: torch.Generator | None = None,
     step_scale: float = 0.1,
     step_size: float | None = None,
-    points_per_probe: int | None = None,
+    points_per_probe: PointsPerProbe = "auto",
 ) -> TraceEstimate:
     """Estimate ``Tr K_ii`` for every term from ``2 × num_probes`` residual evaluations.
 
@@ -71,13 +153,15 @@ def finite_difference_traces(
         module: Any ``nn.Module`` with ``residuals(batch)``.
         batch: The batch ``residuals`` takes.
         num_probes: Random directions ``z``.
-        generator: Seeds the directions.
+        generator: Seeds the directions (and the points).
         step_scale: ``c`` in the step rule above.
         step_size: A fixed ``h`` instead of the rule (for studies of the ``O(h²)`` error).
         points_per_probe: Evaluate each probe on this many random points of every term (all points
-            of terms with fewer) and scale by ``N_i / m``: still unbiased, ``m / N_i`` of the cost. It
-            needs pointwise residuals; the first call per module and batch layout checks that with
-            one full and one subsampled evaluation, and raises if it does not hold.
+            of terms with fewer) and scale by ``N_i / m``: still unbiased, ``m / N_i`` of the cost.
+            ``"auto"`` (default): ``max(64, ⌈N_i/8⌉)``; ``None``: every point. Subsampling needs
+            pointwise residuals; the first call per module and batch layout checks that with one full
+            and one subsampled evaluation, and raises if it does not hold (``"auto"`` warns and uses
+            every point instead).
 
     Example:
         >>> import torch
@@ -91,52 +175,73 @@ def finite_difference_traces(
         >>> round(float(est.traces["data"]), 6)  # r = w: every probe gives z² = 1 = Tr K
         1.0
     """
-    check_num_probes(num_probes)
-    if not step_scale > 0:
-        raise ValueError(f"`step_scale` must be positive, got {step_scale!r}.")
-    if step_size is not None and not step_size > 0:
-        raise ValueError(f"`step_size` must be positive, got {step_size!r}.")
+    check_positive_int(num_probes, "num_probes")
+    check_positive_number(step_scale, "step_scale")
+    check_positive_number(step_size, "step_size", allow_none=True)
+    _check_points_per_probe(points_per_probe)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("NTK traces cannot be computed under torch.inference_mode.")
     terms = getattr(module, "terms", None)
     named = {f"inner.{name}": p.detach() for name, p in trainable_parameters(module).items()}
     params = list(named.values())
-    num_params = sum(p.numel() for p in params)
-    if step_size is not None:
-        h = torch.tensor(step_size, dtype=params[0].dtype, device=params[0].device)
-    else:
-        h = fd_step_size(params, num_params**0.5, step_scale)
+    h = _step_size(params, step_scale, step_size)
     caller = ResidualCaller(module)
-    device = params[0].device
-    layout: dict[str, int] | None = None
-    if points_per_probe is not None:
-        check_num_probes(points_per_probe, "points_per_probe")
 
-        def draw(n: int) -> Tensor:
-            return sample_points(n, points_per_probe, generator=generator, device=device)
+    def evaluate(b: object, shift: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        values = named if shift is None else {k: p + shift[k] for k, p in named.items()}
+        return _evaluate_at(caller, values, b, terms)
 
-        layout = check_point_layout(module, batch, lambda b: _evaluate_at(caller, named, b, terms), generator, draw)
+    sampler, layout = _point_sampler(module, batch, evaluate, points_per_probe, generator, params[0].device)
     samples: dict[str, list[Tensor]] = {}
     rows: dict[str, int] = {}
     for _ in range(num_probes):
-        z = {
-            k: rademacher(tuple(p.shape), generator=generator, device=p.device, dtype=p.dtype) for k, p in named.items()
+        hz = {
+            k: h * rademacher(tuple(p.shape), generator=generator, device=p.device, dtype=p.dtype)
+            for k, p in named.items()
         }
-        probe_batch = batch
-        if layout is not None:
-            probe_batch = subsample_batch(batch, {n: draw(n) for n in sorted(set(layout.values()))})
+        probe_batch = batch if sampler is None else sampler()
         # Perturbed copies are swapped in by functional_call and swapped out again in its own
         # `finally`, so the module's parameters are never written to.
-        plus = _evaluate_at(caller, {k: p + h * z[k] for k, p in named.items()}, probe_batch, terms)
-        minus = _evaluate_at(caller, {k: p - h * z[k] for k, p in named.items()}, probe_batch, terms)
+        plus = evaluate(probe_batch, hz)
+        minus = evaluate(probe_batch, {k: -v for k, v in hz.items()})
         for name in plus:
+            points = layout.get(name, plus[name].shape[0])
             diff = (plus[name] - minus[name]) / (2 * h)
-            scale = 1.0 if layout is None else layout[name] / diff.shape[0]
-            samples.setdefault(name, []).append(diff.square().sum() * scale)
-            points = plus[name].shape[0] if layout is None else layout[name]
+            samples.setdefault(name, []).append(diff.square().sum() * (points / diff.shape[0]))
             rows[name] = plus[name].numel() // plus[name].shape[0] * points  # integers: no rounding down
     traces, stderr = {}, {}
     for name, values in samples.items():
         traces[name], stderr[name] = mean_and_stderr(torch.stack(values))
     info = {"num_probes": num_probes, "step_size": h, "points_per_probe": points_per_probe}
     return TraceEstimate(traces, stderr, rows, "fd", info)
+
+
+class FiniteDifference(TraceEstimator):
+    """The forward-only central-difference sketch (:func:`finite_difference_traces`).
+
+    Args:
+        num_probes: Random directions per update (two residual evaluations each).
+        points_per_probe: Points per term each probe evaluates: an int, ``"auto"`` (``max(64, ⌈N_i/8⌉)``)
+            or ``None`` (every point).
+        step_scale: ``c`` in the step rule ``h = c · eps^(1/3) · ‖θ‖ / ‖z‖``.
+        step_size: A fixed ``h`` instead of the rule.
+
+    Example:
+        >>> FiniteDifference(num_probes=2, points_per_probe=128)
+        FiniteDifference(num_probes=2, points_per_probe=128, step_scale=0.1, step_size=None)
+    """
+
+    def __init__(
+        self,
+        num_probes: int = 1,
+        points_per_probe: PointsPerProbe = "auto",
+        step_scale: float = 0.1,
+        step_size: float | None = None,
+    ) -> None:
+        check_positive_int(num_probes, "num_probes")
+        _check_points_per_probe(points_per_probe)
+        check_positive_number(step_scale, "step_scale")
+        check_positive_number(step_size, "step_size", allow_none=True)
+        super().__init__(
+            "fd", num_probes=num_probes, points_per_probe=points_per_probe, step_scale=step_scale, step_size=step_size
+        )

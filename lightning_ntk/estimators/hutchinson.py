@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_ntk.estimators._sampling import check_num_probes, mean_and_stderr, rademacher
-from lightning_ntk.estimators.base import TraceEstimate, register_estimator
+from lightning_ntk.estimators._sampling import mean_and_stderr, rademacher
+from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator, check_positive_int, register_estimator
 from lightning_ntk.products import JacobianProducts
 
-__all__ = ["hutchinson_traces"]
+__all__ = ["Hutchinson", "hutchinson_traces"]
 
 
 @register_estimator("hutchinson")
@@ -43,7 +43,7 @@ def hutchinson_traces(
         >>> est.traces["data"]  # one row: ‖Jᵀv‖² = ‖J‖² exactly
         tensor(2.)
     """
-    check_num_probes(num_probes)
+    check_positive_int(num_probes, "num_probes")
     products = JacobianProducts(module, batch)
     traces, stderr, rows = {}, {}, {}
     for name, r in products.residuals.items():
@@ -54,3 +54,16 @@ def hutchinson_traces(
         traces[name], stderr[name] = mean_and_stderr(torch.stack(samples))
         rows[name] = r.numel()
     return TraceEstimate(traces, stderr, rows, "hutchinson", {"num_probes": num_probes})
+
+
+class Hutchinson(TraceEstimator):
+    """Hutchinson's estimator with ``num_probes`` Rademacher probes per term (:func:`hutchinson_traces`).
+
+    Example:
+        >>> Hutchinson(num_probes=32)
+        Hutchinson(num_probes=32)
+    """
+
+    def __init__(self, num_probes: int = 16) -> None:
+        check_positive_int(num_probes, "num_probes")
+        super().__init__("hutchinson", num_probes=num_probes)

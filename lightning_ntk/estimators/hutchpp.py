@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_ntk.estimators._sampling import check_num_probes, mean_and_stderr, rademacher
-from lightning_ntk.estimators.base import TraceEstimate, register_estimator
+from lightning_ntk.estimators._sampling import mean_and_stderr, rademacher
+from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator, check_positive_int, register_estimator
 from lightning_ntk.products import JacobianProducts
 
-__all__ = ["hutchpp_traces"]
+__all__ = ["HutchPlusPlus", "hutchpp_traces"]
 
 
 @register_estimator("hutchpp")
@@ -46,7 +46,7 @@ def hutchpp_traces(
         >>> round(float(est.traces["data"]), 10)
         8.0
     """
-    check_num_probes(num_probes)
+    check_positive_int(num_probes, "num_probes")
     k = max(1, num_probes // 3)
     products = JacobianProducts(module, batch)
     traces, stderr, rows = {}, {}, {}
@@ -74,3 +74,16 @@ def hutchpp_traces(
             traces[name], stderr[name] = head + mean, err
         rows[name] = n
     return TraceEstimate(traces, stderr, rows, "hutchpp", {"num_probes": num_probes, "rank": k})
+
+
+class HutchPlusPlus(TraceEstimator):
+    """Hutch++ with about ``num_probes`` NTK products per term (:func:`hutchpp_traces`).
+
+    Example:
+        >>> HutchPlusPlus(num_probes=12)
+        HutchPlusPlus(num_probes=12)
+    """
+
+    def __init__(self, num_probes: int = 9) -> None:
+        check_positive_int(num_probes, "num_probes")
+        super().__init__("hutchpp", num_probes=num_probes)

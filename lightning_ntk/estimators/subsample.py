@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from lightning_ntk.contract import evaluate_residuals
-from lightning_ntk.estimators._sampling import check_num_probes, sample_points
-from lightning_ntk.estimators.base import TraceEstimate, register_estimator
+from lightning_ntk.estimators._sampling import sample_points
+from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator, check_positive_int, register_estimator
 from lightning_ntk.jacobian import per_point_squared_norms
 
-__all__ = ["subsample_traces"]
+__all__ = ["Subsample", "subsample_traces"]
 
 
 @register_estimator("subsample")
@@ -51,7 +51,7 @@ def subsample_traces(
         >>> est.traces["data"]  # every point has ‖∂r/∂θ‖² = x² + 1 = 2
         tensor(200.)
     """
-    check_num_probes(num_probes)
+    check_positive_int(num_probes, "num_probes")
     reference = evaluate_residuals(module, batch, getattr(module, "terms", None))
     device = next(iter(reference.values())).device
     sizes = {r.shape[0] for r in reference.values()}
@@ -69,3 +69,20 @@ def subsample_traces(
             stderr[name] = size * spread / m**0.5 * (1 - m / size) ** 0.5
     info = {"paths": norms.paths, "points": {n: int(i.numel()) for n, i in indices.items()}}
     return TraceEstimate(traces, stderr, norms.num_rows, "subsample", info)
+
+
+class Subsample(TraceEstimator):
+    """Exact per-point norms on ``num_points`` random points per term, scaled up (:func:`subsample_traces`).
+
+    Example:
+        >>> Subsample(num_points=128)
+        Subsample(num_points=128, chunk_size=None)
+    """
+
+    def __init__(self, num_points: int = 64, chunk_size: int | None = None) -> None:
+        check_positive_int(num_points, "num_points")
+        check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        super().__init__("subsample", num_probes=num_points, chunk_size=chunk_size)
+
+    def __repr__(self) -> str:
+        return f"Subsample(num_points={self.options['num_probes']!r}, chunk_size={self.options['chunk_size']!r})"
