@@ -19,8 +19,10 @@ SKETCHES = {
 
 @pytest.fixture(scope="module")
 def setup():
+    # The ordinary autograd-style residual: the statistics do not depend on the style, and it is the
+    # cheapest to evaluate hundreds of times (the helpers style is covered below).
     torch.manual_seed(7)
-    model = HelperPoisson().double()
+    model = AutogradPoisson().double()
     batch = poisson_batch(n_r=40)
     return model, batch, reference_traces(model, batch)
 
@@ -55,12 +57,12 @@ def test_unbiased_mean_within_a_few_standard_errors(setup, name):
 def test_error_shrinks_with_more_probes(setup, name):
     model, batch, exact = setup
     few, _ = draws(model, batch, name, 30, seed=1, num_probes=2 if name != "hutchpp" else 3)
-    many, _ = draws(model, batch, name, 30, seed=2, num_probes=32)
+    many, _ = draws(model, batch, name, 30, seed=2, num_probes=16)  # 8× the probes: error ~2.8× smaller
     rel = lambda v: float(((v - exact["pde"]) / exact["pde"]).abs().mean())  # noqa: E731
     assert rel(many["pde"]) < 0.5 * rel(few["pde"])
 
 
-@pytest.mark.parametrize("name, probes", [("hutchinson", 8), ("fd", 8), ("subsample", 10)])
+@pytest.mark.parametrize("name, probes", [("hutchinson", 8), ("fd", 4), ("subsample", 10)])
 def test_reported_standard_error_matches_observed_spread(setup, name, probes):
     model, batch, _ = setup
     values, errors = draws(model, batch, name, 150, seed=3, num_probes=probes)
@@ -136,11 +138,11 @@ def test_hutchpp_is_exact_when_its_sketch_spans_the_block(cls):
 
 
 @pytest.mark.parametrize("name", list(SKETCHES))
-def test_sketches_work_with_autograd_style_residuals(name):
-    model = AutogradPoisson().double()
+def test_sketches_work_with_helper_style_residuals(name):
+    model = HelperPoisson().double()
     batch = poisson_batch(n_r=10)
     exact = reference_traces(model, batch)
-    values, _ = draws(model, batch, name, 40, seed=5, num_probes=16)
+    values, _ = draws(model, batch, name, 40, seed=5, num_probes=8)
     mean = float(values["pde"].mean())
     assert mean == pytest.approx(float(exact["pde"]), rel=0.15)
 
@@ -231,7 +233,7 @@ def test_auto_points_per_probe_is_an_eighth_but_at_least_64():
     assert [auto_points_per_probe(n) for n in (10, 64, 100, 513, 1000, 1024)] == [10, 64, 64, 65, 125, 128]
 
 
-class ShapeRecording(HelperPoisson):
+class ShapeRecording(AutogradPoisson):
     def __init__(self):
         super().__init__()
         self.rows: list[tuple[int, int]] = []

@@ -98,6 +98,7 @@ class RankBatches(torch.utils.data.Dataset):
         return self.batches[rank]
 
 
+@pytest.mark.slow  # spawns two processes (~8 s); CI runs it
 def test_ddp_ranks_apply_identical_weights_from_summed_traces(tmp_path):
     # Guards against mistake 9: each DDP rank applying different weights.
     batch_a, batch_b = poisson_batch(n_r=8, seed=1), poisson_batch(n_r=8, seed=2)
