@@ -218,11 +218,19 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         (lambda: Auto(max_exact_work=-1), "max_exact_work"),
         (lambda: TraceEstimator("nope"), "Unknown NTK trace estimator"),
         (lambda: TraceEstimator("hutchinson", generator=None), "generator"),
+        (lambda: TraceEstimator("hutchinson", chunk_size=4), "'hutchinson' does not take"),
     ],
 )
 def test_callback_parts_check_their_options_when_built(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_an_option_an_estimator_class_does_not_take_fails_when_built():
+    with pytest.raises(TypeError, match="chunk_size"):
+        Hutchinson(chunk_size=4)
+    with pytest.raises(TypeError, match="num_probes"):
+        Exact(num_probes=8)
 
 
 def test_estimator_names_stand_for_their_classes_with_defaults():

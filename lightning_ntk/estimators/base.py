@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,9 +77,13 @@ class TraceEstimator:
     """
 
     def __init__(self, name: str, **options: object) -> None:
-        get_estimator(name)
+        fn = get_estimator(name)
         if "generator" in options:
             raise ValueError("Pass the generator when calling the estimator, not as an option.")
+        try:
+            inspect.signature(fn).bind(None, None, **options)
+        except TypeError as err:
+            raise ValueError(f"Estimator {name!r} does not take these options ({err}).") from err
         self.name = name
         self.options = options
 
