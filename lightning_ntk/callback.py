@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.estimators import TraceEstimate, TraceEstimator, as_estimator
+from lightning_ntk.grad_norm import loss_gradients
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_layout
 from lightning_ntk.weights import WeightRule, check_traces
@@ -48,6 +49,13 @@ class NTKWeightingCallback(Callback):
     weighted training loss ``Σ_i w_i L_i``. The schedule, the random generator, the trace averages
     (and, with ``monitor_only``, the monitored weights) are saved in checkpoints; the applied weights
     are saved with the module. Spectra are the job of :class:`~lightning_ntk.NTKSpectrumMonitor`.
+
+    **Gradient-norm weighting, for comparison (not the NTK).** With
+    ``weight_rule=WeightRule(mode="grad_norm")`` the callback skips the traces and balances the
+    terms' loss-gradient norms instead, ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` (Wang, Teng & Perdikaris
+    2021; the JAX-PI default; what several PyTorch libraries call "NTK weighting"), logging
+    ``grad_norm/<term>`` and ``ntk/weight/<term>`` so that runs of both rules overlay in TensorBoard.
+    The ``estimator`` is not used then; rank gradients are averaged before the norms are taken.
 
     **Per-step weighting with a sketch.** ``estimator="fd", update_every_n_steps=1,
     trace_averager=TraceAverager(0.99)`` estimates the traces from one random direction on an eighth
@@ -166,10 +174,14 @@ class NTKWeightingCallback(Callback):
     def update_weights(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> Tensor:
         """Compute traces on ``batch``, reduce them across ranks, and set (or monitor) the weights."""
         names = pl_module.terms
-        estimate = self.estimator(pl_module, batch, self._generator)
-        traces, rows, variances = self._reduce(trainer, estimate, names)
+        if self.weight_rule.mode == "grad_norm":
+            estimate = None
+            traces, rows, variances = self._grad_norms(trainer, pl_module, batch)
+        else:
+            estimate = self.estimator(pl_module, batch, self._generator)
+            traces, rows, variances = self._reduce(trainer, estimate, names)
         try:
-            check_traces(traces, names)
+            check_traces(traces, names, "Loss gradient norm" if estimate is None else "NTK trace")
         except (FloatingPointError, ValueError) as err:
             message = f"At optimizer step {trainer.global_step}: {err}"
             if self.on_nonfinite == "raise":
@@ -203,8 +215,16 @@ class NTKWeightingCallback(Callback):
         packed = trainer.strategy.reduce(torch.cat([traces, rows.to(traces), variances.to(traces)]), reduce_op="sum")
         return packed.split(len(names))
 
-    def _report(self, trainer: pl.Trainer, estimate: TraceEstimate) -> None:
-        if not self._reported_paths and "paths" in estimate.info:
+    @staticmethod
+    def _grad_norms(trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """``‖∇_θ L_i‖`` of the global batch's losses (rank gradients averaged), with zero variance."""
+        grads = loss_gradients(pl_module, batch)
+        stacked = trainer.strategy.reduce(torch.stack([grads[name] for name in pl_module.terms]), reduce_op="mean")
+        norms = torch.linalg.vector_norm(stacked, dim=1)
+        return norms, torch.ones_like(norms), torch.zeros_like(norms)
+
+    def _report(self, trainer: pl.Trainer, estimate: TraceEstimate | None) -> None:
+        if not self._reported_paths and estimate is not None and "paths" in estimate.info:
             rank_zero_info(f"lightning_ntk: exact NTK traces computed per term with paths {estimate.info['paths']}")
             self._reported_paths = True
         step = trainer.global_step
@@ -247,9 +267,13 @@ class NTKWeightingCallback(Callback):
         names, traces, stderr, weights = self._latest
         # One transfer to the host for all scalars.
         values = torch.stack([traces, stderr, weights]).tolist()
+        if self.weight_rule.mode == "grad_norm":
+            tags = ("grad_norm/{}", "grad_norm_stderr/{}", "ntk/weight/{}")
+        else:
+            tags = ("ntk/trace/{}", "ntk/trace_stderr/{}", "ntk/weight/{}")
         metrics = {}
-        for kind, row in zip(("trace", "trace_stderr", "weight"), values, strict=True):
-            metrics.update({f"ntk/{kind}/{name}": v for name, v in zip(names, row, strict=True)})
+        for tag, row in zip(tags, values, strict=True):
+            metrics.update({tag.format(name): v for name, v in zip(names, row, strict=True)})
         # Written straight to the loggers (as LearningRateMonitor does), so updates are recorded at
         # their own step whatever the module logs.
         for logger in trainer.loggers:

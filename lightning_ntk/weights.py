@@ -7,6 +7,10 @@ A term whose block trace is small trains slowly under gradient flow and gets a l
 ``mode="mean_trace"`` (the JAX-PI code): ``λ_i = mean_j(Tr K_jj / N_j) / (Tr K_ii / N_i)``, the same
 rule on the mean diagonal entry of each block. With equal ``N_i`` it is ``"trace"`` divided by ``T``.
 
+``mode="grad_norm"`` is **not** an NTK rule: ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` on the norms of the
+terms' loss gradients (Wang, Teng & Perdikaris 2021; the JAX-PI default), for comparison; see
+:mod:`lightning_ntk.grad_norm`. Given gradient norms instead of traces, it is the ``"trace"`` formula.
+
 Weights are then optionally smoothed, ``w ← ema·w_old + (1 − ema)·λ``, and clamped.
 """
 
@@ -19,7 +23,7 @@ from torch import Tensor
 
 __all__ = ["MODES", "WeightRule", "check_traces", "clamp_weights", "ema_update", "ntk_weights", "trace_weights"]
 
-MODES = ("trace", "mean_trace")
+MODES = ("trace", "mean_trace", "grad_norm")
 
 
 def check_mode(mode: str) -> str:
@@ -28,8 +32,9 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def check_traces(traces: Tensor, names: Sequence[str]) -> None:
-    """Raise if a trace is non-finite or not positive, naming the term (one host sync)."""
+def check_traces(traces: Tensor, names: Sequence[str], quantity: str = "NTK trace") -> None:
+    """Raise if a trace (or another per-term ``quantity``) is non-finite or not positive, naming the
+    term (one host sync)."""
     finite = torch.isfinite(traces)
     positive = traces > 0
     if bool((finite & positive).all()):
@@ -37,13 +42,14 @@ def check_traces(traces: Tensor, names: Sequence[str]) -> None:
     for name, ok, pos, value in zip(names, finite.tolist(), positive.tolist(), traces.tolist(), strict=True):
         if not ok:
             raise FloatingPointError(
-                f"NTK trace of term {name!r} is {value}: its residual or Jacobian is not finite. Check the "
+                f"{quantity} of term {name!r} is {value}: its residual or Jacobian is not finite. Check the "
                 "residual for NaN/Inf (division by zero, log of a negative, an exploding network)."
             )
         if not pos:
             raise ValueError(
-                f"NTK trace of term {name!r} is {value}: its residual does not depend on the trainable "
-                "parameters at these points, so it has no NTK weight. Check the residual."
+                f"{quantity} of term {name!r} is {value}: its residual does not depend on the trainable "
+                "parameters at these points (or, for a gradient norm, is already zero), so it has no weight. "
+                "Check the residual."
             )
 
 
@@ -51,8 +57,8 @@ def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = N
     """Weights from a vector of traces ``(T,)``, in the same order.
 
     Args:
-        traces: Positive block traces ``Tr K_ii``.
-        mode: ``"trace"`` or ``"mean_trace"``.
+        traces: Positive block traces ``Tr K_ii`` (gradient norms ``‖∇_θ L_i‖`` for ``"grad_norm"``).
+        mode: ``"trace"``, ``"mean_trace"`` or ``"grad_norm"``.
         num_rows: ``N_i`` for ``"mean_trace"``.
 
     Example:
@@ -62,7 +68,7 @@ def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = N
     check_mode(mode)
     if traces.ndim != 1 or traces.numel() == 0:
         raise ValueError(f"`traces` must be a non-empty vector, got shape {tuple(traces.shape)}.")
-    if mode == "trace":
+    if mode in ("trace", "grad_norm"):
         return traces.sum() / traces
     if num_rows is None:
         raise ValueError('mode="mean_trace" needs `num_rows` (N_i for every term).')
@@ -129,7 +135,8 @@ class WeightRule:
 
     Args:
         mode: ``"trace"`` (Wang, Yu & Perdikaris 2022) or ``"mean_trace"`` (the JAX-PI rule on mean
-            diagonals); see :func:`ntk_weights`.
+            diagonals); see :func:`ntk_weights`. ``"grad_norm"`` is the gradient-norm rule (not the
+            NTK): the callback then balances ``‖∇_θ L_i‖`` and does not estimate traces.
         ema: Smoothing of the weights across updates in ``[0, 1)``; ``0`` overwrites.
         min_weight: Lower clamp, or ``None``.
         max_weight: Upper clamp, or ``None``.

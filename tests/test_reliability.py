@@ -141,7 +141,7 @@ class GradRecorder(Callback):
         self.weights.append(pl_module.ntk_weights.detach().clone())
 
 
-@pytest.mark.parametrize("estimator", ["exact", "fd", "hutchpp"])
+@pytest.mark.parametrize("estimator", ["exact", "fd", "hutchpp", "grad_norm"])
 def test_param_grad_is_that_of_the_weighted_loss_alone(tmp_path, estimator):
     # Guards against mistake 4: gradients of the weight computation leaking into the training step.
     # If the trace computation were part of the loss graph or left anything in .grad, the gradient
@@ -151,7 +151,10 @@ def test_param_grad_is_that_of_the_weighted_loss_alone(tmp_path, estimator):
     model = HelperPoisson().double()
     reference = copy.deepcopy(model)
     recorder = GradRecorder()
-    ntk = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator, seed=0)
+    if estimator == "grad_norm":  # the gradient-norm rule takes its own backward passes
+        ntk = NTKWeightingCallback(update_every_n_steps=1, weight_rule=WeightRule(mode="grad_norm"))
+    else:
+        ntk = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator, seed=0)
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[recorder, ntk], logger=False)
     trainer.fit(model, repeat_loader(batch, 1))
     reference.set_term_weights(recorder.weights[0])

@@ -1,0 +1,59 @@
+"""Gradient norms of the loss terms, for the gradient-norm weighting that is *not* the NTK.
+
+``mode="grad_norm"`` of :class:`~lightning_ntk.weights.WeightRule` is the rule of Wang, Teng &
+Perdikaris (2021, "learning-rate annealing") and the default of JAX-PI:
+``λ_i = Σ_j ‖∇_θ L_i‖ / ‖∇_θ L_i‖`` with ``L_i`` the term's batch loss. It balances the size of the
+terms' *loss gradients*, one number per term from one backward pass each; the NTK rule balances the
+block traces ``Tr K_ii = Σ_n ‖∂r_i(x_n)/∂θ‖²``, which depend on the per-point Jacobians and not on
+the residual values. The two differ whenever the residuals are not all of one size (``‖∇L_i‖``
+shrinks as term ``i`` is fitted, its NTK trace does not), which is why libraries that call the
+gradient-norm rule "NTK weighting" compute something else. It is here so both can be compared with
+the same callback and the same logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ntk.contract import check_residuals, trainable_parameters
+
+__all__ = ["loss_gradients"]
+
+
+def _mean_square(name: str, residual: Tensor) -> Tensor:
+    return residual.square().mean()
+
+
+def loss_gradients(module: nn.Module, batch: object) -> dict[str, Tensor]:
+    """``∇_θ L_i`` over all trainable parameters, flattened, for every term (no graph kept).
+
+    ``L_i`` is ``module.term_loss(term, r_i)`` when the module defines it (a
+    :class:`~lightning_ntk.PINNModule` does), else ``mean(r_i²)``. ``param.grad`` is not touched.
+
+    Example:
+        >>> class Fit(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = nn.Parameter(torch.tensor([2.0]))
+        ...     def residuals(self, x):
+        ...         return {"data": self.w * x}
+        >>> loss_gradients(Fit(), torch.tensor([1.0, 3.0]))["data"]  # d/dw mean((w x)²) = 2 w mean(x²)
+        tensor([20.])
+    """
+    params = list(trainable_parameters(module).values())
+    loss_of: Callable[[str, Tensor], Tensor] = getattr(module, "term_loss", _mean_square)
+    with torch.enable_grad():
+        residuals: Mapping[str, Tensor] = check_residuals(module.residuals(batch), getattr(module, "terms", None))
+        names = list(residuals)
+        out = {}
+        for k, name in enumerate(names):
+            grads = torch.autograd.grad(
+                loss_of(name, residuals[name]), params, retain_graph=k < len(names) - 1, allow_unused=True
+            )
+            out[name] = torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
+            ).detach()
+    return out
