@@ -1,6 +1,7 @@
 """Smoke tests: every example runs end to end on a few steps."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def _plain_argv(monkeypatch):
 
 
 def _cli(config: Path, tmp_path, *extra: str, run: bool = False):
-    module = load(config.stem.split("_")[0] + "_1d")
+    module = load(re.sub(r"_(ntk|plain|paper|grad_norm).*$", "", config.stem))
     args = ["--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path), *extra]
     return module.cli_main(args if not run else ["fit", *args], run=run)
 
@@ -124,7 +125,7 @@ def _cli(config: Path, tmp_path, *extra: str, run: bool = False):
 def test_every_config_parses_and_builds(config, tmp_path):
     cli = _cli(config, tmp_path)
     callbacks = [type(c).__name__ for c in cli.trainer.callbacks]
-    assert ("NTKWeightingCallback" in callbacks) == ("_ntk" in config.stem)
+    assert ("NTKWeightingCallback" in callbacks) == ("plain" not in config.stem)
     assert cli.model.terms
 
 

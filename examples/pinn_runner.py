@@ -1,0 +1,202 @@
+"""What the 2-D, nonlinear and vector-valued examples share: the weighting runs, training, reporting.
+
+An example defines a :class:`GridPINN` subclass (residuals, the prediction ``u`` and a reference
+solution on a fixed grid), a :class:`FreshPoints`-based data module, and calls :func:`main`. Every
+example then offers the same runs, the same table and the same outputs:
+
+- ``plain``: unit weights;
+- ``ntk``: exact NTK trace weights every ``--update-every`` steps;
+- ``ntk_fd``: NTK weights every step from the finite-difference sketch averaged over ~100 steps;
+- ``grad_norm``: the gradient-norm rule (Wang, Teng & Perdikaris 2021, the JAX-PI default) every
+  ``--update-every`` steps with EMA 0.9 as in JAX-PI — *not* the NTK, for comparison.
+
+Outputs: TensorBoard logs under ``<logdir>/<example>/<run>`` (losses, weights, traces or gradient
+norms, ``val/rel_l2``), a PNG of prediction / reference / error per run (with matplotlib), and a
+table of relative L² errors on the fixed grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager, WeightRule
+from lightning_ntk.metrics import RelativeL2Error
+
+RUNS = ("plain", "ntk", "ntk_fd", "grad_norm")
+LABELS = {
+    "plain": "plain",
+    "ntk": "NTK weights (exact)",
+    "ntk_fd": "NTK weights per step (fd)",
+    "grad_norm": "grad-norm weights",
+}
+
+
+def weighting_callbacks(run: str, update_every: int, seed: int) -> list[pl.Callback]:
+    """The callbacks of one run (see the module docstring)."""
+    if run == "plain":
+        return []
+    if run == "ntk":
+        return [NTKWeightingCallback(update_every, seed=seed)]
+    if run == "ntk_fd":
+        return [NTKWeightingCallback(1, estimator="fd", trace_averager=TraceAverager(0.99), seed=seed)]
+    if run == "grad_norm":
+        return [NTKWeightingCallback(update_every, weight_rule=WeightRule(mode="grad_norm", ema=0.9), seed=seed)]
+    raise ValueError(f"Unknown run {run!r}; choose from {RUNS}.")
+
+
+class GridPINN(PINNModule):
+    """A PINN whose accuracy is the relative L² error against a reference on a fixed grid.
+
+    Subclasses set ``self.grid`` (points, ``(G, d)``) and ``self.reference`` (``(G, k)`` or ``(G,)``)
+    as buffers, and implement ``u(points)`` (the fields compared with the reference) and
+    ``residuals``. ``figure`` describes the PNG: ``(shape, extent, axis labels, field names)``.
+    """
+
+    figure: tuple[tuple[int, int], tuple[float, float, float, float], tuple[str, str], Sequence[str]]
+
+    def u(self, points: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def relative_l2_error(self) -> float:
+        metric = RelativeL2Error().to(self.grid.device)
+        for chunk, ref in zip(self.grid.split(8192), self.reference.split(8192), strict=True):
+            metric.update(self.u(chunk).reshape(ref.shape), ref)
+        return float(metric.compute())
+
+    def on_fit_end(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective call: every rank must make it
+        if self.trainer.is_global_zero and log_dir is not None and not self.trainer.fast_dev_run:
+            save_figure(self, os.path.join(log_dir, f"{type(self).__name__.lower()}.png"))
+
+
+class ErrorLogger(pl.Callback):
+    """Logs ``val/rel_l2`` every ``every`` steps and at the end, and prints it with the weights."""
+
+    def __init__(self, every: int, name: str, verbose: bool = True) -> None:
+        self.every, self.name, self.verbose = every, name, verbose
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        err = pl_module.relative_l2_error()
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/rel_l2": err}, step=step)
+        if self.verbose:
+            weights = ", ".join(f"λ_{k}={v:.3g}" for k, v in pl_module.term_weights.items())
+            print(f"  [{self.name}] step {step:>6}  rel. L2 {err:.3e}  {weights}", flush=True)
+
+
+class FreshPoints(torch.utils.data.IterableDataset):
+    """An endless stream of batches ``sample(generator)``: fresh random points at every step."""
+
+    def __init__(self, sample: Callable[[torch.Generator], object], seed: int) -> None:
+        self.sample, self.seed = sample, seed
+
+    def __iter__(self) -> Iterator[object]:
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield self.sample(g)
+
+
+def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int) -> None:
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--update-every", type=int, default=update_every, help="weight update period (ntk, grad_norm)")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which weightings to train")
+    p.add_argument("--report-every", type=int, default=500, help="log and print the error every n steps")
+    p.add_argument("--logdir", default="lightning_logs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
+
+
+def train(
+    name: str, run: str, model: GridPINN, data: pl.LightningDataModule, args: argparse.Namespace
+) -> tuple[GridPINN, float]:
+    """Trains ``model`` with the weighting of ``run``; returns it and the wall time in seconds."""
+    callbacks = [ErrorLogger(args.report_every, run), *weighting_callbacks(run, args.update_every, args.seed)]
+    trainer = pl.Trainer(
+        max_steps=args.steps,
+        accelerator=args.accelerator,
+        devices=1,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(args.logdir, name=name, version=run),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        log_every_n_steps=50,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    return model, time.perf_counter() - start
+
+
+def compare(
+    name: str,
+    build: Callable[[argparse.Namespace], tuple[GridPINN, pl.LightningDataModule]],
+    args: argparse.Namespace,
+) -> dict[str, tuple[float, float, dict[str, float]]]:
+    """Trains every run in ``args.runs`` from the same initialization and prints the table."""
+    results = {}
+    for run in args.runs:
+        pl.seed_everything(args.seed, verbose=False)
+        model, data = build(args)
+        model, seconds = train(name, run, model, data, args)
+        results[run] = (model.relative_l2_error(), seconds, model.term_weights)
+    print(f"\n{'run':<28} {'rel. L2 error':>14} {'time [s]':>9}   final weights")
+    for run, (err, seconds, weights) in results.items():
+        w = ", ".join(f"{k}={v:.4g}" for k, v in weights.items())
+        print(f"{LABELS[run]:<28} {err:14.3e} {seconds:9.1f}   {w}")
+    print(f"\nTensorBoard logs: tensorboard --logdir {args.logdir}/{name}")
+    return results
+
+
+def cli_or_compare(cli: Callable[[], object], compare_main: Callable[[], object]) -> None:
+    """``python example.py fit --config ...`` runs LightningCLI; anything else the comparison."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate", "--help", "-h", "--print_config"):
+        cli()
+    else:
+        compare_main()
+
+
+def save_figure(model: GridPINN, path: str) -> str | None:
+    """Prediction, reference and |error| of every field on the grid; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on training machines
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    shape, extent, (xlabel, ylabel), fields = model.figure
+    with torch.no_grad():
+        pred = model.u(model.grid).reshape(len(model.grid), -1).cpu()
+    ref = model.reference.reshape(len(model.grid), -1).cpu()
+    fig, axes = plt.subplots(len(fields), 3, figsize=(12, 3.4 * len(fields)), squeeze=False)
+    for row, field in enumerate(fields):
+        panels = (pred[:, row], ref[:, row], (pred[:, row] - ref[:, row]).abs())
+        for ax, data, title in zip(axes[row], panels, ("prediction", "reference", "|error|"), strict=True):
+            im = ax.imshow(data.reshape(shape).T.numpy(), origin="lower", extent=extent, aspect="auto")
+            ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{field}: {title}")
+            fig.colorbar(im, ax=ax)
+    fig.suptitle(f"relative L² error {model.relative_l2_error():.3e}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def grid_2d(n_x: int, n_y: int, x: tuple[float, float], y: tuple[float, float]) -> torch.Tensor:
+    """``(n_x·n_y, 2)`` points of a tensor grid, x-major (reshape to ``(n_x, n_y)``)."""
+    gx, gy = torch.meshgrid(torch.linspace(*x, n_x), torch.linspace(*y, n_y), indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)

@@ -1,0 +1,133 @@
+"""The 2-D, nonlinear and vector-valued examples: reference solvers against known answers, the
+examples' residuals at the reference solution, and short runs of every weighting."""
+
+import math
+
+import pytest
+import torch
+from test_examples import EXAMPLES, load
+
+
+class Exact(torch.nn.Module):
+    """Stands in for the network: the closed-form solution, shaped like the network's output."""
+
+    def __init__(self, fn, outputs: int = 1):
+        super().__init__()
+        self.fn, self.scale = fn, torch.nn.Parameter(torch.ones(()))
+        self.outputs = outputs
+
+    def forward(self, x):
+        out = self.fn(x) * self.scale
+        return out.unsqueeze(-1) if out.ndim == 1 else out
+
+
+def test_helmholtz_exact_solution_has_zero_residuals():
+    ex = load("helmholtz_2d")
+    model = ex.Helmholtz2D(width=8, depth=1).double()
+    model.net = Exact(ex.exact_solution)
+    batch = {k: v.double() for k, v in ex.sample_points(torch.Generator().manual_seed(0), 16, 64).items()}
+    res = model.residuals(batch)
+    q_max = float(ex.source(batch["pde"]).abs().max())
+    assert q_max > 100  # (k² − π² − 16π²) ≈ −166: the residual's terms are large
+    assert float(res["pde"].abs().max()) < 1e-10 * q_max
+    assert float(res["bc"].abs().max()) < 1e-12
+    # A wrong source (sign of k² flipped) is caught.
+    assert float((res["pde"] - 2 * ex.K**2 * model.u(batch["pde"])).abs().max()) > 1e-3
+
+
+def test_cole_hopf_reproduces_the_known_steepest_slope_and_the_initial_state():
+    ex = load("burgers_1d")
+    h = 1e-7
+    u = ex.cole_hopf(torch.tensor([-h, h]), torch.full((2,), 1.6037 / math.pi))
+    assert float((u[1] - u[0]) / (2 * h)) == pytest.approx(-152.00516, rel=2e-6)  # Basdevant et al. 1986
+    x = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    torch.testing.assert_close(ex.cole_hopf(x, torch.zeros(9)), -torch.sin(math.pi * x), rtol=0, atol=1e-12)
+
+
+def test_burgers_reference_satisfies_the_pde():
+    ex = load("burgers_1d")
+    x = torch.tensor([-0.7, -0.4, 0.3, 0.6], dtype=torch.float64).repeat(3)
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64).repeat_interleave(4)
+    h = 1e-4
+
+    def u(dx=0.0, dt=0.0):
+        return ex.cole_hopf(x + dx, t + dt)
+
+    u_t = (u(dt=h) - u(dt=-h)) / (2 * h)
+    u_x = (u(dx=h) - u(dx=-h)) / (2 * h)
+    u_xx = (u(dx=h) - 2 * u() + u(dx=-h)) / h**2
+    residual = u_t + u() * u_x - ex.NU * u_xx
+    assert float(residual.abs().max()) < 1e-5 * float(u_x.abs().max())
+    assert float((u_t + u_x).abs().max()) > 1e-2  # the check can fail: a wrong PDE is far off
+
+
+def test_burgers_network_residual_at_the_reference_is_small():
+    ex = load("burgers_1d")
+    model = ex.Burgers1D(width=8, depth=1).double()
+    model.net = Exact(lambda xt: ex.cole_hopf(xt[:, 0], xt[:, 1]))
+    batch = {k: v.double() for k, v in ex.sample_points(torch.Generator().manual_seed(1), 8, 8, 8).items()}
+    # cole_hopf is built from torch ops, so autograd differentiates the exact solution itself.
+    res = model.residuals(batch)
+    assert float(res["ic"].abs().max()) < 1e-10 and float(res["bc"].abs().max()) < 1e-10
+    assert float(res["pde"].abs().max()) < 1e-6
+
+
+def test_etdrk4_matches_the_closed_form_for_a_constant_state_and_is_converged():
+    ex = load("allen_cahn_1d")
+    c, n = 0.3, 32
+    states = ex.etdrk4(torch.full((n,), c, dtype=torch.float64), 1.0, 1e-3, save_every=100)
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    exact = c * torch.exp(5 * t) / torch.sqrt(1 + c * c * (torch.exp(10 * t) - 1))  # u' = 5u − 5u³
+    torch.testing.assert_close(states[:, 0], exact, rtol=0, atol=1e-9)
+    x = -1 + 2 * torch.arange(128, dtype=torch.float64) / 128
+    a = ex.etdrk4(ex.initial_state(x), 0.2, 1e-3, save_every=200)[-1]
+    b = ex.etdrk4(ex.initial_state(x), 0.2, 5e-4, save_every=400)[-1]
+    assert float((a - b).abs().max()) < 1e-9
+
+
+def test_etdrk4_solution_satisfies_allen_cahn():
+    ex = load("allen_cahn_1d")
+    n, dt = 256, 1e-4
+    x = -1 + 2 * torch.arange(n, dtype=torch.float64) / n
+    states = ex.etdrk4(ex.initial_state(x), 0.3, dt)
+    u_prev, u, u_next = states[-3], states[-2], states[-1]
+    k = torch.fft.rfftfreq(n, d=2.0 / n, dtype=torch.float64) * 2 * math.pi
+    u_xx = torch.fft.irfft(-k.square() * torch.fft.rfft(u), n)
+    residual = (u_next - u_prev) / (2 * dt) - ex.EPS * u_xx - 5 * u + 5 * u.pow(3)
+    assert float(residual.abs().max()) < 1e-5
+    assert float(((u_next - u_prev) / (2 * dt)).abs().max()) > 0.1  # u changes: the check has teeth
+
+
+def test_allen_cahn_network_residuals_at_the_reference_state_vanish_for_the_ode_case():
+    # With a spatially constant state the PDE reduces to u' = 5u − 5u³; feed its closed form through
+    # the example's two-field residuals (v = u_x = 0).
+    ex = load("allen_cahn_1d")
+    model = ex.AllenCahn1D(width=8, depth=1).double()
+    c = 0.3
+
+    def fields(xt):
+        t = xt[:, 1]
+        u = c * torch.exp(5 * t) / torch.sqrt(1 + c * c * (torch.exp(10 * t) - 1)) + 0 * xt[:, 0]
+        return torch.stack([u, torch.zeros_like(u)], dim=1)
+
+    model.net = Exact(fields)
+    batch = {k: v.double() for k, v in ex.sample_points(torch.Generator().manual_seed(2), 8, 8, 16).items()}
+    res = model.residuals(batch)
+    for name in ("periodic", "pde", "flux"):
+        assert float(res[name].abs().max()) < 1e-10, name
+    assert res["periodic"].shape == (8, 2)  # two rows per boundary point: u and v
+
+
+@pytest.mark.parametrize("name", ["helmholtz_2d", "burgers_1d", "allen_cahn_1d"])
+def test_every_weighting_runs_and_reports(name, tmp_path, capsys):
+    ex = load(name)
+    results = ex.compare_main(["--steps", "4", "--update-every", "2", "--report-every", "2", "--logdir", str(tmp_path)])
+    assert set(results) == {"plain", "ntk", "ntk_fd", "grad_norm"}
+    assert all(math.isfinite(err) for err, _, _ in results.values())
+    out = capsys.readouterr().out
+    assert "grad-norm weights" in out and "NTK weights (exact)" in out
+    assert results["plain"][2] == dict.fromkeys(results["plain"][2], 1.0)
+    assert results["ntk"][2] != results["plain"][2]
+    for run in results:
+        assert list((tmp_path / name / run).glob("events.out.tfevents.*"))
+    assert (EXAMPLES / "configs" / f"{name}_ntk.yaml").is_file()
