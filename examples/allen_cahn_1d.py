@@ -27,14 +27,13 @@ import math
 import os
 import sys
 
-import lightning.pytorch as pl
 import torch
 
 from lightning_ntk.derivatives import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helmholtz_2d import mlp
-from pinn_runner import FreshPoints, GridPINN, add_common_args, cli_or_compare, compare
+from pinn_runner import GridPINN, InitialBoundaryInteriorData, add_common_args, cli_or_compare, compare
 
 EPS = 1e-4
 
@@ -96,6 +95,7 @@ def reference_on_grid() -> tuple[torch.Tensor, torch.Tensor]:
 class AllenCahn1D(GridPINN):
     """Two-field Allen–Cahn PINN; ``width``/``depth``: the tanh MLP with outputs (u, v)."""
 
+    name = "allen_cahn_1d"
     figure = ((256, 101), (-1.0, 1.0, 0.0, 1.0), ("x", "t"), ("u",))
 
     def __init__(
@@ -127,12 +127,6 @@ class AllenCahn1D(GridPINN):
             "flux": v - d_x[:, 0],
         }
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=hp.decay_rate ** (1 / hp.decay_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
 
 def sample_points(g: torch.Generator, initial: int, boundary: int, interior: int) -> dict[str, torch.Tensor]:
     x0 = torch.rand(initial, generator=g) * 2 - 1
@@ -143,16 +137,10 @@ def sample_points(g: torch.Generator, initial: int, boundary: int, interior: int
     }
 
 
-class AllenCahnData(pl.LightningDataModule):
+class AllenCahnData(InitialBoundaryInteriorData):
     """Fresh initial, boundary (x = −1, mirrored to x = 1) and interior points at every step."""
 
-    def __init__(self, initial: int = 128, boundary: int = 64, interior: int = 256, seed: int = 0) -> None:
-        super().__init__()
-        self.initial, self.boundary, self.interior, self.seed = initial, boundary, interior, seed
-
-    def train_dataloader(self):
-        points = FreshPoints(lambda g: sample_points(g, self.initial, self.boundary, self.interior), self.seed)
-        return torch.utils.data.DataLoader(points, batch_size=None)
+    sample = staticmethod(sample_points)
 
 
 def build(args: argparse.Namespace) -> tuple[AllenCahn1D, AllenCahnData]:

@@ -28,12 +28,11 @@ import math
 import os
 import sys
 
-import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helmholtz_2d import mlp
-from pinn_runner import FreshPoints, GridPINN, add_common_args, cli_or_compare, compare, grid_2d
+from pinn_runner import GridPINN, InitialBoundaryInteriorData, add_common_args, cli_or_compare, compare, grid_2d
 
 NU = 0.01 / math.pi
 
@@ -77,6 +76,7 @@ def reference_on_grid() -> tuple[torch.Tensor, torch.Tensor]:
 class Burgers1D(GridPINN):
     """Burgers PINN; ``width``/``depth``: the tanh MLP, ``lr``/``decay_*``: Adam with exponential decay."""
 
+    name = "burgers_1d"
     figure = ((256, 101), (-1.0, 1.0, 0.0, 1.0), ("x", "t"), ("u",))
 
     def __init__(
@@ -105,12 +105,6 @@ class Burgers1D(GridPINN):
             "pde": u_t + u * u_x - NU * u_xx,
         }
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=hp.decay_rate ** (1 / hp.decay_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
 
 def sample_points(g: torch.Generator, initial: int, boundary: int, interior: int) -> dict[str, torch.Tensor]:
     x0 = torch.rand(initial, generator=g) * 2 - 1
@@ -122,16 +116,10 @@ def sample_points(g: torch.Generator, initial: int, boundary: int, interior: int
     }
 
 
-class BurgersData(pl.LightningDataModule):
+class BurgersData(InitialBoundaryInteriorData):
     """Fresh initial, boundary and interior points at every step."""
 
-    def __init__(self, initial: int = 128, boundary: int = 64, interior: int = 256, seed: int = 0) -> None:
-        super().__init__()
-        self.initial, self.boundary, self.interior, self.seed = initial, boundary, interior, seed
-
-    def train_dataloader(self):
-        points = FreshPoints(lambda g: sample_points(g, self.initial, self.boundary, self.interior), self.seed)
-        return torch.utils.data.DataLoader(points, batch_size=None)
+    sample = staticmethod(sample_points)
 
 
 def build(args: argparse.Namespace) -> tuple[Burgers1D, BurgersData]:

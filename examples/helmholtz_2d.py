@@ -50,6 +50,7 @@ def mlp(width: int, depth: int, inputs: int = 2, outputs: int = 1) -> nn.Sequent
 class Helmholtz2D(GridPINN):
     """Helmholtz PINN; ``width``/``depth``: the tanh MLP, ``lr``/``decay_*``: Adam with exponential decay."""
 
+    name = "helmholtz_2d"
     figure = ((101, 101), (-1.0, 1.0, -1.0, 1.0), ("x", "y"), ("u",))
 
     def __init__(
@@ -72,12 +73,6 @@ class Helmholtz2D(GridPINN):
         u_xx = torch.autograd.grad(du[:, 0].sum(), xy, create_graph=True)[0][:, 0]
         u_yy = torch.autograd.grad(du[:, 1].sum(), xy, create_graph=True)[0][:, 1]
         return {"bc": self.u(batch["bc"]), "pde": u_xx + u_yy + K**2 * u - source(batch["pde"])}
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=hp.decay_rate ** (1 / hp.decay_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def sample_points(g: torch.Generator, per_side: int, interior: int) -> dict[str, torch.Tensor]:

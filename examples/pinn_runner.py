@@ -57,10 +57,12 @@ class GridPINN(PINNModule):
 
     Subclasses set ``self.grid`` (points, ``(G, d)``) and ``self.reference`` (``(G, k)`` or ``(G,)``)
     as buffers, and implement ``u(points)`` (the fields compared with the reference) and
-    ``residuals``. ``figure`` describes the PNG: ``(shape, extent, axis labels, field names)``.
+    ``residuals``. ``figure`` describes the PNG: ``(shape, extent, axis labels, field names)``;
+    ``name`` names it.
     """
 
     figure: tuple[tuple[int, int], tuple[float, float, float, float], tuple[str, str], Sequence[str]]
+    name: str  # the example's name: the PNG is <log dir>/<name>.png
 
     def u(self, points: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -72,10 +74,18 @@ class GridPINN(PINNModule):
             metric.update(self.u(chunk).reshape(ref.shape), ref)
         return float(metric.compute())
 
+    def configure_optimizers(self):
+        """Adam with the learning rate decayed smoothly by ``decay_rate`` every ``decay_steps`` steps
+        (the subclass saves ``lr``, ``decay_rate`` and ``decay_steps`` as hyperparameters)."""
+        hp = self.hparams
+        opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=hp.decay_rate ** (1 / hp.decay_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
     def on_fit_end(self) -> None:
         log_dir = self.trainer.log_dir  # a collective call: every rank must make it
         if self.trainer.is_global_zero and log_dir is not None and not self.trainer.fast_dev_run:
-            save_figure(self, os.path.join(log_dir, f"{type(self).__name__.lower()}.png"))
+            save_figure(self, os.path.join(log_dir, f"{self.name}.png"))
 
 
 class ErrorLogger(pl.Callback):
@@ -106,6 +116,28 @@ class FreshPoints(torch.utils.data.IterableDataset):
         g = torch.Generator().manual_seed(self.seed)
         while True:
             yield self.sample(g)
+
+
+class InitialBoundaryInteriorData(pl.LightningDataModule):
+    """Fresh initial, boundary and interior points at every step, drawn by the subclass's ``sample``.
+
+    Args:
+        initial: Points on t = 0 per step.
+        boundary: Boundary points per step.
+        interior: Interior (collocation) points per step.
+        seed: Seeds the point sampler.
+    """
+
+    sample: Callable[[torch.Generator, int, int, int], dict[str, torch.Tensor]]
+
+    def __init__(self, initial: int = 128, boundary: int = 64, interior: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        self.initial, self.boundary, self.interior, self.seed = initial, boundary, interior, seed
+
+    def train_dataloader(self):
+        sample = type(self).sample
+        points = FreshPoints(lambda g: sample(g, self.initial, self.boundary, self.interior), self.seed)
+        return torch.utils.data.DataLoader(points, batch_size=None)
 
 
 def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int) -> None:
