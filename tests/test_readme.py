@@ -1,0 +1,28 @@
+"""The README's quick start and plain-PyTorch example run as written."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def code_block(heading: str) -> str:
+    text = README.read_text()
+    section = text[text.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow  # trains for ~30 s each; CI runs it
+@pytest.mark.parametrize("heading", ["## Quick start", "### Without Lightning"])
+def test_readme_example_runs_as_written(heading, tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(code_block(heading))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if heading == "## Quick start":
+        error = float(re.search(r"relative L2 error: ([0-9.eE+-]+)", done.stdout).group(1))
+        assert error < 0.05, done.stdout
