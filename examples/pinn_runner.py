@@ -7,7 +7,7 @@ example then offers the same runs, the same table and the same outputs:
 - ``plain``: unit weights;
 - ``ntk``: exact NTK trace weights every ``--update-every`` steps;
 - ``ntk_fd``: NTK weights every step from the finite-difference sketch averaged over ~100 steps;
-- ``grad_norm``: the gradient-norm rule (Wang, Teng & Perdikaris 2021, the JAX-PI default) every
+- ``grad_norm``: the gradient-norm rule of JAX-PI (after Wang, Teng & Perdikaris 2021) every
   ``--update-every`` steps with EMA 0.9 as in JAX-PI — *not* the NTK, for comparison.
 
 Outputs: TensorBoard logs under ``<logdir>/<example>/<run>`` (losses, weights, traces or gradient

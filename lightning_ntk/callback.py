@@ -52,8 +52,8 @@ class NTKWeightingCallback(Callback):
 
     **Gradient-norm weighting, for comparison (not the NTK).** With
     ``weight_rule=WeightRule(mode="grad_norm")`` the callback skips the traces and balances the
-    terms' loss-gradient norms instead, ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` (Wang, Teng & Perdikaris
-    2021; the JAX-PI default; what several PyTorch libraries call "NTK weighting"), logging
+    terms' loss-gradient norms instead, ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` (the JAX-PI default,
+    after Wang, Teng & Perdikaris 2021; what several PyTorch libraries call "NTK weighting"), logging
     ``grad_norm/<term>`` and ``ntk/weight/<term>`` so that runs of both rules overlay in TensorBoard.
     The ``estimator`` is not used then; rank gradients are averaged before the norms are taken.
 

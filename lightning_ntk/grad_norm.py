@@ -1,8 +1,9 @@
 """Gradient norms of the loss terms, for the gradient-norm weighting that is *not* the NTK.
 
-``mode="grad_norm"`` of :class:`~lightning_ntk.weights.WeightRule` is the rule of Wang, Teng &
-Perdikaris (2021, "learning-rate annealing") and the default of JAX-PI:
-``λ_i = Σ_j ‖∇_θ L_i‖ / ‖∇_θ L_i‖`` with ``L_i`` the term's batch loss. It balances the size of the
+``mode="grad_norm"`` of :class:`~lightning_ntk.weights.WeightRule` is the default weighting of JAX-PI,
+``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` with ``L_i`` the term's batch loss: a norm-based form of the
+"learning-rate annealing" of Wang, Teng & Perdikaris (2021), whose Algorithm 1 instead divides the
+largest entry of ``|∇_θ L_residual|`` by the mean of ``|∇_θ L_i|``. It balances the size of the
 terms' *loss gradients*, one number per term from one backward pass each; the NTK rule balances the
 block traces ``Tr K_ii = Σ_n ‖∂r_i(x_n)/∂θ‖²``, which depend on the per-point Jacobians and not on
 the residual values. The two differ whenever the residuals are not all of one size (``‖∇L_i‖``

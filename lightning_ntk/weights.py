@@ -8,8 +8,8 @@ A term whose block trace is small trains slowly under gradient flow and gets a l
 rule on the mean diagonal entry of each block. With equal ``N_i`` it is ``"trace"`` divided by ``T``.
 
 ``mode="grad_norm"`` is **not** an NTK rule: ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` on the norms of the
-terms' loss gradients (Wang, Teng & Perdikaris 2021; the JAX-PI default), for comparison; see
-:mod:`lightning_ntk.grad_norm`. Given gradient norms instead of traces, it is the ``"trace"`` formula.
+terms' loss gradients (the JAX-PI default, a norm-based form of Wang, Teng & Perdikaris 2021), for
+comparison; see :mod:`lightning_ntk.grad_norm`. Given gradient norms instead of traces, it is the ``"trace"`` formula.
 
 Weights are then optionally smoothed, ``w ← ema·w_old + (1 − ema)·λ``, and clamped.
 """
