@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import math
 import os
 import sys
 import time
+import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -287,7 +289,7 @@ def train(args, use_ntk: bool) -> tuple[Poisson1D, float, NTKWeightingCallback |
         accelerator="cpu",
         callbacks=[ntk] if ntk else [],
         logger=TensorBoardLogger(args.logdir, name="poisson_1d", version="ntk" if use_ntk else "plain"),
-        enable_progress_bar=False,
+        enable_progress_bar=getattr(args, "progress", False),
         enable_model_summary=False,
         enable_checkpointing=False,
         limit_val_batches=0,
@@ -310,20 +312,32 @@ def main(argv=None) -> None:
     if args.init_only:
         return
 
-    print(f"\n{'run':<12} {'rel. L2 error':>14} {'time [s]':>9}   final weights", flush=True)
+    quiet_lightning()
+    args.progress = True  # Lightning's progress bar, one per run
+    rows = []
     for use_ntk in (False, True):
         if args.runs != "both" and use_ntk != (args.runs == "ntk"):
             continue
         name = "NTK weights" if use_ntk else "plain"
+        print(f"\nTraining: {name}", flush=True)
         try:
             trained, seconds, _ = train(args, use_ntk)
         except FloatingPointError as err:  # a diverging run is a result too
-            print(f"{name:<12} {'diverged':>14}   {str(err).splitlines()[0]}", flush=True)
+            rows.append(f"{name:<12} {'diverged':>14}   {str(err).splitlines()[0]}")
             continue
         weights = ", ".join(f"{k}={v:.4g}" for k, v in trained.term_weights.items())
-        print(f"{name:<12} {trained.relative_l2_error():14.3e} {seconds:9.1f}   {weights}", flush=True)
+        rows.append(f"{name:<12} {trained.relative_l2_error():14.3e} {seconds:9.1f}   {weights}")
+    print(f"\n{'run':<12} {'rel. L2 error':>14} {'time [s]':>9}   final weights")
+    print("\n".join(rows))
     print(f"\nTensorBoard logs: tensorboard --logdir {args.logdir}/poisson_1d")
     print(f"Figures (with the plot extra): {args.logdir}/poisson_1d/{{plain,ntk}}/poisson_1d.png")
+
+
+def quiet_lightning() -> None:
+    """Only this example's output and the progress bars: no Lightning banners, tips or warnings."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", module="torch")
 
 
 if __name__ == "__main__":
