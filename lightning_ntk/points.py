@@ -137,7 +137,6 @@ def check_point_layout(
     module: nn.Module,
     batch: object,
     evaluate: Callable[[object], Mapping[str, Tensor]],
-    generator: torch.Generator | None,
     sample: Callable[[int], Tensor],
 ) -> dict[str, int]:
     """Point count of every term, checked once per module and batch layout, then cached.

@@ -62,6 +62,36 @@ def test_resume_equals_uninterrupted(tmp_path, kind, stop, accumulate):
         torch.testing.assert_close(r_cb.trace_averager.var, a_cb.trace_averager.var, rtol=1e-12, atol=0)
 
 
+PER_STEP = {
+    # Each estimator at its own defaults, updated every step and averaged as the docs advise.
+    name: (lambda name=name: NTKWeightingCallback(
+        update_every_n_steps=1, estimator=name, trace_averager=TraceAverager(0.9), seed=7
+    ))
+    for name in ("fd", "exact", "subsample", "hutchinson", "hutchpp", "auto")
+}
+PER_STEP["grad_norm"] = lambda: NTKWeightingCallback(update_every_n_steps=1, weight_rule=WeightRule(mode="grad_norm"))
+
+
+@pytest.mark.parametrize("kind", list(PER_STEP))
+def test_resume_is_exact_for_every_estimator_with_many_points(tmp_path, kind):
+    # With more than 64 points per term, fd's default subsamples points, and its one-time layout
+    # check runs again in a resumed run's fresh module: it must not draw from the callback's stream.
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.rand(160, 1, generator=g, dtype=torch.float64), torch.rand(200, 1, generator=g, dtype=torch.float64))
+    torch.manual_seed(0)
+    init = HelperPoisson().double()
+    a_model, a_cb = copy.deepcopy(init), PER_STEP[kind]()
+    _fit(tmp_path / "a", a_model, a_cb, 6, batch)
+    b_trainer = _fit(tmp_path / "b", copy.deepcopy(init), PER_STEP[kind](), 3, batch)
+    b_trainer.save_checkpoint(tmp_path / "stop.ckpt")
+    resumed, r_cb = HelperPoisson().double(), PER_STEP[kind]()
+    _fit(tmp_path / "b", resumed, r_cb, 6, batch, ckpt_path=tmp_path / "stop.ckpt")
+    for (name, p), q in zip(a_model.named_parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(resumed.ntk_weights, a_model.ntk_weights, rtol=0, atol=0)
+    assert r_cb.last_weights == a_cb.last_weights
+
+
 # ---------------------------------------------------------------- DDP agreement
 
 

@@ -117,8 +117,13 @@ def _point_sampler(
         _max_leading_size(batch) <= AUTO_MIN_POINTS or not LAYOUTS.subsamplable(module, batch)
     ):
         return None, {}
+    # The one-time layout check draws from a generator of its own: a resumed run (a fresh module,
+    # so the check runs again) must see the same probe stream as an uninterrupted one.
+    check_draws = torch.Generator().manual_seed(0)
     try:
-        layout = check_point_layout(module, batch, evaluate, generator, draw)
+        layout = check_point_layout(
+            module, batch, evaluate, lambda n: sample_points(n, count(n), generator=check_draws, device=device)
+        )
     except ValueError as err:
         if points_per_probe != "auto":
             raise
