@@ -17,7 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ntk.averaging import TraceAverager
-from lightning_ntk.estimators import TraceEstimate, TraceEstimator, as_estimator
+from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
 from lightning_ntk.grad_norm import loss_gradients
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_layout
@@ -58,10 +58,10 @@ class NTKWeightingCallback(Callback):
     The ``estimator`` is not used then; rank gradients are averaged before the norms are taken.
 
     **Per-step weighting with a sketch.** ``estimator="fd", update_every_n_steps=1,
-    trace_averager=TraceAverager(0.99)`` estimates the traces from one random direction on an eighth
-    of the points each step (about a quarter of a training step) and averages the noisy estimates
-    over about 100 steps before turning them into weights. The logged standard error is then that
-    of the average.
+    trace_averager=TraceAverager(0.99)`` starts from exact traces at the first update (once, about
+    one to two training steps), then estimates the traces from one random direction on an eighth of
+    the points each step and averages the noisy estimates over about 100 steps before turning them
+    into weights. The logged standard error is then that of the average (NaN while it is unknown).
 
     Override :meth:`should_update` to change the schedule.
 
@@ -178,7 +178,7 @@ class NTKWeightingCallback(Callback):
             estimate = None
             traces, rows, variances = self._grad_norms(trainer, pl_module, batch)
         else:
-            estimate = self.estimator(pl_module, batch, self._generator)
+            estimate = self._estimator_now()(pl_module, batch, self._generator)
             traces, rows, variances = self._reduce(trainer, estimate, names)
         try:
             check_traces(traces, names, "Loss gradient norm" if estimate is None else "NTK trace")
@@ -203,6 +203,13 @@ class NTKWeightingCallback(Callback):
         self._latest = (names, traces, stderr, weights)
         self._report(trainer, estimate)
         return weights
+
+    def _estimator_now(self) -> TraceEstimator:
+        """The estimator of this update: exact traces start an empty average with ``start="exact"``."""
+        averager = self.trace_averager
+        if averager is not None and averager.empty and averager.start == "exact" and self.estimator.randomized:
+            return Exact()
+        return self.estimator
 
     @staticmethod
     def _reduce(trainer: pl.Trainer, estimate: TraceEstimate, names: tuple[str, ...]) -> tuple[Tensor, ...]:

@@ -3,7 +3,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import HelperPoisson, poisson_batch, quiet_trainer, repeat_loader
+from conftest import HelperPoisson, poisson_batch, quiet_trainer, reference_traces, repeat_loader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -272,7 +272,10 @@ class Capturing(NTKWeightingCallback):
 def test_trace_ema_averages_the_estimates_before_weighting(tmp_path):
     model = Recording(lr=0.0)
     ntk = Capturing(
-        update_every_n_steps=1, estimator=FiniteDifference(num_probes=1), trace_averager=TraceAverager(0.5), seed=3
+        update_every_n_steps=1,
+        estimator=FiniteDifference(num_probes=1),
+        trace_averager=TraceAverager(0.5, start="estimate"),
+        seed=3,
     )
     trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ntk])
     trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
@@ -285,16 +288,37 @@ def test_trace_ema_averages_the_estimates_before_weighting(tmp_path):
     assert len({raw["pde"] for raw in ntk.raw}) == 3  # fresh probes every step
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
-    # Exponentially weighted variance of the one-probe estimates (the first has none: 0), and the
-    # standard error of their weighted mean, sqrt(var · (1 − β)/(1 + β)).
-    beta, mean, var, want = 0.5, ntk.raw[0]["pde"], 0.0, [0.0]
-    for raw in ntk.raw[1:]:
+    # One probe has no standard error of its own: unknown (NaN) until a second estimate shows the
+    # spread. Then Var(mean_k) = c_k σ² with c_0 = 1, c_k = β² c_{k−1} + (1−β)², and σ² from the
+    # deviations δ_k² / (1 + c_{k−1}), averaged with weights (1−β)β^(k−j) / (1 − β^k).
+    beta, mean, coef, total, want = 0.5, ntk.raw[0]["pde"], 1.0, 0.0, [float("nan")]
+    for k, raw in enumerate(ntk.raw[1:], start=1):
         delta = raw["pde"] - mean
+        total = beta * total + (1 - beta) * delta**2 / (1 + coef)
         mean += (1 - beta) * delta
-        var = beta * var + (1 - beta) * (1 + beta) / 2 * delta**2
-        want.append((var * (1 - beta) / (1 + beta)) ** 0.5)
+        coef = beta**2 * coef + (1 - beta) ** 2
+        want.append((coef * total / (1 - beta**k)) ** 0.5)
     stderr = [e.value for e in events.Scalars("ntk/trace_stderr/pde")]
-    assert stderr == pytest.approx(want, rel=1e-4, abs=1e-6) and want[-1] > 0
+    assert stderr == pytest.approx(want, rel=1e-4, abs=1e-6, nan_ok=True) and want[-1] > 0
+
+
+def test_per_step_sketch_starts_from_exact_traces(tmp_path):
+    # A single fd probe can be off by a factor of ten; the default start="exact" makes the first
+    # weights exact and then lets the sketch follow the drift.
+    model = Recording(lr=0.0)
+    batch = poisson_batch(dtype=torch.float32)
+    ntk = Capturing(update_every_n_steps=1, estimator="fd", trace_averager=TraceAverager(0.5), seed=3)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk])
+    trainer.fit(model, repeat_loader(batch, 2))
+    exact = {k: float(v) for k, v in reference_traces(model, batch).items()}
+    assert ntk.raw[0] == pytest.approx(exact, rel=1e-5)
+    want = {k: float(v) for k, v in trace_weights(exact).items()}
+    assert model.used[0] == pytest.approx(want, rel=1e-5)
+    assert ntk.raw[1] != pytest.approx(exact, rel=1e-5)  # the second update is the sketch's
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    stderr = [e.value for e in events.Scalars("ntk/trace_stderr/pde")]
+    assert stderr[0] == 0.0 and stderr[1] > 0  # exact, then the average of exact and one probe
 
 
 def test_exact_estimator_logs_zero_stderr_and_respects_log_every_n_steps(tmp_path):
