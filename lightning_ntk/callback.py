@@ -17,6 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ntk.averaging import TraceAverager
+from lightning_ntk.contract import evaluate_residuals, nonfinite_rows
 from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
 from lightning_ntk.grad_norm import loss_gradients
 from lightning_ntk.module import PINNModule, require_pinn_module
@@ -180,10 +181,11 @@ class NTKWeightingCallback(Callback):
         else:
             estimate = self._estimator_now()(pl_module, batch, self._generator)
             traces, rows, variances = self._reduce(trainer, estimate, names)
+        quantity = "Loss gradient norm" if estimate is None else "NTK trace"
         try:
-            check_traces(traces, names, "Loss gradient norm" if estimate is None else "NTK trace")
+            check_traces(traces, names, quantity)
         except (FloatingPointError, ValueError) as err:
-            message = f"At optimizer step {trainer.global_step}: {err}"
+            message = f"At optimizer step {trainer.global_step}: {self._explain(err, pl_module, batch, quantity)}"
             if self.on_nonfinite == "raise":
                 raise type(err)(message) from err
             # Every rank sees the same reduced traces, so every rank skips together.
@@ -203,6 +205,17 @@ class NTKWeightingCallback(Callback):
         self._latest = (names, traces, stderr, weights)
         self._report(trainer, estimate)
         return weights
+
+    @staticmethod
+    def _explain(err: Exception, pl_module: PINNModule, batch: Any, quantity: str) -> str:
+        """The check's message, led by where this rank's residuals first go non-finite, if they do."""
+        if not isinstance(err, FloatingPointError):
+            return str(err)
+        rows = nonfinite_rows(evaluate_residuals(pl_module, batch, pl_module.terms))
+        if not rows:
+            return f"{err} (The residuals on this rank are finite: the Jacobian or another rank's points are not.)"
+        where = "; ".join(f"the residual of term {name!r} is {words}" for name, words in rows.items())
+        return f"{where}, so its {quantity} is not finite. {err}"
 
     def _estimator_now(self) -> TraceEstimator:
         """The estimator of this update: exact traces start an empty average with ``start="exact"``."""

@@ -20,6 +20,7 @@ __all__ = [
     "check_residuals",
     "check_terms",
     "evaluate_residuals",
+    "nonfinite_rows",
     "trainable_parameters",
 ]
 
@@ -159,3 +160,23 @@ def evaluate_residuals(module: torch.nn.Module, batch: object, terms: Sequence[s
     check_batch_device(module, batch)
     with torch.enable_grad():
         return check_residuals(residuals_fn(batch), terms, require_grad=True)
+
+
+def nonfinite_rows(residuals: Mapping[str, Tensor]) -> dict[str, str]:
+    """For every term with NaN or infinite entries: where the first is, as words for an error message.
+
+    Example:
+        >>> r = {"bc": torch.zeros(3), "pde": torch.tensor([[0.0], [float("nan")], [float("inf")]])}
+        >>> nonfinite_rows(r)
+        {'pde': 'nan at row 1 (1 of its 2 non-finite rows; 3 rows in all)'}
+    """
+    out = {}
+    for name, r in residuals.items():
+        flat = r.detach().reshape(r.shape[0], -1)
+        bad_rows = (~torch.isfinite(flat)).any(1).nonzero().flatten()
+        if bad_rows.numel():
+            row = int(bad_rows[0])
+            value = flat[row][~torch.isfinite(flat[row])][0].item()
+            count = f"1 of its {bad_rows.numel()} non-finite rows; {flat.shape[0]} rows in all"
+            out[name] = f"{value} at row {row} ({count})"
+    return out

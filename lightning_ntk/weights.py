@@ -33,24 +33,35 @@ def check_mode(mode: str) -> str:
 
 
 def check_traces(traces: Tensor, names: Sequence[str], quantity: str = "NTK trace") -> None:
-    """Raise if a trace (or another per-term ``quantity``) is non-finite or not positive, naming the
-    term (one host sync)."""
+    """Raise if a trace (or another per-term ``quantity``) is non-finite or not positive, naming every
+    such term and only those (one host sync).
+
+    Raises:
+        FloatingPointError: Some traces are NaN or infinite (checked first).
+        ValueError: Some traces are zero or negative.
+    """
     finite = torch.isfinite(traces)
     positive = traces > 0
     if bool((finite & positive).all()):
         return
-    for name, ok, pos, value in zip(names, finite.tolist(), positive.tolist(), traces.tolist(), strict=True):
-        if not ok:
-            raise FloatingPointError(
-                f"{quantity} of term {name!r} is {value}: its residual or Jacobian is not finite. Check the "
-                "residual for NaN/Inf (division by zero, log of a negative, an exploding network)."
-            )
-        if not pos:
-            raise ValueError(
-                f"{quantity} of term {name!r} is {value}: its residual does not depend on the trainable "
-                "parameters at these points (or, for a gradient norm, is already zero), so it has no weight. "
-                "Check the residual."
-            )
+    values = dict(zip(names, traces.tolist(), strict=True))
+    bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+    if bad:
+        raise FloatingPointError(
+            f"{quantity} of {_terms_with_values(bad, values)} not finite: the residual or its Jacobian is not. "
+            "Check the residual for NaN/Inf (division by zero, log of a negative, an exploding network)."
+        )
+    zero = [name for name, ok in zip(names, positive.tolist(), strict=True) if not ok]
+    raise ValueError(
+        f"{quantity} of {_terms_with_values(zero, values)} not positive: the residual does not depend on the "
+        "trainable parameters at these points (or, for a gradient norm, is already zero), so it has no weight. "
+        "Check the residual."
+    )
+
+
+def _terms_with_values(names: Sequence[str], values: Mapping[str, float]) -> str:
+    listed = ", ".join(f"{name!r} ({values[name]})" for name in names)
+    return f"term {listed} is" if len(names) == 1 else f"terms {listed} are"
 
 
 def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = None) -> Tensor:

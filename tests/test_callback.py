@@ -176,8 +176,35 @@ def test_nonfinite_trace_raises_at_that_step_naming_the_term(tmp_path):
     trainer = quiet_trainer(
         tmp_path, max_steps=3, callbacks=[NTKWeightingCallback(update_every_n_steps=1)], logger=False
     )
-    with pytest.raises(FloatingPointError, match=r"At optimizer step 2.*term 'pde'"):
+    match = r"At optimizer step 2: the residual of term 'pde' is nan at row 3 "
+    with pytest.raises(FloatingPointError, match=match) as err:
         trainer.fit(model, loader)
+    assert "'bc'" not in str(err.value)  # the exact path keeps the other terms' traces finite
+
+
+@pytest.mark.parametrize("estimator", ["exact", "fd", "hutchinson", "subsample", "hutchpp"])
+def test_a_nan_row_is_blamed_on_its_term_and_row_by_every_estimator(tmp_path, estimator):
+    class ThreeTerms(Recording):
+        def __init__(self):
+            super().__init__()
+            self._terms = ("ic", "bc", "pde")
+            self.register_buffer("ntk_weights", torch.ones(3))
+
+        def residuals(self, batch):
+            out = super().residuals(batch)
+            return {"ic": self.net(batch[0] * 0.5), **out}
+
+    good = poisson_batch(dtype=torch.float32)
+    bad = (good[0], good[1].clone())
+    bad[1][7] = float("nan")
+    ntk = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator, on_nonfinite="skip", seed=0)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk], logger=False)
+    with pytest.warns(UserWarning, match="At optimizer step 1: ") as caught:
+        trainer.fit(ThreeTerms(), torch.utils.data.DataLoader([good, bad], batch_size=None))
+    [message] = [str(w.message) for w in caught if "At optimizer step" in str(w.message)]
+    assert message.startswith("At optimizer step 1: the residual of term 'pde' is nan at row 7 (1 of its 1 ")
+    assert "'ic'" not in message and "'bc'" not in message
+    assert "Keeping the previous weights" in message
 
 
 @pytest.mark.parametrize(

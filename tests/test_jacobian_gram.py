@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import hessian, jacfwd, vmap
 
 from lightning_ntk.derivatives import laplacian, partial
-from lightning_ntk.jacobian import GramUnsupported, per_point_squared_norms
+from lightning_ntk.jacobian import per_point_squared_norms
 from lightning_ntk.jacobian.gram import GramLayouts, gram_squared_norms
 from lightning_ntk.taylor import TaylorMLP
 
@@ -347,11 +347,12 @@ def test_a_block_must_hold_all_of_a_terms_gradient():
     batch = make_batch(2, seed=13, n_bc=7, n_res=3)
     # The layout check itself rejects it (not only the later comparison on three points).
     params = dict(model.named_parameters())
-    with pytest.raises(GramUnsupported, match="do not map to the points"):
-        gram_squared_norms(model, batch, params, model.residuals, GramLayouts(), ("key",))
+    result = gram_squared_norms(model, batch, params, model.residuals, GramLayouts(), ("key",))
+    assert list(result.unsupported) == ["pde"] and "do not map to the points" in result.unsupported["pde"]
+    assert list(result.norms) == ["bc"]  # the other term is still covered
     with pytest.warns(UserWarning, match="Gram path"):
         got = per_point_squared_norms(model, batch)
-    assert "gram" not in got.paths.values()
+    assert got.paths["bc"] == "gram" and got.paths["pde"] != "gram"
     want = reference_point_norms(model, batch)
     for name in want:
         torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
@@ -474,7 +475,9 @@ def test_unsupported_uses_fall_back_with_a_message_and_stay_exact(case):
         per_point_squared_norms(model, batch, paths=("gram",))
     with pytest.warns(UserWarning, match="Gram path"):
         got = per_point_squared_norms(model, batch)
-    assert "gram" not in got.paths.values()
+    # With mixes_points the autograd Laplacian of u − mean(u) is exactly that of u (the mean's input
+    # gradient sums to zero), so only "bc" mixes points; every other case affects both terms.
+    assert got.paths["bc"] != "gram" and (case == "mixes_points" or got.paths["pde"] != "gram")
     want = reference_point_norms(model, batch)
     for name in want:
         torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
@@ -488,19 +491,114 @@ def test_a_failed_check_is_remembered_per_module_and_batch_layout():
         per_point_squared_norms(model, batch)
     from lightning_ntk.jacobian import MEMORY
 
-    assert any(isinstance(v, str) for v in MEMORY.gram_verdicts[model].values())
-    assert "gram" not in per_point_squared_norms(model, batch).paths.values()
+    assert all("bc" in v for v in MEMORY.gram_verdicts[model].values())
+    assert per_point_squared_norms(model, batch).paths["bc"] != "gram"  # decided once, remembered
 
 
-def test_non_finite_residuals_give_nan_and_leave_the_path_undecided():
+@pytest.mark.parametrize("confirmed_first", [False, True], ids=["first call", "layout already confirmed"])
+def test_a_non_finite_point_gives_nan_at_that_point_only_and_leaves_the_path_undecided(confirmed_first):
     from lightning_ntk.jacobian import MEMORY
 
     torch.manual_seed(11)
     model = Problem(sequential(1, 1), "autograd_laplacian").double()
     batch = make_batch(1, seed=11)
+    if confirmed_first:
+        assert_gram_exact(model, batch)
+    verdicts = dict(MEMORY.gram_verdicts.get(model, {}))
     bad = {"bc": batch["bc"], "res": batch["res"].clone()}
     bad["res"][2] = float("nan")
     got = per_point_squared_norms(model, bad)
-    assert got.paths == {"bc": "gram", "pde": "gram"} and bool(got.norms["pde"].isnan().all())
-    assert model not in MEMORY.gram_verdicts or not MEMORY.gram_verdicts[model]
+    assert got.paths == {"bc": "gram", "pde": "gram"}
+    assert got.norms["pde"].isnan().nonzero().flatten().tolist() == [2]
+    assert bool(got.norms["bc"].isfinite().all())
+    # The other points' norms are those of the batch without the bad point (hand-built Jacobian).
+    keep = torch.tensor([i for i in range(bad["res"].shape[0]) if i != 2])
+    want = reference_point_norms(model, {"bc": batch["bc"], "res": batch["res"][keep]})
+    torch.testing.assert_close(got.norms["pde"][keep], want["pde"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.norms["bc"], want["bc"], rtol=1e-10, atol=0)
+    assert dict(MEMORY.gram_verdicts.get(model, {})) == verdicts  # nothing decided on a non-finite batch
     assert_gram_exact(model, batch)  # the same layout with finite values: still the Gram path
+
+
+# ---------------------------------------------------------------- one term off the path, the rest on it
+
+
+class ThreeTerms(nn.Module):
+    """Heat-type problem in the ordinary autograd style; only the PDE term subtracts its batch mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sequential(2, 1)
+
+    def residuals(self, batch):
+        x = batch["res"].clone().requires_grad_(True)
+        u = self.net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        u_xx = torch.autograd.grad(du[:, 0].sum(), x, create_graph=True)[0][:, 0]
+        pde = du[:, 1] - 0.1 * u_xx
+        return {"ic": self.net(batch["ic"]), "bc": self.net(batch["bc"]), "pde": pde - pde.mean()}
+
+
+def test_a_point_mixing_term_leaves_the_gram_path_alone():
+    torch.manual_seed(21)
+    model = ThreeTerms().double()
+    batch = {**make_batch(2, seed=21, n_bc=4, n_res=6), "ic": torch.rand(5, 2, dtype=torch.float64)}
+    with pytest.warns(UserWarning) as caught:
+        got = per_point_squared_norms(model, batch)
+    assert got.paths == {"ic": "gram", "bc": "gram", "pde": "rows"}
+    want = reference_point_norms(model, batch)
+    for name in want:
+        torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
+    [message] = [str(w.message) for w in caught if str(w.message).startswith("Exact NTK traces of")]
+    lines = message.splitlines()
+    assert len(lines) == 2 and "['pde'] takes the 'rows' path (one backward pass" in lines[0]
+    assert "The other terms stay on the Gram path" in lines[1] and "Subsample" in lines[1] and "'fd'" in lines[1]
+    assert "README" not in message
+
+
+def test_first_sentence_keeps_whole_sentences():
+    from lightning_ntk.jacobian.per_point import first_sentence
+
+    text = "RuntimeError: attempting to call Tensor.requires_grad_() inside vmap. Please use x.requires_grad."
+    assert first_sentence(text) == "RuntimeError: attempting to call Tensor.requires_grad_() inside vmap."
+    assert first_sentence("one line\nsecond") == "one line"
+
+
+# ---------------------------------------------------------------- tensor subclasses that re-wrap their inputs
+
+
+class Labelled(torch.Tensor):
+    """Behaves like PINA's ``LabelTensor``: ``Labelled(t, labels)`` re-wraps ``t`` through the legacy
+    ``Tensor.__new__`` (an ``alias`` that a dispatch mode sees first), and keeps column labels."""
+
+    @staticmethod
+    def __new__(cls, x, labels):
+        return super().__new__(cls, x)
+
+    def __init__(self, x, labels):
+        self.labels = list(labels)
+
+
+class LabelledProblem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = sequential(2, 1)
+
+    def residuals(self, batch):
+        x = Labelled(batch["res"].clone(), ["x", "t"]).requires_grad_(True)
+        u = self.net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        return {"bc": self.net(batch["bc"]) - 1.0, "pde": du[:, 1:] - du[:, :1]}
+
+
+def test_a_re_wrapping_tensor_subclass_gets_exact_traces_by_a_fallback_with_its_reason():
+    torch.manual_seed(22)
+    model = LabelledProblem().double()
+    batch = make_batch(2, seed=22)
+    with pytest.warns(UserWarning, match="failed under the Gram recording") as caught:
+        got = per_point_squared_norms(model, batch)
+    assert "Creating a new Tensor subclass Labelled" in str(caught[0].message)
+    assert got.paths == {"bc": "loop", "pde": "loop"}
+    want = reference_point_norms(model, batch)
+    for name in want:
+        torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)

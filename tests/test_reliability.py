@@ -64,9 +64,11 @@ def test_resume_equals_uninterrupted(tmp_path, kind, stop, accumulate):
 
 PER_STEP = {
     # Each estimator at its own defaults, updated every step and averaged as the docs advise.
-    name: (lambda name=name: NTKWeightingCallback(
-        update_every_n_steps=1, estimator=name, trace_averager=TraceAverager(0.9), seed=7
-    ))
+    name: (
+        lambda name=name: NTKWeightingCallback(
+            update_every_n_steps=1, estimator=name, trace_averager=TraceAverager(0.9), seed=7
+        )
+    )
     for name in ("fd", "exact", "subsample", "hutchinson", "hutchpp", "auto")
 }
 PER_STEP["grad_norm"] = lambda: NTKWeightingCallback(update_every_n_steps=1, weight_rule=WeightRule(mode="grad_norm"))

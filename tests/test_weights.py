@@ -69,6 +69,13 @@ def test_bad_traces_name_the_term(bad, kind, match):
         trace_weights({"bc": 1.0, "pde": bad})
 
 
+def test_only_the_bad_terms_are_named():
+    with pytest.raises(FloatingPointError) as err:
+        check_traces(torch.tensor([1.0, float("nan"), 2.0, float("inf")]), ["ic", "bc", "pde", "data"])
+    assert "'bc' (nan), 'data' (inf) are not finite" in str(err.value)
+    assert "'ic'" not in str(err.value) and "'pde'" not in str(err.value)
+
+
 def test_weight_rule_is_the_rule_then_smoothing_then_clamps():
     traces = torch.tensor([2.0, 30.0, 500.0], dtype=torch.float64)
     rows = torch.tensor([4.0, 10.0, 100.0], dtype=torch.float64)

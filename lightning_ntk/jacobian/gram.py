@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_ntk.points import POINTWISE_RTOL
 
-__all__ = ["GramUnsupported", "gram_squared_norms"]
+__all__ = ["GramResult", "GramUnsupported", "gram_squared_norms"]
 
 # A parameter whose uses need dense per-point gradients (elementwise uses) may take at most this
 # many bytes of them; beyond, the caller falls back (or chunks the points).
@@ -389,6 +389,9 @@ def _add_elementwise_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _La
 
 
 def _choose_layout(use: _Use, grad: Tensor, seeded: Tensor, weights: Tensor, n: int) -> _Layout:
+    # A non-finite point poisons its own rows (0·NaN in the backward), never another point's: the
+    # layout is decided on the finite rows, and the norms keep the NaN at that point only.
+    grad, seeded = _finite_or_zero(grad), _finite_or_zero(seeded)
     scale = seeded.norm()
     for layout in _use_candidates(use, n, grad):
         g = layout.points_first(grad, n).reshape(n, -1)
@@ -401,6 +404,10 @@ def _choose_layout(use: _Use, grad: Tensor, seeded: Tensor, weights: Tensor, n: 
     raise GramUnsupported(
         f"the rows of an aten product on {use.name!r} do not map to the points of a term (rows mix points)"
     )
+
+
+def _finite_or_zero(t: Tensor) -> Tensor:
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class GramLayouts:
@@ -420,6 +427,21 @@ def _fingerprint(uses: list[_Use]) -> tuple:
     return tuple((u.name, u.kind, tuple(u.output.shape)) for u in uses)
 
 
+@dataclass
+class GramResult:
+    """What one Gram pass gives: norms of the terms it covers, and why it does not cover the others.
+
+    Attributes:
+        norms: term → per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows), parameters' dtype.
+        num_rows: term → residual entries, for every term.
+        unsupported: term → the reason the identities do not cover it (rows that mix points, say).
+    """
+
+    norms: dict[str, Tensor]
+    num_rows: dict[str, int]
+    unsupported: dict[str, str]
+
+
 @torch.enable_grad()  # the sums over points must join the graph even when the caller runs under no_grad
 def gram_squared_norms(
     module: nn.Module,
@@ -428,8 +450,13 @@ def gram_squared_norms(
     residuals_fn: Callable[[object], Mapping[str, Tensor]],
     layouts: GramLayouts,
     key: tuple,
-) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, for every term.
+    skip: frozenset[str] = frozenset(),
+) -> GramResult:
+    """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, term by term.
+
+    A term whose rows the identities do not cover (its rows mix points) is reported in
+    ``unsupported`` and the other terms are still computed. Non-finite residual rows give non-finite
+    norms at those points only; layouts chosen on such a batch are not cached.
 
     Args:
         module: The module whose parameters ``params`` are.
@@ -438,9 +465,11 @@ def gram_squared_norms(
         residuals_fn: Evaluates and checks the residuals.
         layouts: Cache of confirmed point layouts.
         key: Cache key of this batch layout.
+        skip: Terms not to compute (known to need another path).
 
     Raises:
-        GramUnsupported: The residual uses a parameter in a way the identities do not cover.
+        GramUnsupported: The residual uses a parameter in a way the identities do not cover, for
+            every term (the recording is shared).
     """
     residuals, uses = _record_uses(params, residuals_fn, batch)
     rows = {term: r.numel() for term, r in residuals.items()}
@@ -448,10 +477,8 @@ def gram_squared_norms(
     fingerprint = _fingerprint(uses)
     if known is not None and known["fingerprint"] != fingerprint:
         known = None
-    if known is None and not all(bool(torch.isfinite(r).all()) for r in residuals.values()):
-        # Non-finite residuals cannot confirm a layout; their traces are NaN, which the caller reports.
-        return {term: r.new_full((r.shape[0],), float("nan")).detach() for term, r in residuals.items()}, rows
     chosen: dict = {} if known is None else known["layouts"]
+    unsupported: dict[str, str] = {} if known is None else dict(known["unsupported"])
     outputs: list[Tensor] = []
     slot: dict[int, int] = {}
     for use in uses:
@@ -462,28 +489,35 @@ def gram_squared_norms(
     seeds = torch.Generator(device="cpu").manual_seed(0)
     norms: dict[str, Tensor] = {}
     for term, r in residuals.items():
+        if term in skip or term in unsupported:
+            continue
         n = r.shape[0]
         flat = r.reshape(n, -1)
         weights = None if known is not None else (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(flat)
         total = flat.new_zeros(n, dtype=dtype)
-        for c in range(flat.shape[1]):
-            grads = _grads(flat[:, c].sum(), outputs)
-            seeded = None if weights is None else _grads((flat[:, c] * weights).sum(), outputs)
-            per_use = [(i, use, slot.get(id(use.output))) for i, use in enumerate(uses)]
-            confirmed = {}
-            for i, use, j in per_use:
-                if j is None or grads[j] is None:
-                    continue
-                if seeded is not None:
-                    chosen[(term, c, i)] = _choose_layout(use, grads[j], seeded[j], weights, n)
-                if (term, c, i) not in chosen:  # a use whose gradient was zero when layouts were confirmed
-                    raise GramUnsupported("the parameter uses changed since the layout was confirmed")
-                confirmed[i] = (grads[j], chosen[(term, c, i)])
-            total = total + _component_norms(uses, confirmed, params, n)
+        try:
+            for c in range(flat.shape[1]):
+                grads = _grads(flat[:, c].sum(), outputs)
+                seeded = None if weights is None else _grads((flat[:, c] * weights).sum(), outputs)
+                confirmed = {}
+                for i, use in enumerate(uses):
+                    j = slot.get(id(use.output))
+                    if j is None or grads[j] is None:
+                        continue
+                    if seeded is not None:
+                        chosen[(term, c, i)] = _choose_layout(use, grads[j], seeded[j], weights, n)
+                    if (term, c, i) not in chosen:  # a use whose gradient was zero when layouts were confirmed
+                        raise GramUnsupported("the parameter uses changed since the layout was confirmed")
+                    confirmed[i] = (grads[j], chosen[(term, c, i)])
+                total = total + _component_norms(uses, confirmed, params, n)
+        except GramUnsupported as err:
+            unsupported[term] = str(err)
+            continue
         norms[term] = total.detach()  # in the parameters' dtype
-    if known is None:
-        layouts.store(module, key, {"fingerprint": fingerprint, "layouts": chosen})
-    return norms, rows
+    # Rows that are not finite confirm nothing about the layout there: such a pass is not cached.
+    if known is None and all(bool(torch.isfinite(r).all()) for r in residuals.values()):
+        layouts.store(module, key, {"fingerprint": fingerprint, "layouts": chosen, "unsupported": unsupported})
+    return GramResult(norms, rows, unsupported)
 
 
 def _record_uses(

@@ -20,16 +20,17 @@ time, never a wrong trace.
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from lightning_ntk.contract import check_batch_device, check_residuals, evaluate_residuals, trainable_parameters
-from lightning_ntk.jacobian.gram import GramLayouts, GramUnsupported, gram_squared_norms
+from lightning_ntk.jacobian.gram import GramLayouts, GramResult, GramUnsupported, gram_squared_norms
 from lightning_ntk.jacobian.loop import loop_norms
 from lightning_ntk.jacobian.rows import rows_norms
 from lightning_ntk.jacobian.vmap import NotPointwise, default_chunk_size, vmap_norms
@@ -62,36 +63,61 @@ class PointNorms:
     paths: dict[str, str]
 
 
+# What each slower path costs, for the one-time warning.
+_PATH_COST = {
+    "vmap": "vectorized per-point Jacobians, about P floats per point",
+    "loop": "one residual evaluation and one backward pass per point",
+    "rows": "one backward pass through the whole batch per residual row",
+}
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence (or line) of an error message, whole: never cut mid-sentence."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    match = re.search(r"(?<=[\w)\]'\"])\.\s+(?=[A-Z])", line)
+    return line[: match.start() + 1] if match else line
+
+
 class PathMemory:
     """What the exact paths learned about each module, per batch layout.
 
-    Whether the Gram path holds (checked once against the per-point paths), the point layouts of its
-    recorded uses, and which one-time messages were given. Entries die with their module.
+    Which terms the Gram path holds for (checked once against the per-point paths), the point
+    layouts of its recorded uses, and which one-time messages were given. Entries die with their
+    module.
     """
 
     def __init__(self) -> None:
-        # module → {batch signature: True, or the reason the Gram path does not apply}
-        self.gram_verdicts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool | str]] = weakref.WeakKeyDictionary()
+        # module → {batch signature: {term: the reason the Gram path does not apply}} ({}: it applies
+        # to every term); a str: it applies to no term (the shared recording failed).
+        self.gram_verdicts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, str] | str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.gram_layouts = GramLayouts()
         self.warned: set[tuple] = set()
 
     def clear(self) -> None:
         self.__init__()
 
-    def warn_once(self, module: nn.Module, terms: list[str], path: str, reason: str) -> None:
-        key = (type(module), tuple(terms), path)
-        if key in self.warned:
+    def warn_once(self, module: nn.Module, taken: list[tuple[list[str], str, str]], others_on_gram: bool) -> None:
+        """One two-line warning per module and outcome: which terms take which path, its cost, why, and
+        what is cheaper. ``taken``: ``(terms, path, reason)`` per group of terms."""
+        key = (type(module), tuple((tuple(t), p) for t, p, _ in taken))
+        if key in self.warned or not taken:
             return
         self.warned.add(key)
-        advice = ""
-        if path in ("loop", "rows"):
-            advice = (
-                " For a faster path keep row n of each residual a function of point n only, and use parameters "
-                "only in matrix products with points as rows and in elementwise ops (see the README)."
-            )
+        by_path: dict[str, list[str]] = {}
+        for terms, path, _ in taken:
+            by_path.setdefault(path, []).extend(terms)
+        parts = []
+        for path, terms in by_path.items():
+            cost = f" ({_PATH_COST[path]})" if path in _PATH_COST else ""
+            parts.append(f"{terms} take{'s' if len(terms) == 1 else ''} the {path!r} path{cost}")
+        reasons = "; ".join(dict.fromkeys(r.rstrip(".") for _, _, r in taken))
+        stay = "The other terms stay on the Gram path. " if others_on_gram else ""
         warnings.warn(
-            f"Exact NTK traces of term(s) {terms} of {type(module).__name__} take the {path!r} path: {reason}."
-            + advice,
+            f"Exact NTK traces of {type(module).__name__}: {', '.join(parts)}, because {reasons}.\n"
+            f"{stay}Cheaper for these terms: estimator=Subsample(num_points=...) or 'fd'; see "
+            "'Bring your own PINN' in the docs for what keeps a term on the Gram path.",
             stacklevel=5,
         )
 
@@ -147,13 +173,23 @@ def per_point_squared_norms(
         check_batch_device(module, batch)
         if torch.is_inference_mode_enabled():
             evaluate_residuals(module, batch, terms)  # raises the clear inference-mode error
-    gram_reason = None
+    gram: PointNorms | None = None
+    reasons: dict[str, str] = {}
     if order[0] == "gram":
-        result, gram_reason = _gram(module, batch, terms, chunk_size, reference, strict=len(order) == 1)
-        if result is not None:
-            return _pick(result, indices)
+        gram, reasons = _gram(module, batch, terms, chunk_size, reference, strict=len(order) == 1)
         order = order[1:]
-    return _per_point_paths(module, batch, order, chunk_size, terms, reference, indices, gram_reason)
+        if gram is not None and not reasons:
+            return _pick(gram, indices)
+    rest = _per_point_paths(
+        module, batch, order, chunk_size, terms, reference, indices, reasons, only=None if gram is None else reasons
+    )
+    if gram is None:
+        return rest
+    gram = _pick(gram, indices)
+    names = list(gram.num_rows)  # every term, in order
+    merged = {**gram.norms, **rest.norms}
+    paths = {**gram.paths, **rest.paths}
+    return PointNorms({n: merged[n] for n in names}, gram.num_rows, {n: paths[n] for n in names})
 
 
 def _pick(result: PointNorms, indices: Mapping[int, Tensor] | None) -> PointNorms:
@@ -173,47 +209,75 @@ def _gram(
     chunk_size: int | None,
     reference: Mapping[str, Tensor] | None,
     strict: bool,
-) -> tuple[PointNorms | None, str | None]:
-    """The Gram path, or ``None`` and the reason it does not apply to this module and batch layout."""
+) -> tuple[PointNorms | None, dict[str, str]]:
+    """Gram-path norms of the terms it applies to (``None``: no term), and why it does not apply to the others."""
     signature = batch_signature(batch)
     verdicts = MEMORY.gram_verdicts.setdefault(module, {})
     known = verdicts.get(signature)
     if isinstance(known, str):
-        if strict:
-            raise PathUnavailable(f"The 'gram' path does not apply: {known}.")
-        return None, known
+        return _gram_fails(known, strict)
+    failed = dict(known or {})
     params = trainable_parameters(module)
 
     def evaluate(b: object) -> dict[str, Tensor]:
         return evaluate_residuals(module, b, terms)
 
     try:
-        norms, rows = _gram_in_slices(module, batch, params, evaluate, reference)
+        result = _gram_in_slices(module, batch, params, evaluate, reference, frozenset(failed))
     except GramUnsupported as err:
-        verdicts[signature] = f"the Gram path does not apply ({err})"
-        if strict:
-            raise PathUnavailable(f"The 'gram' path does not apply: {err}.") from err
-        return None, verdicts[signature]
-    names = list(norms)
-    finite = all(bool(torch.isfinite(v).all()) for v in norms.values()) if signature not in verdicts else True
-    if signature not in verdicts and finite:
-        # The recorded uses cannot show everything (say, a residual normalized by a batch mean):
-        # compare three points per term with the per-point paths once.
-        sizes = {v.shape[0] for v in norms.values()}
-        probe = {n: torch.unique(torch.tensor([0, n // 2, n - 1])) for n in sizes}
-        check = _per_point_paths(module, batch, PATHS[1:], chunk_size, terms, reference, probe, None, quiet=True)
-        for name, values in check.norms.items():
-            want = norms[name][probe[norms[name].shape[0]].to(norms[name].device)]
-            if not close(want, values):
-                verdicts[signature] = (
-                    f"the Gram path disagreed with the per-point {check.paths[name]!r} path on {name!r} (a parameter "
-                    "use it does not see, e.g. inside a custom autograd.Function)"
-                )
-                if strict:
-                    raise PathUnavailable(f"The 'gram' path does not apply: {verdicts[signature]}.")
-                return None, verdicts[signature]
-        verdicts[signature] = True
-    return PointNorms(norms=norms, num_rows=rows, paths=dict.fromkeys(names, "gram")), None
+        verdicts[signature] = f"the Gram path does not apply: {err}"
+        return _gram_fails(verdicts[signature], strict)
+    except Exception as err:  # an error the recording causes (a tensor subclass, say) must not escape
+        message = first_sentence(f"{type(err).__name__}: {err}")
+        verdicts[signature] = f"the residual failed under the Gram recording: {message}"
+        return _gram_fails(verdicts[signature], strict)
+    failed.update({t: f"the Gram path does not apply: {why}" for t, why in result.unsupported.items()})
+    norms = {t: v for t, v in result.norms.items() if t not in failed}
+    finite = all(bool(torch.isfinite(v).all()) for v in norms.values())
+    if known is None and finite:
+        failed.update(_cross_check(module, batch, norms, chunk_size, terms, reference))
+        verdicts[signature] = dict(failed)
+    if strict and failed:
+        raise PathUnavailable(f"The 'gram' path does not apply: {'; '.join(f'{t}: {r}' for t, r in failed.items())}.")
+    norms = {t: v for t, v in norms.items() if t not in failed}
+    return PointNorms(norms=norms, num_rows=result.num_rows, paths=dict.fromkeys(norms, "gram")), failed
+
+
+def _gram_fails(reason: str, strict: bool) -> tuple[None, dict[str, str]]:
+    if strict:
+        raise PathUnavailable(f"The 'gram' path does not apply: {reason}.")
+    return None, {"*": reason}
+
+
+def _cross_check(
+    module: nn.Module,
+    batch: object,
+    norms: Mapping[str, Tensor],
+    chunk_size: int | None,
+    terms: Sequence[str] | None,
+    reference: Mapping[str, Tensor] | None,
+) -> dict[str, str]:
+    """The terms whose Gram norms disagree with a per-point path on three points, with the reason.
+
+    The recorded uses cannot show everything (say, a parameter used inside a custom
+    ``autograd.Function``): this runs once per module and batch layout.
+    """
+    if not norms:
+        return {}
+    sizes = {v.shape[0] for v in norms.values()}
+    probe = {n: torch.unique(torch.tensor([0, n // 2, n - 1])) for n in sizes}
+    check = _per_point_paths(
+        module, batch, PATHS[1:], chunk_size, terms, reference, probe, {}, only=set(norms), quiet=True
+    )
+    failed = {}
+    for name, values in check.norms.items():
+        want = norms[name][probe[norms[name].shape[0]].to(norms[name].device)]
+        if not close(want, values):
+            failed[name] = (
+                f"the Gram path disagreed with the per-point {check.paths[name]!r} path (a parameter use it does "
+                "not see, e.g. inside a custom autograd.Function)"
+            )
+    return failed
 
 
 def _gram_in_slices(
@@ -222,9 +286,10 @@ def _gram_in_slices(
     params: dict[str, Tensor],
     evaluate: Callable[[object], dict[str, Tensor]],
     reference: Mapping[str, Tensor] | None,
-) -> tuple[dict[str, Tensor], dict[str, int]]:
-    def run(b: object) -> tuple[dict[str, Tensor], dict[str, int]]:
-        return gram_squared_norms(module, b, params, evaluate, MEMORY.gram_layouts, batch_signature(b))
+    skip: frozenset[str],
+) -> GramResult:
+    def run(b: object) -> GramResult:
+        return gram_squared_norms(module, b, params, evaluate, MEMORY.gram_layouts, batch_signature(b), skip)
 
     leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor) and t.ndim > 0]
     if all(t.shape[0] <= _GRAM_MAX_POINTS for t in leaves):
@@ -238,15 +303,19 @@ def _gram_in_slices(
     del reference
     one = torch.arange(1)
     norms: dict[str, list[Tensor]] = {name: [] for name in sizes}
+    unsupported: dict[str, str] = {}
     for size in sorted(set(sizes.values())):
         group = [name for name, s in sizes.items() if s == size]
         for start in range(0, size, _GRAM_MAX_POINTS):
             cut = {s: one for s in set(sizes.values()) if s != size}
             cut[size] = torch.arange(start, min(start + _GRAM_MAX_POINTS, size))
-            part, _ = run(subsample_batch(batch, cut))
+            part = run(subsample_batch(batch, cut))
+            unsupported.update({n: r for n, r in part.unsupported.items() if n in group})
             for name in group:
-                norms[name].append(part[name])
-    return {name: torch.cat(v) for name, v in norms.items()}, rows
+                if name in part.norms:
+                    norms[name].append(part.norms[name])
+    whole = {name: torch.cat(v) for name, v in norms.items() if name not in unsupported and name not in skip}
+    return GramResult(whole, rows, unsupported)
 
 
 def _per_point_paths(
@@ -257,15 +326,20 @@ def _per_point_paths(
     terms: Sequence[str] | None,
     reference: Mapping[str, Tensor] | None,
     indices: Mapping[int, Tensor] | None,
-    first_reason: str | None,
+    reasons: Mapping[str, str],
+    only: Collection[str] | None = None,
     quiet: bool = False,
 ) -> PointNorms:
+    """Norms of the terms in ``only`` (default: all) by the first per-point path in ``order`` that applies.
+
+    ``reasons``: why the Gram path does not apply, per term (``"*"``: to every term), for the warning.
+    """
     params = trainable_parameters(module)
     if reference is None:
         reference = evaluate_residuals(module, batch, terms)
     else:
         reference = check_residuals(reference, terms)
-    names = list(reference)
+    names = [name for name in reference if only is None or name in only]
     num_rows = {name: reference[name].numel() for name in names}
     groups: dict[int, list[str]] = {}
     for name in names:
@@ -275,8 +349,10 @@ def _per_point_paths(
 
     norms: dict[str, Tensor] = {}
     paths: dict[str, str] = {}
+    taken: list[tuple[list[str], str, str]] = []
+    all_sizes = {r.shape[0] for r in reference.values()}
     for size, group in groups.items():
-        split = PointSplit(batch, size, set(groups) - {size})
+        split = PointSplit(batch, size, all_sizes - {size})
         index = None if indices is None else indices.get(size)
         rows_per_point = max(num_rows[n] // size for n in group)
         chunk = chunk_size or default_chunk_size(num_params, rows_per_point, first.element_size(), first.device)
@@ -284,22 +360,27 @@ def _per_point_paths(
             "vmap": functools.partial(vmap_norms, module, split, group, reference, params, chunk, index),
             "loop": functools.partial(loop_norms, module, split, group, reference, params, index),
         }
-        reasons = [first_reason] if first_reason else []
+        why = list(dict.fromkeys(r for t in group if (r := reasons.get(t, reasons.get("*")))))
         if not split.splittable:
-            reasons.append("no tensor in the batch has one row per point")
+            why.append("no tensor in the batch has one row per point")
         tried = [p for p in order if p in attempts] if split.splittable else []
-        result, path = _first_that_applies(attempts, tried, reasons)
+        misses: list[str] = []
+        result, path = _first_that_applies(attempts, tried, misses)
         if result is None:
             if "rows" not in order:
                 raise PathUnavailable(
-                    f"No exact path in {list(order)} applies to term(s) {group}: {'; '.join(reasons)}."
+                    f"No exact path in {list(order)} applies to term(s) {group}: {'; '.join(why + misses)}."
                 )
             result = rows_norms(reference, group, params, index)
-        if not quiet and reasons:
-            MEMORY.warn_once(module, group, path, "; ".join(reasons))
+        if why or misses:
+            # Why the Gram path does not apply is what the user can act on; the per-point paths'
+            # own failures matter only when the Gram path was not asked for.
+            taken.append((group, path, "; ".join(why or misses)))
         for name in group:
             norms[name] = result[name]
             paths[name] = path
+    if not quiet:
+        MEMORY.warn_once(module, taken, others_on_gram=only is not None and "*" not in reasons)
     return PointNorms(norms={n: norms[n] for n in names}, num_rows=num_rows, paths=paths)
 
 
@@ -316,7 +397,7 @@ def _first_that_applies(
             except Exception as err:
                 if path == "loop":
                     raise  # plain autograd failing is the user's bug: show it as it is
-                reason = f"{path}: " + f"{type(err).__name__}: {err}".splitlines()[0][:160]
+                reason = f"{path}: " + first_sentence(f"{type(err).__name__}: {err}")
                 break  # shrinking other terms' points does not make a residual vmappable
         reasons.append(reason)
     return None, "rows"
