@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = [
     "ResidualCaller",
-    "check_batch_device",
+    "check_batch",
     "check_residuals",
     "check_terms",
     "evaluate_residuals",
@@ -129,18 +129,40 @@ def check_residuals(
     return out
 
 
-def check_batch_device(module: torch.nn.Module, batch: object) -> None:
-    """Raise if a floating-point tensor of the batch is on another device than the parameters."""
+def check_batch(module: torch.nn.Module, batch: object) -> None:
+    """Raise a clear error if the batch cannot meet the module's parameters: another device, or
+    another floating dtype that the residual does not convert itself.
+
+    A dtype mismatch alone is allowed (a residual may cast its inputs); it is an error only if the
+    residual then fails, and the error names both dtypes instead of a matmul 30 frames deep.
+    """
     param = next(iter(module.parameters()), None)
     if param is None:
         return
+    mismatched = []
     for i, leaf in enumerate(tree_flatten(batch)[0]):
-        if isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.device != param.device:
+        if not (isinstance(leaf, Tensor) and leaf.is_floating_point()):
+            continue
+        if leaf.device != param.device:
             raise ValueError(
                 f"Tensor {i} of the batch (shape {tuple(leaf.shape)}) is on {leaf.device}, but the module's "
                 f"parameters are on {param.device}. Move the batch first, e.g. "
                 f"lightning.pytorch.utilities.move_data_to_device(batch, {str(param.device)!r})."
             )
+        if leaf.dtype != param.dtype:
+            mismatched.append((i, leaf))
+    if not mismatched:
+        return
+    try:
+        with torch.enable_grad():
+            module.residuals(batch)
+    except RuntimeError as err:
+        i, leaf = mismatched[0]
+        raise TypeError(
+            f"Tensor {i} of the batch (shape {tuple(leaf.shape)}) is {leaf.dtype}, but the module's parameters "
+            f"are {param.dtype}, and the residual fails on it ({str(err).splitlines()[0]}). Give both the same "
+            f"dtype: convert the batch (e.g. in the DataModule) or the model (model.to({leaf.dtype}))."
+        ) from err
 
 
 def evaluate_residuals(module: torch.nn.Module, batch: object, terms: Sequence[str] | None = None) -> dict:
@@ -157,7 +179,7 @@ def evaluate_residuals(module: torch.nn.Module, batch: object, terms: Sequence[s
     residuals_fn = getattr(module, "residuals", None)
     if not callable(residuals_fn):
         raise TypeError(f"{type(module).__name__} has no `residuals(batch)` method; see lightning_ntk.PINNModule.")
-    check_batch_device(module, batch)
+    check_batch(module, batch)
     with torch.enable_grad():
         return check_residuals(residuals_fn(batch), terms, require_grad=True)
 

@@ -4,31 +4,49 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from lightning_ntk.estimators import TraceEstimate, get_estimator
+from lightning_ntk.estimators import TraceEstimate, TraceEstimator, as_estimator
 
 __all__ = ["estimate_ntk_traces", "ntk_traces"]
 
 
-def estimate_ntk_traces(module: nn.Module, batch: object, estimator: str = "exact", **options: Any) -> TraceEstimate:
+def estimate_ntk_traces(
+    module: nn.Module,
+    batch: object,
+    estimator: str | TraceEstimator = "exact",
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> TraceEstimate:
     """Estimate ``Tr K_ii`` for every term, with standard errors and row counts.
 
     Args:
         module: Any ``nn.Module`` with ``residuals(batch) -> Mapping[str, Tensor]`` (e.g. a
             :class:`~lightning_ntk.PINNModule`), on any device.
         batch: The batch ``residuals`` takes, on the module's device.
-        estimator: Name of a registered estimator (``"exact"``, …).
-        options: Passed to the estimator (e.g. ``chunk_size``).
+        estimator: An estimator object (``Hutchinson(num_probes=8)``, …) or the name of one
+            (``"exact"``, ``"fd"``, …), built with ``options``.
+        generator: Seeds a randomized estimator.
+        options: Options of the named estimator (e.g. ``chunk_size``); an option it does not take is
+            a ``ValueError`` that lists the ones it does.
 
     Returns:
         A :class:`~lightning_ntk.estimators.TraceEstimate`. Nothing is written to ``param.grad``,
         the results carry no autograd graph, and the module's train/eval mode is unchanged.
     """
-    return get_estimator(estimator)(module, batch, **options)
+    if isinstance(estimator, TraceEstimator):
+        return as_estimator(estimator, **options)(module, batch, generator)
+    return TraceEstimator(estimator, **options)(module, batch, generator)
 
 
-def ntk_traces(module: nn.Module, batch: object, estimator: str = "exact", **options: Any) -> dict[str, Tensor]:
+def ntk_traces(
+    module: nn.Module,
+    batch: object,
+    estimator: str | TraceEstimator = "exact",
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> dict[str, Tensor]:
     """``Tr K_ii`` for every term over all trainable parameters, as ``{term: 0-dim tensor}``.
 
     The trace of term ``i`` is ``Σ_n ‖∂r_i(x_n)/∂θ‖²``: frozen parameters are excluded, parameters a
@@ -46,4 +64,4 @@ def ntk_traces(module: nn.Module, batch: object, estimator: str = "exact", **opt
         >>> ntk_traces(Fit(), x)["data"]  # Σ_n (x_n² + 1) = 2 + 5
         tensor(7.)
     """
-    return estimate_ntk_traces(module, batch, estimator, **options).traces
+    return estimate_ntk_traces(module, batch, estimator, generator, **options).traces

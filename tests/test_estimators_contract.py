@@ -115,6 +115,7 @@ def test_a_registered_function_without_a_class_is_wrapped_by_name():
     try:
         wrapped = as_estimator("constant_for_test")
         assert repr(wrapped) == "TraceEstimator('constant_for_test')"
-        assert TraceEstimator("constant_for_test", value=3.0)(HelperPoisson(), poisson_batch()).traces["bc"] == 3.0
+        estimate = TraceEstimator("constant_for_test", value=3.0)(HelperPoisson().double(), poisson_batch())
+        assert estimate.traces["bc"] == 3.0
     finally:
         del ESTIMATORS["constant_for_test"]

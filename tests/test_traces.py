@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import HelperPoisson, poisson_batch, reference_traces
+from conftest import AutogradPoisson, HelperPoisson, poisson_batch, reference_traces
 from torch import nn
 
-from lightning_ntk import ntk_traces
+from lightning_ntk import Exact, ntk_traces
 from lightning_ntk.derivatives import partial
 
 
@@ -105,3 +105,37 @@ def test_works_under_no_grad():
     want = ntk_traces(model, batch)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=0)
+
+
+def test_an_option_the_chosen_estimator_does_not_take_names_that_estimator():
+    model = HelperPoisson().double()
+    match = r"Estimator 'fd' does not take option\(s\) \['num_probe'\]; it takes \[.*'num_probes'"
+    with pytest.raises(ValueError, match=match):
+        ntk_traces(model, poisson_batch(), "fd", num_probe=4)
+    with pytest.raises(ValueError, match=r"Estimator 'exact' does not take option\(s\) \['num_probes'\]"):
+        ntk_traces(model, poisson_batch(), num_probes=4)
+
+
+def test_an_estimator_object_is_accepted_and_takes_no_extra_options():
+    model = HelperPoisson().double()
+    batch = poisson_batch()
+    assert ntk_traces(model, batch, Exact()) == ntk_traces(model, batch, "exact")
+    with pytest.raises(ValueError, match="constructor"):
+        ntk_traces(model, batch, Exact(), chunk_size=3)
+
+
+def test_a_batch_of_another_dtype_is_a_clear_error_naming_both_dtypes():
+    model = AutogradPoisson().double()
+    for estimator in ("exact", "fd"):
+        with pytest.raises(TypeError, match=r"is torch.float32, but the module's parameters are torch.float64"):
+            ntk_traces(model, poisson_batch(dtype=torch.float32), estimator)
+
+
+def test_a_residual_that_casts_its_inputs_may_take_another_dtype():
+    class Casting(HelperPoisson):
+        def residuals(self, batch):
+            return super().residuals(tuple(t.to(torch.float64) for t in batch))
+
+    model = Casting().double()
+    single = poisson_batch(dtype=torch.float32)
+    assert ntk_traces(model, single) == ntk_traces(model, tuple(t.double() for t in single))

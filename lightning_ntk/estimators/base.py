@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from lightning_ntk.contract import check_batch
+
 __all__ = [
     "ESTIMATORS",
     "ESTIMATOR_CLASSES",
@@ -80,14 +82,12 @@ class TraceEstimator:
         fn = get_estimator(name)
         if "generator" in options:
             raise ValueError("Pass the generator when calling the estimator, not as an option.")
-        try:
-            inspect.signature(fn).bind(None, None, **options)
-        except TypeError as err:
-            raise ValueError(f"Estimator {name!r} does not take these options ({err}).") from err
+        check_option_names(repr(name), options, inspect.signature(fn), skip=("module", "batch", "generator"))
         self.name = name
         self.options = options
 
     def __call__(self, module: object, batch: object, generator: object = None) -> TraceEstimate:
+        check_batch(module, batch)
         return get_estimator(self.name)(module, batch, generator=generator, **self.options)
 
     @property
@@ -125,8 +125,18 @@ def as_estimator(spec: str | TraceEstimator, **options: object) -> TraceEstimato
             raise ValueError("Options go to the estimator's constructor, not to as_estimator, for an estimator object.")
         return spec
     if isinstance(spec, str) and spec in ESTIMATOR_CLASSES:
-        return ESTIMATOR_CLASSES[spec](**options)
+        cls = ESTIMATOR_CLASSES[spec]
+        check_option_names(f"{spec!r} ({cls.__name__})", options, inspect.signature(cls), skip=())
+        return cls(**options)
     return TraceEstimator(spec, **options)
+
+
+def check_option_names(shown: str, options: dict[str, object], signature: inspect.Signature, skip: tuple) -> None:
+    """Raise a ``ValueError`` naming the estimator and the options it takes if ``options`` has others."""
+    takes = [p for p in signature.parameters if p not in skip and p != "self"]
+    unknown = [key for key in options if key not in takes]
+    if unknown:
+        raise ValueError(f"Estimator {shown} does not take option(s) {unknown}; it takes {takes or 'no options'}.")
 
 
 def check_positive_int(value: object, name: str, allow_none: bool = False) -> None:

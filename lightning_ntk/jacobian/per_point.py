@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import check_batch_device, check_residuals, evaluate_residuals, trainable_parameters
+from lightning_ntk.contract import check_batch, check_residuals, evaluate_residuals, trainable_parameters
 from lightning_ntk.jacobian.gram import GramLayouts, GramResult, GramUnsupported, gram_squared_norms
 from lightning_ntk.jacobian.loop import loop_norms
 from lightning_ntk.jacobian.rows import rows_norms
@@ -170,7 +170,7 @@ def per_point_squared_norms(
     if terms is None:
         terms = getattr(module, "terms", None)
     if reference is None:
-        check_batch_device(module, batch)
+        check_batch(module, batch)
         if torch.is_inference_mode_enabled():
             evaluate_residuals(module, batch, terms)  # raises the clear inference-mode error
     gram: PointNorms | None = None
