@@ -134,13 +134,19 @@ class PINNModule(pl.LightningModule):
         self.log("loss/total", total.detach(), prog_bar=True)
         return total
 
-    @override
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Logs ``val/loss/<term>`` and ``val/loss/total`` with the current weights.
+    def log_validation_losses(self, batch: Any) -> Tensor:
+        """Log ``val/loss/<term>`` and ``val/loss/total`` of ``batch`` with the current weights.
 
-        Runs with autograd enabled on a copy of the batch, so residuals that take input derivatives
-        with ``torch.autograd.grad`` work under ``Trainer(inference_mode=True)`` too; nothing here
-        changes the weights. Override it to log an error against an exact solution instead.
+        The base class defines no ``validation_step`` (Lightning would then announce a skipped
+        validation loop in every fit without a ``val_dataloader``); call this from yours. It runs with
+        autograd enabled on a copy of the batch, so residuals that take input derivatives with
+        ``torch.autograd.grad`` work under ``Trainer(inference_mode=True)`` too, and it never changes
+        the weights.
+
+        Example::
+
+            def validation_step(self, batch, batch_idx):
+                return self.log_validation_losses(batch)
         """
         total, losses = self._evaluate_with_autograd(batch)
         self.log_dict({f"val/loss/{name}": loss for name, loss in losses.items()}, batch_size=1)

@@ -220,19 +220,32 @@ def test_memory_does_not_grow_over_1000_updates(tmp_path):
 # ---------------------------------------------------------------- validate and predict
 
 
-@pytest.mark.parametrize("cls", [HelperPoisson, AutogradPoisson])
-def test_validate_and_predict_work_under_inference_mode_and_keep_weights(tmp_path, cls):
-    model = cls()
+@pytest.mark.parametrize("base", [HelperPoisson, AutogradPoisson])
+def test_validate_and_predict_work_under_inference_mode_and_keep_weights(tmp_path, base):
+    class Validated(base):
+        def validation_step(self, batch, batch_idx):
+            return self.log_validation_losses(batch)
+
+    model = Validated()
     model.set_term_weights({"bc": 5.0})
     batch = poisson_batch(dtype=torch.float32)
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[NTKWeightingCallback(1)], logger=False)
     (metrics,) = trainer.validate(model, repeat_loader(batch, 1), verbose=False)
     assert {"val/loss/bc", "val/loss/pde", "val/loss/total"} <= set(metrics)
     total, _ = model.weighted_loss(batch)
-    assert metrics["val/loss/total"] == pytest.approx(float(total), rel=1e-5)
+    assert metrics["val/loss/total"] == pytest.approx(float(total.detach()), rel=1e-5)
     (pred,) = trainer.predict(model, repeat_loader(batch, 1))
     assert set(pred) == {"bc", "pde"} and pred["pde"].shape == (12, 1)
     assert model.term_weights == {"bc": 5.0, "pde": 1.0}
+
+
+def test_a_fit_without_validation_data_says_nothing_about_validation(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(tmp_path, max_steps=1, logger=False).fit(HelperPoisson().double(), repeat_loader(poisson_batch(), 1))
+    assert not [w for w in caught if "validation_step" in str(w.message)]
 
 
 # ---------------------------------------------------------------- torch.compile
