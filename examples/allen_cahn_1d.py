@@ -33,7 +33,7 @@ from lightning_ntk.derivatives import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helmholtz_2d import mlp
-from pinn_runner import GridPINN, InitialBoundaryInteriorData, add_common_args, cli_or_compare, compare
+from pinn_runner import GridPINN, InitialBoundaryInteriorData, add_common_args, cli_or_compare, compare, lightning_cli
 
 EPS = 1e-4
 
@@ -161,9 +161,7 @@ def compare_main(argv=None):
 
 def cli_main(args=None, run: bool = True):
     """``python examples/allen_cahn_1d.py fit --config examples/configs/allen_cahn_1d_ntk.yaml``."""
-    from lightning.pytorch.cli import LightningCLI
-
-    return LightningCLI(AllenCahn1D, AllenCahnData, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return lightning_cli(AllenCahn1D, AllenCahnData, args, run)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helmholtz_2d import mlp
-from pinn_runner import GridPINN, InitialBoundaryInteriorData, add_common_args, cli_or_compare, compare, grid_2d
+from pinn_runner import (
+    GridPINN,
+    InitialBoundaryInteriorData,
+    add_common_args,
+    cli_or_compare,
+    compare,
+    grid_2d,
+    lightning_cli,
+)
 
 NU = 0.01 / math.pi
 
@@ -146,9 +154,7 @@ def compare_main(argv=None):
 
 def cli_main(args=None, run: bool = True):
     """``python examples/burgers_1d.py fit --config examples/configs/burgers_1d_ntk.yaml``."""
-    from lightning.pytorch.cli import LightningCLI
-
-    return LightningCLI(Burgers1D, BurgersData, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return lightning_cli(Burgers1D, BurgersData, args, run)
 
 
 if __name__ == "__main__":

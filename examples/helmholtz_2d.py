@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinn_runner import FreshPoints, GridPINN, add_common_args, cli_or_compare, compare, grid_2d
+from pinn_runner import FreshPoints, GridPINN, add_common_args, cli_or_compare, compare, grid_2d, lightning_cli
 
 A1, A2, K = 1.0, 4.0, 1.0
 
@@ -120,9 +120,7 @@ def compare_main(argv=None):
 
 def cli_main(args=None, run: bool = True):
     """``python examples/helmholtz_2d.py fit --config examples/configs/helmholtz_2d_ntk.yaml``."""
-    from lightning.pytorch.cli import LightningCLI
-
-    return LightningCLI(Helmholtz2D, HelmholtzData, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return lightning_cli(Helmholtz2D, HelmholtzData, args, run)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,20 @@ def compare(
     return results
 
 
+def lightning_cli(model_class: type, data_class: type, args: list[str] | None = None, run: bool = True):
+    """LightningCLI for an example; after ``fit`` it prints the result, as the comparison does."""
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(model_class, data_class, args=args, run=run, save_config_kwargs={"overwrite": True})
+    if run and cli.subcommand == "fit" and cli.trainer.is_global_zero:
+        weights = ", ".join(f"{k}={v:.4g}" for k, v in cli.model.term_weights.items())
+        print(f"\nrelative L2 error {cli.model.relative_l2_error():.3e} after {cli.trainer.global_step} steps")
+        print(f"final weights: {weights}")
+        if cli.trainer.log_dir is not None:
+            print(f"TensorBoard logs: tensorboard --logdir {cli.trainer.log_dir}")
+    return cli
+
+
 def cli_or_compare(cli: Callable[[], object], compare_main: Callable[[], object]) -> None:
     """``python example.py fit --config ...`` runs LightningCLI; anything else the comparison."""
     if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate", "--help", "-h", "--print_config"):

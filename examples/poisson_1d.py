@@ -35,6 +35,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pinn_runner import lightning_cli
+
 from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager, WeightRule, trace_weights
 from lightning_ntk.derivatives import partial
 from lightning_ntk.estimators import as_estimator
@@ -211,9 +214,7 @@ class PoissonData(pl.LightningDataModule):
 
 def cli_main(args=None, run: bool = True):
     """``python examples/poisson_1d.py fit --config examples/configs/poisson_1d_ntk.yaml``."""
-    from lightning.pytorch.cli import LightningCLI
-
-    return LightningCLI(Poisson1D, PoissonData, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return lightning_cli(Poisson1D, PoissonData, args, run)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -313,7 +314,7 @@ def main(argv=None) -> None:
         return
 
     quiet_lightning()
-    args.progress = True  # Lightning's progress bar, one per run
+    args.progress = sys.stdout.isatty()  # a progress bar per run on a terminal; none in a log file
     rows = []
     for use_ntk in (False, True):
         if args.runs != "both" and use_ntk != (args.runs == "ntk"):

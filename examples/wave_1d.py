@@ -36,6 +36,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pinn_runner import lightning_cli
+
 from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager
 from lightning_ntk.derivatives import partial
 from lightning_ntk.estimators import as_estimator
@@ -214,9 +217,7 @@ class WaveData(pl.LightningDataModule):
 
 def cli_main(args=None, run: bool = True):
     """``python examples/wave_1d.py fit --config examples/configs/wave_1d_ntk.yaml``."""
-    from lightning.pytorch.cli import LightningCLI
-
-    return LightningCLI(Wave1D, WaveData, args=args, run=run, save_config_kwargs={"overwrite": True})
+    return lightning_cli(Wave1D, WaveData, args, run)
 
 
 class _Progress(pl.Callback):

@@ -131,7 +131,7 @@ def test_every_config_parses_and_builds(config, tmp_path):
 
 @needs_cli
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "paper" not in c.stem], ids=lambda c: c.name)
-def test_configs_train_a_few_steps(config, tmp_path):
+def test_configs_train_a_few_steps(config, tmp_path, capsys):
     _cli(
         config,
         tmp_path,
@@ -147,6 +147,8 @@ def test_configs_train_a_few_steps(config, tmp_path):
     )
     assert list(tmp_path.rglob("events.out.tfevents.*"))
     assert len(list(tmp_path.rglob("*_[12]d.png"))) == HAS_MATPLOTLIB
+    out = capsys.readouterr().out
+    assert re.search(r"relative L2 error \d\.\d{3}e[-+]\d+ after 4 steps", out) and "final weights: " in out
 
 
 @needs_cli
