@@ -109,8 +109,11 @@ class PINNModule(pl.LightningModule):
         entry is one row of the term's Jacobian ``J_i``. Return the *operator* applied to the network
         (``u_xx - f`` for a Poisson residual, ``u - g`` on the boundary), not the loss.
 
-        Input derivatives written with :mod:`lightning_ntk.derivatives` (or ``torch.func``) make exact
-        NTK traces fast; ``torch.autograd.grad(..., create_graph=True)`` also works, more slowly.
+        Any style of input derivatives works and takes the same fast exact path (the Gram identities
+        over the recorded parameter uses, about one to two training steps): ordinary
+        ``torch.autograd.grad(..., create_graph=True)``, :mod:`lightning_ntk.derivatives`,
+        ``torch.func``. Keep row ``n`` a function of point ``n`` only; a term whose rows mix points
+        leaves the fast path alone (see "Bring your own PINN" in the docs).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement `residuals(batch)`.")
 
