@@ -29,6 +29,7 @@ $(DOCS_STAMP): $(STAMP)
 # The documentation site, warnings as errors; the gallery examples run on the CPU (~1 minute).
 docs: $(DOCS_STAMP)
 	$(BIN)/python -m sphinx -b html -W --keep-going -q docs docs/_build/html
+	$(BIN)/python docs/check_links.py docs/_build/html
 	@echo "Open docs/_build/html/index.html"
 
 lint: $(STAMP)

@@ -23,12 +23,17 @@ from lightning_ntk.estimators.base import (
     register_estimator,
 )
 from lightning_ntk.estimators.exact import Exact, exact_traces
-from lightning_ntk.estimators.finite_difference import FiniteDifference, fd_step_size, finite_difference_traces
+from lightning_ntk.estimators.finite_difference import (
+    FiniteDifference,
+    auto_points_per_probe,
+    fd_step_size,
+    finite_difference_traces,
+)
 from lightning_ntk.estimators.hutchinson import Hutchinson, hutchinson_traces
 from lightning_ntk.estimators.hutchpp import HutchPlusPlus, hutchpp_traces
 from lightning_ntk.estimators.subsample import Subsample, subsample_traces
 
-from lightning_ntk.estimators.auto import Auto, auto_traces  # isort: skip  (uses exact and hutchpp)
+from lightning_ntk.estimators.auto import Auto, auto_traces, exact_work  # isort: skip  (uses exact and hutchpp)
 
 ESTIMATOR_CLASSES.update(
     exact=Exact, subsample=Subsample, hutchinson=Hutchinson, hutchpp=HutchPlusPlus, fd=FiniteDifference, auto=Auto
@@ -46,8 +51,10 @@ __all__ = [
     "TraceEstimate",
     "TraceEstimator",
     "as_estimator",
+    "auto_points_per_probe",
     "auto_traces",
     "exact_traces",
+    "exact_work",
     "fd_step_size",
     "finite_difference_traces",
     "get_estimator",
