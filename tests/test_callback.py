@@ -377,3 +377,12 @@ def test_custom_scalars_layout_groups_every_term():
     layout = custom_scalars_layout(["bc", "pde"])
     assert layout["lightning_ntk"]["weights"] == ["Multiline", ["ntk/weight/bc", "ntk/weight/pde"]]
     assert layout["lightning_ntk term pde"]["top eigenvalues"] == ["Multiline", [r"ntk/eig/pde/\d+"]]
+
+
+def test_a_batch_of_another_dtype_fails_before_the_first_step_naming_both_dtypes(tmp_path):
+    from conftest import AutogradPoisson
+
+    model = AutogradPoisson().double()
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[NTKWeightingCallback()], logger=False)
+    with pytest.raises(TypeError, match=r"is torch.float32, but the module's parameters are torch.float64"):
+        trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 1))
