@@ -1,4 +1,4 @@
-"""One point-mixing term among pointwise ones: exact traces per update, per-term fallback vs all terms off the Gram path.
+"""One point-mixing term among pointwise ones: exact traces, per-term fallback vs all terms off the Gram path.
 
 A heat-type PINN in the ordinary autograd style with three terms (initial, boundary, PDE) of N
 points each, 3×W tanh MLP, where the PDE residual subtracts its batch mean (its rows mix points, so
