@@ -244,7 +244,8 @@ def test_a_fit_without_validation_data_says_nothing_about_validation(tmp_path):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(tmp_path, max_steps=1, logger=False).fit(HelperPoisson().double(), repeat_loader(poisson_batch(), 1))
+        trainer = quiet_trainer(tmp_path, max_steps=1, logger=False)
+        trainer.fit(HelperPoisson().double(), repeat_loader(poisson_batch(), 1))
     assert not [w for w in caught if "validation_step" in str(w.message)]
 
 
