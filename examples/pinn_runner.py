@@ -48,7 +48,7 @@ def weighting_callbacks(run: str, update_every: int, seed: int) -> list[pl.Callb
     if run == "ntk_fd":
         return [NTKWeightingCallback(1, estimator="fd", trace_averager=TraceAverager(0.99), seed=seed)]
     if run == "grad_norm":
-        return [NTKWeightingCallback(update_every, weight_rule=WeightRule(mode="grad_norm", ema=0.9), seed=seed)]
+        return [NTKWeightingCallback(update_every, estimator="grad_norm", weight_rule=WeightRule(ema=0.9), seed=seed)]
     raise ValueError(f"Unknown run {run!r}; choose from {RUNS}.")
 
 

@@ -18,6 +18,7 @@ from lightning_ntk.estimators import (
     Auto,
     Exact,
     FiniteDifference,
+    GradNorm,
     Hutchinson,
     HutchPlusPlus,
     Subsample,
@@ -60,7 +61,7 @@ def __dir__() -> list[str]:
 
 
 # Lightning layer: NTKWeightingCallback, NTKSpectrumMonitor, PINNModule. Callback parts: the trace
-# estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, TraceEstimator),
+# estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, GradNorm, TraceEstimator),
 # WeightRule, TraceAverager. Traces: ntk_traces, estimate_ntk_traces, TraceEstimate,
 # register_estimator. Spectra: ntk_matrix, ntk_eigenvalues, block_spectra, Spectrum. Weight rules as
 # functions: ntk_weights, trace_weights, ema_update, clamp_weights. Networks and metrics: TaylorMLP,
@@ -69,6 +70,7 @@ __all__ = [
     "Auto",
     "Exact",
     "FiniteDifference",
+    "GradNorm",
     "HutchPlusPlus",
     "Hutchinson",
     "NTKSpectrumMonitor",

@@ -6,6 +6,7 @@ NTK Weighting Callback
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,15 +17,29 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_ntk import tags
 from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.contract import evaluate_residuals, nonfinite_rows
 from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
-from lightning_ntk.grad_norm import loss_gradients
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_layout
 from lightning_ntk.weights import WeightRule, check_traces
 
 __all__ = ["NTKWeightingCallback"]
+
+
+@dataclass(frozen=True)
+class _Latest:
+    """What the last update measured and set, reduced over ranks, in term order."""
+
+    names: tuple[str, ...]
+    measure: str
+    values: Tensor
+    stderr: Tensor
+    weights: Tensor
+
+    def as_dict(self, values: Tensor) -> dict[str, float]:
+        return dict(zip(self.names, values.tolist(), strict=True))
 
 
 class NTKWeightingCallback(Callback):
@@ -51,12 +66,16 @@ class NTKWeightingCallback(Callback):
     (and, with ``monitor_only``, the monitored weights) are saved in checkpoints; the applied weights
     are saved with the module. Spectra are the job of :class:`~lightning_ntk.NTKSpectrumMonitor`.
 
-    **Gradient-norm weighting, for comparison (not the NTK).** With
-    ``weight_rule=WeightRule(mode="grad_norm")`` the callback skips the traces and balances the
-    terms' loss-gradient norms instead, ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` (the JAX-PI default,
-    after Wang, Teng & Perdikaris 2021; what several PyTorch libraries call "NTK weighting"), logging
-    ``grad_norm/<term>`` and ``ntk/weight/<term>`` so that runs of both rules overlay in TensorBoard.
-    The ``estimator`` is not used then; rank gradients are averaged before the norms are taken.
+    One route for every update: ``estimate = estimator(module, batch)``, combined over ranks by the
+    estimate itself (:meth:`~lightning_ntk.estimators.TraceEstimate.reduce`), checked, averaged, then
+    ``weight_rule(values, rows, previous)``. The callback never branches on what was measured.
+
+    **Gradient-norm weighting, for comparison (not the NTK).** ``estimator="grad_norm"``
+    (:class:`~lightning_ntk.estimators.GradNorm`) measures the terms' loss-gradient norms instead of
+    traces; the default rule then gives ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` (the JAX-PI default, after
+    Wang, Teng & Perdikaris 2021; what several PyTorch libraries call "NTK weighting"), logged as
+    ``grad_norm/<term>`` next to the same ``ntk/weight/<term>``, so that runs of both overlay in
+    TensorBoard. Rank gradients are averaged before the norms are taken.
 
     **Per-step weighting with a sketch.** ``estimator="fd", update_every_n_steps=1,
     trace_averager=TraceAverager(0.99)`` starts from exact traces at the first update (once, about
@@ -83,7 +102,8 @@ class NTKWeightingCallback(Callback):
         update_every_n_steps: Recompute the weights every this many optimizer steps (step 0 included).
         estimator: A :class:`~lightning_ntk.estimators.TraceEstimator` (``Exact(chunk_size=...)``,
             ``Hutchinson(num_probes=...)``, ``FiniteDifference(...)``, …) or the name of one with its
-            defaults: ``"exact"``, ``"subsample"``, ``"hutchinson"``, ``"hutchpp"``, ``"fd"``, ``"auto"``.
+            defaults: ``"exact"``, ``"subsample"``, ``"hutchinson"``, ``"hutchpp"``, ``"fd"``, ``"auto"``,
+            or ``"grad_norm"`` (loss-gradient norms instead of traces).
         weight_rule: Turns traces into weights: mode, smoothing, clamps (default ``WeightRule()``).
         trace_averager: Averages the trace *estimates* across updates before weighting (for
             sketches); ``None`` uses each estimate alone.
@@ -142,7 +162,7 @@ class NTKWeightingCallback(Callback):
         self._monitored_weights: Tensor | None = None
         self._generator: torch.Generator | None = None
         self._pending_generator_state: Tensor | None = None
-        self._latest: tuple[tuple[str, ...], Tensor, Tensor, Tensor] | None = None
+        self._latest: _Latest | None = None
         self._reported_paths = False
         # Running sum of the weighted loss over steps, kept on the device (no sync per step).
         self._loss_sum: Tensor | None = None
@@ -173,41 +193,36 @@ class NTKWeightingCallback(Callback):
         self._last_update_step = step
 
     def update_weights(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> Tensor:
-        """Compute traces on ``batch``, reduce them across ranks, and set (or monitor) the weights."""
+        """Measure every term on ``batch``, combine over ranks, and set (or monitor) the weights."""
         names = pl_module.terms
-        if self.weight_rule.mode == "grad_norm":
-            estimate = None
-            traces, rows, variances = self._grad_norms(trainer, pl_module, batch)
-        else:
-            estimate = self._estimator_now()(pl_module, batch, self._generator)
-            traces, rows, variances = self._reduce(trainer, estimate, names)
-        quantity = "Loss gradient norm" if estimate is None else "NTK trace"
+        estimate = self._estimator_now()(pl_module, batch, self._generator)
+        values, rows, variances = estimate.reduce(names, lambda t, op: trainer.strategy.reduce(t, reduce_op=op))
         try:
-            check_traces(traces, names, quantity)
+            check_traces(values, names, estimate.quantity)
         except (FloatingPointError, ValueError) as err:
-            message = f"At optimizer step {trainer.global_step}: {self._explain(err, pl_module, batch, quantity)}"
+            message = f"At optimizer step {trainer.global_step}: {self._explain(err, pl_module, batch, estimate)}"
             if self.on_nonfinite == "raise":
                 raise type(err)(message) from err
-            # Every rank sees the same reduced traces, so every rank skips together.
+            # Every rank sees the same reduced values, so every rank skips together.
             rank_zero_warn(f"{message} Keeping the previous weights (on_nonfinite='skip').")
             return pl_module.ntk_weights.detach().clone()
         if self.trace_averager is None:
             stderr = variances.sqrt()
         else:
-            traces, stderr = self.trace_averager.update(traces, variances)
+            values, stderr = self.trace_averager.update(values, variances)
         previous = pl_module.ntk_weights if not self.monitor_only else self._monitored_weights
-        weights = self.weight_rule(traces, rows, torch.ones_like(traces) if previous is None else previous)
+        weights = self.weight_rule(values, rows, torch.ones_like(values) if previous is None else previous)
         if self.monitor_only:
             self._monitored_weights = weights.detach().clone()
         else:
             pl_module.set_term_weights(weights.to(pl_module.ntk_weights))
         self.last_estimate = estimate
-        self._latest = (names, traces, stderr, weights)
+        self._latest = _Latest(names, estimate.measure, values, stderr, weights)
         self._report(trainer, estimate)
         return weights
 
     @staticmethod
-    def _explain(err: Exception, pl_module: PINNModule, batch: Any, quantity: str) -> str:
+    def _explain(err: Exception, pl_module: PINNModule, batch: Any, estimate: TraceEstimate) -> str:
         """The check's message, led by where this rank's residuals first go non-finite, if they do."""
         if not isinstance(err, FloatingPointError):
             return str(err)
@@ -215,7 +230,7 @@ class NTKWeightingCallback(Callback):
         if not rows:
             return f"{err} (The residuals on this rank are finite: the Jacobian or another rank's points are not.)"
         where = "; ".join(f"the residual of term {name!r} is {words}" for name, words in rows.items())
-        return f"{where}, so its {quantity} is not finite. {err}"
+        return f"{where}, so its {estimate.quantity} is not finite. {err}"
 
     def _estimator_now(self) -> TraceEstimator:
         """The estimator of this update: exact traces start an empty average with ``start="exact"``."""
@@ -224,27 +239,8 @@ class NTKWeightingCallback(Callback):
             return Exact()
         return self.estimator
 
-    @staticmethod
-    def _reduce(trainer: pl.Trainer, estimate: TraceEstimate, names: tuple[str, ...]) -> tuple[Tensor, ...]:
-        """Traces, row counts and variances summed over ranks, in ``names`` order."""
-        traces = torch.stack([estimate.traces[name].detach() for name in names])
-        rows = torch.tensor([float(estimate.num_rows[name]) for name in names], device=traces.device)
-        variances = torch.stack([estimate.stderr[name].detach() for name in names]).square()
-        # One collective for everything: traces and point counts add up over ranks (the NTK of the
-        # global batch), and so do the variances of independent estimates.
-        packed = trainer.strategy.reduce(torch.cat([traces, rows.to(traces), variances.to(traces)]), reduce_op="sum")
-        return packed.split(len(names))
-
-    @staticmethod
-    def _grad_norms(trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        """``‖∇_θ L_i‖`` of the global batch's losses (rank gradients averaged), with zero variance."""
-        grads = loss_gradients(pl_module, batch)
-        stacked = trainer.strategy.reduce(torch.stack([grads[name] for name in pl_module.terms]), reduce_op="mean")
-        norms = torch.linalg.vector_norm(stacked, dim=1)
-        return norms, torch.ones_like(norms), torch.zeros_like(norms)
-
-    def _report(self, trainer: pl.Trainer, estimate: TraceEstimate | None) -> None:
-        if not self._reported_paths and estimate is not None and "paths" in estimate.info:
+    def _report(self, trainer: pl.Trainer, estimate: TraceEstimate) -> None:
+        if not self._reported_paths and "paths" in estimate.info:
             rank_zero_info(f"lightning_ntk: exact NTK traces computed per term with paths {estimate.info['paths']}")
             self._reported_paths = True
         step = trainer.global_step
@@ -266,34 +262,28 @@ class NTKWeightingCallback(Callback):
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             average = float(self._loss_sum) / self._loss_steps
             for logger in trainer.loggers:
-                logger.log_metrics({"ntk/residual_time_avg": average}, step=trainer.global_step)
+                logger.log_metrics({tags.RESIDUAL_TIME_AVERAGE: average}, step=trainer.global_step)
 
     @property
     def last_traces(self) -> dict[str, float]:
-        """Traces used at the last update (averaged with ``trace_averager``), reduced over ranks."""
-        return self._latest_as_dict(1)
+        """Values used at the last update (traces, or gradient norms with ``estimator="grad_norm"``;
+        averaged with ``trace_averager``), reduced over ranks."""
+        return {} if self._latest is None else self._latest.as_dict(self._latest.values)
 
     @property
     def last_weights(self) -> dict[str, float]:
         """Weights computed at the last update (applied unless ``monitor_only``)."""
-        return self._latest_as_dict(3)
-
-    def _latest_as_dict(self, slot: int) -> dict[str, float]:
-        if self._latest is None:
-            return {}
-        return dict(zip(self._latest[0], self._latest[slot].tolist(), strict=True))
+        return {} if self._latest is None else self._latest.as_dict(self._latest.weights)
 
     def _log(self, trainer: pl.Trainer) -> None:
-        names, traces, stderr, weights = self._latest
+        latest = self._latest
         # One transfer to the host for all scalars.
-        values = torch.stack([traces, stderr, weights]).tolist()
-        if self.weight_rule.mode == "grad_norm":
-            tags = ("grad_norm/{}", "grad_norm_stderr/{}", "ntk/weight/{}")
-        else:
-            tags = ("ntk/trace/{}", "ntk/trace_stderr/{}", "ntk/weight/{}")
+        values, stderr, weights = torch.stack([latest.values, latest.stderr, latest.weights]).tolist()
         metrics = {}
-        for tag, row in zip(tags, values, strict=True):
-            metrics.update({tag.format(name): v for name, v in zip(names, row, strict=True)})
+        for name, v, e, w in zip(latest.names, values, stderr, weights, strict=True):
+            metrics[tags.scalar(latest.measure, name)] = v
+            metrics[tags.stderr(latest.measure, name)] = e
+            metrics[tags.scalar(tags.WEIGHT, name)] = w
         # Written straight to the loggers (as LearningRateMonitor does), so updates are recorded at
         # their own step whatever the module logs.
         for logger in trainer.loggers:

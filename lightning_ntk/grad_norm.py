@@ -1,6 +1,7 @@
 """Gradient norms of the loss terms, for the gradient-norm weighting that is *not* the NTK.
 
-``mode="grad_norm"`` of :class:`~lightning_ntk.weights.WeightRule` is the default weighting of JAX-PI,
+``estimator="grad_norm"`` (:class:`~lightning_ntk.estimators.GradNorm`) with the default
+:class:`~lightning_ntk.weights.WeightRule` is the default weighting of JAX-PI,
 ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` with ``L_i`` the term's batch loss: a norm-based form of the
 "learning-rate annealing" of Wang, Teng & Perdikaris (2021), whose Algorithm 1 instead divides the
 largest entry of ``|∇_θ L_residual|`` by the mean of ``|∇_θ L_i|``. It balances the size of the

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
+from lightning_ntk import tags
 from lightning_ntk.contract import check_residuals, check_terms
 
 __all__ = ["PINNModule", "require_pinn_module"]
@@ -133,8 +134,8 @@ class PINNModule(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         total, losses = self.weighted_loss(batch)
-        self.log_dict({f"loss/{name}": loss.detach() for name, loss in losses.items()})
-        self.log("loss/total", total.detach(), prog_bar=True)
+        self.log_dict({tags.scalar(tags.LOSS, name): loss.detach() for name, loss in losses.items()})
+        self.log(tags.scalar(tags.LOSS, "total"), total.detach(), prog_bar=True)
         return total
 
     def log_validation_losses(self, batch: Any) -> Tensor:
@@ -152,8 +153,8 @@ class PINNModule(pl.LightningModule):
                 return self.log_validation_losses(batch)
         """
         total, losses = self._evaluate_with_autograd(batch)
-        self.log_dict({f"val/loss/{name}": loss for name, loss in losses.items()}, batch_size=1)
-        self.log("val/loss/total", total, prog_bar=True, batch_size=1)
+        self.log_dict({f"val/{tags.scalar(tags.LOSS, name)}": loss for name, loss in losses.items()}, batch_size=1)
+        self.log(f"val/{tags.scalar(tags.LOSS, 'total')}", total, prog_bar=True, batch_size=1)
         return total
 
     @override

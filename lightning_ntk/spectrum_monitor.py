@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_ntk import tags
 from lightning_ntk.module import require_pinn_module
 from lightning_ntk.spectrum import Spectrum, block_spectra
 from lightning_ntk.tensorboard import add_histogram
@@ -110,11 +111,13 @@ class NTKSpectrumMonitor(Callback):
         metrics: dict[str, float] = {}
         for name, spec in self.last_spectra.items():
             for j, value in enumerate(spec.eigenvalues.tolist(), start=1):
-                metrics[f"ntk/eig/{name}/{j}"] = value
-            metrics[f"ntk/cond/{name}"] = float(spec.condition_ratio)
-            metrics[f"ntk/effective_rank/{name}"] = float(spec.effective_rank)
-            metrics[f"ntk/top_k_fraction/{name}"] = float(spec.top_k_fraction)
-            shown = add_histogram(trainer, f"ntk/eig_hist/{name}", spec.eigenvalues, trainer.global_step)
+                metrics[f"{tags.scalar(tags.EIGENVALUE, name)}/{j}"] = value
+            metrics[tags.scalar(tags.CONDITION, name)] = float(spec.condition_ratio)
+            metrics[tags.scalar(tags.EFFECTIVE_RANK, name)] = float(spec.effective_rank)
+            metrics[tags.scalar(tags.TOP_K_FRACTION, name)] = float(spec.top_k_fraction)
+            shown = add_histogram(
+                trainer, tags.scalar(tags.EIGENVALUE_HISTOGRAM, name), spec.eigenvalues, trainer.global_step
+            )
             if not shown and trainer.loggers and not self._warned_no_tensorboard:
                 rank_zero_warn(
                     "NTKSpectrumMonitor: eigenvalue histograms need a TensorBoardLogger; the other loggers "

@@ -12,6 +12,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from lightning_ntk import tags
+
 __all__ = ["add_histogram", "custom_scalars_layout", "tensorboard_writers", "write_layout"]
 
 
@@ -23,21 +25,31 @@ def tensorboard_writers(trainer: pl.Trainer) -> list:
 
 
 def custom_scalars_layout(terms: Sequence[str]) -> dict:
-    """Charts grouping weights, traces and losses of all terms, and each term's eigenvalues."""
+    """Charts grouping weights, measured values (traces or gradient norms) and losses of all terms,
+    and each term's eigenvalues."""
+    measures = (tags.TRACE, tags.GRAD_NORM)
+    measured = [tags.scalar(m, t) for m in measures for t in terms]
+    errors = [tags.stderr(m, t) for m in measures for t in terms]
     layout = {
         "lightning_ntk": {
-            "weights": ["Multiline", [f"ntk/weight/{t}" for t in terms]],
-            "traces": ["Multiline", [f"ntk/trace/{t}" for t in terms]],
-            "trace standard errors": ["Multiline", [f"ntk/trace_stderr/{t}" for t in terms]],
-            "term losses": ["Multiline", [f"loss/{t}" for t in terms]],
-            "residual time average": ["Multiline", ["ntk/residual_time_avg"]],
+            "weights": ["Multiline", [tags.scalar(tags.WEIGHT, t) for t in terms]],
+            "traces": ["Multiline", measured],
+            "trace standard errors": ["Multiline", errors],
+            "term losses": ["Multiline", [tags.scalar(tags.LOSS, t) for t in terms]],
+            "residual time average": ["Multiline", [tags.RESIDUAL_TIME_AVERAGE]],
         }
     }
     for t in terms:
         layout[f"lightning_ntk term {t}"] = {
-            "top eigenvalues": ["Multiline", [rf"ntk/eig/{t}/\d+"]],
-            "condition ratio and effective rank": ["Multiline", [f"ntk/cond/{t}", f"ntk/effective_rank/{t}"]],
-            "trace and weight": ["Multiline", [f"ntk/trace/{t}", f"ntk/weight/{t}"]],
+            "top eigenvalues": ["Multiline", [rf"{tags.scalar(tags.EIGENVALUE, t)}/\d+"]],
+            "condition ratio and effective rank": [
+                "Multiline",
+                [tags.scalar(tags.CONDITION, t), tags.scalar(tags.EFFECTIVE_RANK, t)],
+            ],
+            "trace and weight": [
+                "Multiline",
+                [tags.scalar(tags.TRACE, t), tags.scalar(tags.GRAD_NORM, t), tags.scalar(tags.WEIGHT, t)],
+            ],
         }
     return layout
 

@@ -7,9 +7,9 @@ A term whose block trace is small trains slowly under gradient flow and gets a l
 ``mode="mean_trace"`` (the JAX-PI code): ``λ_i = mean_j(Tr K_jj / N_j) / (Tr K_ii / N_i)``, the same
 rule on the mean diagonal entry of each block. With equal ``N_i`` it is ``"trace"`` divided by ``T``.
 
-``mode="grad_norm"`` is **not** an NTK rule: ``λ_i = Σ_j ‖∇_θ L_j‖ / ‖∇_θ L_i‖`` on the norms of the
-terms' loss gradients (the JAX-PI default, a norm-based form of Wang, Teng & Perdikaris 2021), for
-comparison; see :mod:`lightning_ntk.grad_norm`. Given gradient norms instead of traces, it is the ``"trace"`` formula.
+The rules take any positive per-term measurement: given the loss-gradient norms ``‖∇_θ L_i‖`` that
+``estimator="grad_norm"`` measures, ``"trace"`` is gradient-norm weighting (not the NTK; see
+:mod:`lightning_ntk.estimators.grad_norm`).
 
 Weights are then optionally smoothed, ``w ← ema·w_old + (1 − ema)·λ``, and clamped.
 """
@@ -23,10 +23,15 @@ from torch import Tensor
 
 __all__ = ["MODES", "WeightRule", "check_traces", "clamp_weights", "ema_update", "ntk_weights", "trace_weights"]
 
-MODES = ("trace", "mean_trace", "grad_norm")
+MODES = ("trace", "mean_trace")
 
 
 def check_mode(mode: str) -> str:
+    if mode == "grad_norm":
+        raise ValueError(
+            "mode='grad_norm' is no longer a weight rule: gradient norms are measured like traces. Use "
+            "NTKWeightingCallback(estimator='grad_norm', weight_rule=WeightRule()) for the same weights."
+        )
     if mode not in MODES:
         raise ValueError(f"Unknown weighting mode {mode!r}; choose one of {list(MODES)}.")
     return mode
@@ -68,8 +73,8 @@ def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = N
     """Weights from a vector of traces ``(T,)``, in the same order.
 
     Args:
-        traces: Positive block traces ``Tr K_ii`` (gradient norms ``‖∇_θ L_i‖`` for ``"grad_norm"``).
-        mode: ``"trace"``, ``"mean_trace"`` or ``"grad_norm"``.
+        traces: Positive block traces ``Tr K_ii`` (or another per-term measurement, e.g. ``‖∇_θ L_i‖``).
+        mode: ``"trace"`` or ``"mean_trace"``.
         num_rows: ``N_i`` for ``"mean_trace"``.
 
     Example:
@@ -79,7 +84,7 @@ def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = N
     check_mode(mode)
     if traces.ndim != 1 or traces.numel() == 0:
         raise ValueError(f"`traces` must be a non-empty vector, got shape {tuple(traces.shape)}.")
-    if mode in ("trace", "grad_norm"):
+    if mode == "trace":
         return traces.sum() / traces
     if num_rows is None:
         raise ValueError('mode="mean_trace" needs `num_rows` (N_i for every term).')
@@ -146,8 +151,8 @@ class WeightRule:
 
     Args:
         mode: ``"trace"`` (Wang, Yu & Perdikaris 2022) or ``"mean_trace"`` (the JAX-PI rule on mean
-            diagonals); see :func:`ntk_weights`. ``"grad_norm"`` is the gradient-norm rule (not the
-            NTK): the callback then balances ``‖∇_θ L_i‖`` and does not estimate traces.
+            diagonals); see :func:`ntk_weights`. For gradient-norm weighting choose
+            ``estimator="grad_norm"`` in the callback and keep ``"trace"`` here.
         ema: Smoothing of the weights across updates in ``[0, 1)``; ``0`` overwrites.
         min_weight: Lower clamp, or ``None``.
         max_weight: Upper clamp, or ``None``.

@@ -6,7 +6,7 @@ from conftest import AutogradPoisson, HelperPoisson, poisson_batch, quiet_traine
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_ntk import NTKWeightingCallback, WeightRule, ntk_weights
+from lightning_ntk import NTKWeightingCallback, WeightRule
 from lightning_ntk.grad_norm import loss_gradients
 
 
@@ -57,14 +57,13 @@ def test_callback_grad_norm_weights_balance_the_loss_gradient_norms(tmp_path, cl
     model = cls().double()
     batch = poisson_batch(n_r=12)
     norms = per_term_gradient_norms(model, batch)
-    want = ntk_weights(torch.tensor([norms["bc"], norms["pde"]], dtype=torch.float64), "grad_norm")
-    assert float(want[0]) == pytest.approx((norms["bc"] + norms["pde"]) / norms["bc"], rel=1e-12)
-    ntk = NTKWeightingCallback(update_every_n_steps=1, weight_rule=WeightRule(mode="grad_norm"))
+    want = {"bc": (norms["bc"] + norms["pde"]) / norms["bc"], "pde": (norms["bc"] + norms["pde"]) / norms["pde"]}
+    ntk = NTKWeightingCallback(update_every_n_steps=1, estimator="grad_norm")
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[ntk])
     trainer.fit(model, repeat_loader(batch, 1))
-    assert ntk.last_weights == pytest.approx({"bc": float(want[0]), "pde": float(want[1])}, rel=1e-10)
+    assert ntk.last_weights == pytest.approx(want, rel=1e-10)
     assert ntk.last_traces == pytest.approx(norms, rel=1e-10)  # the balanced quantity: gradient norms
-    assert ntk.last_estimate is None  # no trace estimate was made
+    assert ntk.last_estimate.measure == "grad_norm" and ntk.last_estimate.estimator == "grad_norm"
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -81,3 +80,21 @@ def test_grad_norm_differs_from_the_ntk_rule_when_residual_sizes_differ():
 
     assert ntk_traces(model, small)["a"] == ntk_traces(model, large)["a"]
     assert loss_gradients(model, large)["a"].norm() > 50 * loss_gradients(model, small)["a"].norm()
+
+
+def test_grad_norm_is_no_longer_a_weight_rule_and_the_error_says_what_to_use():
+    with pytest.raises(ValueError, match=r"estimator='grad_norm'"):
+        WeightRule(mode="grad_norm")
+
+
+def test_grad_norm_estimate_reduces_gradients_not_norms():
+    # Two "ranks" with opposite gradients: the global batch's gradient is their mean (zero here),
+    # which the norms of the local gradients would not show.
+    from lightning_ntk.estimators import GradientNorms
+
+    g = torch.tensor([3.0, -4.0], dtype=torch.float64)
+    local = GradientNorms({"a": g.norm()}, {"a": g.new_zeros(())}, {"a": 1}, "grad_norm", gradients={"a": g})
+    norms, rows, variances = local.reduce(["a"], lambda t, op: (t + (-t)) / 2 if op == "mean" else 2 * t)
+    assert float(norms[0]) == 0.0 and float(rows[0]) == 1.0 and float(variances[0]) == 0.0
+    norms, _, _ = local.reduce(["a"], lambda t, op: t)  # one rank
+    assert float(norms[0]) == 5.0

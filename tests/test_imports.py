@@ -15,7 +15,8 @@ def run(code: str) -> subprocess.CompletedProcess:
 def test_core_imports_with_lightning_blocked():
     core = "lightning_ntk.traces, lightning_ntk.estimators, lightning_ntk.weights, lightning_ntk.spectrum"
     done = run(
-        f"import lightning_ntk, {core}, lightning_ntk.derivatives, lightning_ntk.jacobian, lightning_ntk.averaging; "
+        f"import lightning_ntk, {core}, lightning_ntk.derivatives, lightning_ntk.jacobian, lightning_ntk.averaging, "
+        "lightning_ntk.tags, lightning_ntk.estimators.grad_norm; "
         "print(sorted(m for m, v in sys.modules.items() if m.split('.')[0] == 'lightning' and v is not None))"
     )
     assert done.returncode == 0, done.stderr

@@ -71,7 +71,7 @@ PER_STEP = {
     )
     for name in ("fd", "exact", "subsample", "hutchinson", "hutchpp", "auto")
 }
-PER_STEP["grad_norm"] = lambda: NTKWeightingCallback(update_every_n_steps=1, weight_rule=WeightRule(mode="grad_norm"))
+PER_STEP["grad_norm"] = lambda: NTKWeightingCallback(update_every_n_steps=1, estimator="grad_norm")
 
 
 @pytest.mark.parametrize("kind", list(PER_STEP))
@@ -183,10 +183,7 @@ def test_param_grad_is_that_of_the_weighted_loss_alone(tmp_path, estimator):
     model = HelperPoisson().double()
     reference = copy.deepcopy(model)
     recorder = GradRecorder()
-    if estimator == "grad_norm":  # the gradient-norm rule takes its own backward passes
-        ntk = NTKWeightingCallback(update_every_n_steps=1, weight_rule=WeightRule(mode="grad_norm"))
-    else:
-        ntk = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator, seed=0)
+    ntk = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator, seed=0)
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[recorder, ntk], logger=False)
     trainer.fit(model, repeat_loader(batch, 1))
     reference.set_term_weights(recorder.weights[0])

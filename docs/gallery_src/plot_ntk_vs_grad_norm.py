@@ -2,8 +2,9 @@
 NTK weights against gradient-norm weights
 ==========================================
 
-The same callback with ``WeightRule(mode="trace")`` (the NTK rule) and ``WeightRule(mode="grad_norm")``
-(the JAX-PI default, *not* the NTK) on the quick start's problem: the boundary weight each rule
+The same callback measuring the NTK traces (``estimator="exact"``) and the loss-gradient norms
+(``estimator="grad_norm"``, the JAX-PI default, *not* the NTK) on the quick start's problem: the
+boundary weight each rule
 chooses over training. The NTK rule depends on the Jacobians only; the gradient-norm rule also on the
 sizes of the residuals, so it moves as the terms are fitted.
 """
@@ -47,15 +48,15 @@ class History(pl.Callback):
 
 
 batch = (torch.tensor([[0.0], [1.0]]), torch.linspace(0, 1, 64).reshape(-1, 1))
-for mode in ("trace", "grad_norm"):
+for estimator in ("exact", "grad_norm"):
     torch.manual_seed(0)
     history = History()
-    ntk = NTKWeightingCallback(update_every_n_steps=50, weight_rule=WeightRule(mode=mode, ema=0.5))
+    ntk = NTKWeightingCallback(update_every_n_steps=50, estimator=estimator, weight_rule=WeightRule(ema=0.5))
     trainer = pl.Trainer(
         max_steps=600, callbacks=[ntk, history], logger=False, enable_progress_bar=False, enable_model_summary=False
     )
     trainer.fit(Poisson(), torch.utils.data.DataLoader([batch] * 600, batch_size=None))
-    plt.plot(history.steps, history.bc, label=f'WeightRule(mode="{mode}")')
+    plt.plot(history.steps, history.bc, label=f'estimator="{estimator}"')
 plt.yscale("log")
 plt.xlabel("optimizer step")
 plt.ylabel("weight of the boundary term")

@@ -8,6 +8,7 @@
 | ``hutchpp`` | :class:`HutchPlusPlus` | Hutch++ on ``K_ii`` | ``k`` NTK products + ``2k`` backward per term |
 | ``fd`` | :class:`FiniteDifference` | ``mean ‖(r(θ+hz) − r(θ−hz))/2h‖²`` | 2 residual evaluations per probe |
 | ``auto`` | :class:`Auto` | ``exact`` or ``hutchpp`` by ``Σ N_i · P`` | |
+| ``grad_norm`` | :class:`GradNorm` | not a trace: ``‖∇_θ L_i‖``, for gradient-norm weighting | one backward per term |
 
 Each class validates its options when it is built; its name alone (``estimator="fd"``) stands for the
 class with its defaults (:func:`as_estimator`).
@@ -29,6 +30,7 @@ from lightning_ntk.estimators.finite_difference import (
     fd_step_size,
     finite_difference_traces,
 )
+from lightning_ntk.estimators.grad_norm import GradientNorms, GradNorm, grad_norm_estimate
 from lightning_ntk.estimators.hutchinson import Hutchinson, hutchinson_traces
 from lightning_ntk.estimators.hutchpp import HutchPlusPlus, hutchpp_traces
 from lightning_ntk.estimators.subsample import Subsample, subsample_traces
@@ -36,7 +38,13 @@ from lightning_ntk.estimators.subsample import Subsample, subsample_traces
 from lightning_ntk.estimators.auto import Auto, auto_traces, exact_work  # isort: skip  (uses exact and hutchpp)
 
 ESTIMATOR_CLASSES.update(
-    exact=Exact, subsample=Subsample, hutchinson=Hutchinson, hutchpp=HutchPlusPlus, fd=FiniteDifference, auto=Auto
+    exact=Exact,
+    subsample=Subsample,
+    hutchinson=Hutchinson,
+    hutchpp=HutchPlusPlus,
+    fd=FiniteDifference,
+    auto=Auto,
+    grad_norm=GradNorm,
 )
 
 __all__ = [
@@ -45,6 +53,8 @@ __all__ = [
     "Auto",
     "Exact",
     "FiniteDifference",
+    "GradNorm",
+    "GradientNorms",
     "HutchPlusPlus",
     "Hutchinson",
     "Subsample",
@@ -58,6 +68,7 @@ __all__ = [
     "fd_step_size",
     "finite_difference_traces",
     "get_estimator",
+    "grad_norm_estimate",
     "hutchinson_traces",
     "hutchpp_traces",
     "register_estimator",

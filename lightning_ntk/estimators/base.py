@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
+from lightning_ntk import tags
 from lightning_ntk.contract import check_batch
 
 __all__ = [
@@ -21,17 +23,22 @@ __all__ = [
 ]
 
 
+Reduce = Callable[[Tensor, str], Tensor]  # (tensor, "sum" | "mean") -> the same tensor combined over ranks
+
+
 @dataclass(frozen=True)
 class TraceEstimate:
-    """Estimates of ``Tr K_ii`` for every term.
+    """Estimates of ``Tr K_ii`` (or, for ``measure="grad_norm"``, of ``‖∇_θ L_i‖``) for every term.
 
     Attributes:
         traces: term → 0-dim tensor, on the module's device.
-        stderr: term → standard error of the estimate (zero for exact estimators).
+        stderr: term → standard error of the estimate (zero for exact estimators, NaN where unknown).
         num_rows: term → ``N_i``, the number of residual entries (rows of ``J_i``); used by
             ``mode="mean_trace"``.
         estimator: Name of the estimator that produced it.
         info: Free-form details (e.g. the Jacobian path each term took).
+        measure: What was measured, as logged (:data:`lightning_ntk.tags.TRACE` or
+            :data:`~lightning_ntk.tags.GRAD_NORM`).
     """
 
     traces: dict[str, Tensor]
@@ -39,6 +46,25 @@ class TraceEstimate:
     num_rows: dict[str, int]
     estimator: str
     info: dict[str, object] = field(default_factory=dict)
+    measure: str = tags.TRACE
+
+    @property
+    def quantity(self) -> str:
+        """The measured quantity in words, for messages."""
+        return "Loss gradient norm" if self.measure == tags.GRAD_NORM else "NTK trace"
+
+    def reduce(self, names: Sequence[str], reduce: Reduce) -> tuple[Tensor, Tensor, Tensor]:
+        """Values, row counts and variances in ``names`` order, combined over ranks by ``reduce``.
+
+        Traces, row counts and variances of independent estimates add up over ranks: the sum is the
+        block trace of the NTK of the global batch (the concatenation of the ranks' batches), so a DDP
+        run weights its terms like a single device on the same points. One collective for everything.
+        """
+        traces = torch.stack([self.traces[name].detach() for name in names])
+        rows = torch.tensor([float(self.num_rows[name]) for name in names], device=traces.device)
+        variances = torch.stack([self.stderr[name].detach() for name in names]).square()
+        packed = reduce(torch.cat([traces, rows.to(traces), variances.to(traces)]), "sum")
+        return packed.split(len(names))
 
 
 Estimator = Callable[..., TraceEstimate]
@@ -93,7 +119,7 @@ class TraceEstimator:
     @property
     def randomized(self) -> bool:
         """Whether the estimate is random (so averaging over updates reduces its error)."""
-        return self.name != "exact"
+        return self.name not in ("exact", "grad_norm")
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

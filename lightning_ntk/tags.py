@@ -1,0 +1,48 @@
+"""The names under which the package logs, in one place: the callback, the spectrum monitor and the
+TensorBoard layout all build their tags here.
+
+Example:
+    >>> scalar(TRACE, "pde"), stderr(GRAD_NORM, "bc"), scalar(WEIGHT, "bc")
+    ('ntk/trace/pde', 'grad_norm_stderr/bc', 'ntk/weight/bc')
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONDITION",
+    "EFFECTIVE_RANK",
+    "EIGENVALUE",
+    "EIGENVALUE_HISTOGRAM",
+    "GRAD_NORM",
+    "LOSS",
+    "RESIDUAL_TIME_AVERAGE",
+    "TOP_K_FRACTION",
+    "TRACE",
+    "WEIGHT",
+    "scalar",
+    "stderr",
+]
+
+# What an estimator measures per term (the weights balance it).
+TRACE = "ntk/trace"
+GRAD_NORM = "grad_norm"
+# What the callback sets and logs.
+WEIGHT = "ntk/weight"
+LOSS = "loss"
+RESIDUAL_TIME_AVERAGE = "ntk/residual_time_avg"
+# What the spectrum monitor logs per term.
+EIGENVALUE = "ntk/eig"
+EIGENVALUE_HISTOGRAM = "ntk/eig_hist"
+CONDITION = "ntk/cond"
+EFFECTIVE_RANK = "ntk/effective_rank"
+TOP_K_FRACTION = "ntk/top_k_fraction"
+
+
+def scalar(kind: str, term: str) -> str:
+    """The tag of one term's value of ``kind`` (one of the constants above)."""
+    return f"{kind}/{term}"
+
+
+def stderr(measure: str, term: str) -> str:
+    """The tag of the standard error of a term's measured value."""
+    return f"{measure}_stderr/{term}"
