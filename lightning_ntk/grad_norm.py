@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_ntk.contract import check_residuals, trainable_parameters
 
-__all__ = ["loss_gradients"]
+__all__ = ["loss_gradients", "loss_gradients_and_rows"]
 
 
 def _mean_square(name: str, residual: Tensor) -> Tensor:
@@ -45,6 +45,11 @@ def loss_gradients(module: nn.Module, batch: object) -> dict[str, Tensor]:
         >>> loss_gradients(Fit(), torch.tensor([1.0, 3.0]))["data"]  # d/dw mean((w x)²) = 2 w mean(x²)
         tensor([20.])
     """
+    return loss_gradients_and_rows(module, batch)[0]
+
+
+def loss_gradients_and_rows(module: nn.Module, batch: object) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """:func:`loss_gradients`, and the number of residual entries of every term."""
     params = list(trainable_parameters(module).values())
     loss_of: Callable[[str, Tensor], Tensor] = getattr(module, "term_loss", _mean_square)
     with torch.enable_grad():
@@ -58,4 +63,4 @@ def loss_gradients(module: nn.Module, batch: object) -> dict[str, Tensor]:
             out[name] = torch.cat(
                 [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
             ).detach()
-    return out
+    return out, {name: r.numel() for name, r in residuals.items()}

@@ -12,7 +12,7 @@ derivatives. Products never touch ``param.grad``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,3 +79,13 @@ class JacobianProducts:
     @staticmethod
     def squared_norm(vectors: Sequence[Tensor]) -> Tensor:
         return sum(t.square().sum() for t in vectors)
+
+    def per_term(
+        self, estimate: Callable[[str, Tensor], tuple[Tensor, Tensor]]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int]]:
+        """``estimate(term, residual) -> (trace, stderr)`` for every term: (traces, stderrs, row counts)."""
+        traces, stderr, rows = {}, {}, {}
+        for name, r in self.residuals.items():
+            trace, error = estimate(name, r)
+            traces[name], stderr[name], rows[name] = trace.detach(), error.detach(), r.numel()
+        return traces, stderr, rows

@@ -35,9 +35,7 @@ def estimate_ntk_traces(
         A :class:`~lightning_ntk.estimators.TraceEstimate`. Nothing is written to ``param.grad``,
         the results carry no autograd graph, and the module's train/eval mode is unchanged.
     """
-    if isinstance(estimator, TraceEstimator):
-        return as_estimator(estimator, **options)(module, batch, generator)
-    return TraceEstimator(estimator, **options)(module, batch, generator)
+    return as_estimator(estimator, **options)(module, batch, generator)
 
 
 def ntk_traces(

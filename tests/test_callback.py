@@ -16,11 +16,11 @@ from lightning_ntk import (
     NTKWeightingCallback,
     Subsample,
     TraceAverager,
-    TraceEstimator,
     WeightRule,
     ntk_traces,
     trace_weights,
 )
+from lightning_ntk.estimators import as_estimator
 
 
 class Recording(HelperPoisson):
@@ -243,9 +243,9 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         (lambda: FiniteDifference(points_per_probe="many"), "points_per_probe"),
         (lambda: FiniteDifference(step_scale=0.0), "step_scale"),
         (lambda: Auto(max_exact_work=-1), "max_exact_work"),
-        (lambda: TraceEstimator("nope"), "Unknown NTK trace estimator"),
-        (lambda: TraceEstimator("hutchinson", generator=None), "generator"),
-        (lambda: TraceEstimator("hutchinson", chunk_size=4), "'hutchinson' does not take"),
+        (lambda: as_estimator("nope"), "Unknown NTK trace estimator"),
+        (lambda: as_estimator("hutchinson", generator=None), "generator"),
+        (lambda: as_estimator("hutchinson", chunk_size=4), r"'hutchinson' \(Hutchinson\) does not take"),
     ],
 )
 def test_callback_parts_check_their_options_when_built(make, match):

@@ -9,7 +9,6 @@ from conftest import AutogradPoisson, HelperPoisson, TwoFieldModel, poisson_batc
 
 from lightning_ntk import estimate_ntk_traces
 from lightning_ntk.estimators import (
-    ESTIMATOR_CLASSES,
     ESTIMATORS,
     Exact,
     FiniteDifference,
@@ -81,8 +80,7 @@ def test_the_name_stands_for_an_object_with_the_estimators_defaults(name):
     a = estimator(model, poisson_batch(), seeded(3))
     b = estimate_ntk_traces(model, poisson_batch(), name, generator=seeded(3))
     assert a.estimator == name and all(torch.equal(a.traces[t], b.traces[t]) for t in b.traces)
-    if name in ESTIMATOR_CLASSES:
-        assert type(estimator) is ESTIMATOR_CLASSES[name]
+    assert type(estimator) is ESTIMATORS[name]
 
 
 def test_options_of_an_object_reach_the_estimator():
@@ -91,7 +89,7 @@ def test_options_of_an_object_reach_the_estimator():
     for made, name, options in [
         (Hutchinson(num_probes=3), "hutchinson", {"num_probes": 3}),
         (FiniteDifference(num_probes=2, points_per_probe=7), "fd", {"num_probes": 2, "points_per_probe": 7}),
-        (Subsample(num_points=5), "subsample", {"num_probes": 5}),
+        (Subsample(num_points=5), "subsample", {"num_points": 5}),
     ]:
         LAYOUTS.clear()  # every call makes the same draws, fd's one-time layout check included
         a = made(model, batch, seeded(1))
@@ -114,8 +112,10 @@ def test_a_registered_function_without_a_class_is_wrapped_by_name():
 
     try:
         wrapped = as_estimator("constant_for_test")
-        assert repr(wrapped) == "TraceEstimator('constant_for_test')"
-        estimate = TraceEstimator("constant_for_test", value=3.0)(HelperPoisson().double(), poisson_batch())
+        assert isinstance(wrapped, TraceEstimator) and repr(wrapped) == "as_estimator('constant_for_test')"
+        estimate = as_estimator("constant_for_test", value=3.0)(HelperPoisson().double(), poisson_batch())
         assert estimate.traces["bc"] == 3.0
+        with pytest.raises(ValueError, match=r"does not take option\(s\) \['valu'\]; it takes \['value'\]"):
+            as_estimator("constant_for_test", valu=3.0)
     finally:
         del ESTIMATORS["constant_for_test"]

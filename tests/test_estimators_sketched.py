@@ -10,7 +10,7 @@ from lightning_ntk import estimate_ntk_traces
 from lightning_ntk.products import JacobianProducts
 
 SKETCHES = {
-    "subsample": {"num_probes": 8},
+    "subsample": {"num_points": 8},
     "hutchinson": {"num_probes": 4},
     "hutchpp": {"num_probes": 6},
     "fd": {"num_probes": 2},
@@ -28,6 +28,8 @@ def setup():
 
 
 def draws(model, batch, name, repeats, seed=0, **options):
+    if name == "subsample" and "num_probes" in options:  # its "probes" are points
+        options["num_points"] = options.pop("num_probes")
     g = torch.Generator().manual_seed(seed)
     out = {"bc": [], "pde": []}
     errs = {"bc": [], "pde": []}
@@ -151,8 +153,8 @@ def test_seeded_generators_reproduce():
     model = HelperPoisson().double()
     batch = poisson_batch()
     for name in SKETCHES:
-        a = estimate_ntk_traces(model, batch, name, generator=torch.Generator().manual_seed(3), num_probes=3)
-        b = estimate_ntk_traces(model, batch, name, generator=torch.Generator().manual_seed(3), num_probes=3)
+        a = estimate_ntk_traces(model, batch, name, generator=torch.Generator().manual_seed(3), **SKETCHES[name])
+        b = estimate_ntk_traces(model, batch, name, generator=torch.Generator().manual_seed(3), **SKETCHES[name])
         assert all(torch.equal(a.traces[t], b.traces[t]) for t in a.traces)
 
 

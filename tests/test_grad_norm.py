@@ -93,8 +93,8 @@ def test_grad_norm_estimate_reduces_gradients_not_norms():
     from lightning_ntk.estimators import GradientNorms
 
     g = torch.tensor([3.0, -4.0], dtype=torch.float64)
-    local = GradientNorms({"a": g.norm()}, {"a": g.new_zeros(())}, {"a": 1}, "grad_norm", gradients={"a": g})
+    local = GradientNorms({"a": g.norm()}, {"a": g.new_zeros(())}, {"a": 3}, "grad_norm", gradients={"a": g})
     norms, rows, variances = local.reduce(["a"], lambda t, op: (t + (-t)) / 2 if op == "mean" else 2 * t)
-    assert float(norms[0]) == 0.0 and float(rows[0]) == 1.0 and float(variances[0]) == 0.0
+    assert float(norms[0]) == 0.0 and float(rows[0]) == 6.0 and float(variances[0]) == 0.0
     norms, _, _ = local.reduce(["a"], lambda t, op: t)  # one rank
     assert float(norms[0]) == 5.0

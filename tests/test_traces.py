@@ -109,10 +109,10 @@ def test_works_under_no_grad():
 
 def test_an_option_the_chosen_estimator_does_not_take_names_that_estimator():
     model = HelperPoisson().double()
-    match = r"Estimator 'fd' does not take option\(s\) \['num_probe'\]; it takes \[.*'num_probes'"
+    match = r"Estimator 'fd' \(FiniteDifference\) does not take option\(s\) \['num_probe'\]; it takes \[.*'num_probes'"
     with pytest.raises(ValueError, match=match):
         ntk_traces(model, poisson_batch(), "fd", num_probe=4)
-    with pytest.raises(ValueError, match=r"Estimator 'exact' does not take option\(s\) \['num_probes'\]"):
+    with pytest.raises(ValueError, match=r"Estimator 'exact' \(Exact\) does not take option\(s\) \['num_probes'\]"):
         ntk_traces(model, poisson_batch(), num_probes=4)
 
 

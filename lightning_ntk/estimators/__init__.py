@@ -10,12 +10,12 @@
 | ``auto`` | :class:`Auto` | ``exact`` or ``hutchpp`` by ``Σ N_i · P`` | |
 | ``grad_norm`` | :class:`GradNorm` | not a trace: ``‖∇_θ L_i‖``, for gradient-norm weighting | one backward per term |
 
-Each class validates its options when it is built; its name alone (``estimator="fd"``) stands for the
-class with its defaults (:func:`as_estimator`).
+One class per estimator, registered by name in :data:`ESTIMATORS` (the one registry): it validates
+its options when it is built and calls its module's function to do the work. Its name alone
+(``estimator="fd"``) stands for the class with its defaults (:func:`as_estimator`).
 """
 
 from lightning_ntk.estimators.base import (
-    ESTIMATOR_CLASSES,
     ESTIMATORS,
     TraceEstimate,
     TraceEstimator,
@@ -37,19 +37,9 @@ from lightning_ntk.estimators.subsample import Subsample, subsample_traces
 
 from lightning_ntk.estimators.auto import Auto, auto_traces, exact_work  # isort: skip  (uses exact and hutchpp)
 
-ESTIMATOR_CLASSES.update(
-    exact=Exact,
-    subsample=Subsample,
-    hutchinson=Hutchinson,
-    hutchpp=HutchPlusPlus,
-    fd=FiniteDifference,
-    auto=Auto,
-    grad_norm=GradNorm,
-)
 
 __all__ = [
     "ESTIMATORS",
-    "ESTIMATOR_CLASSES",
     "Auto",
     "Exact",
     "FiniteDifference",

@@ -41,7 +41,6 @@ def exact_work(module: nn.Module, residuals: Mapping[str, Tensor]) -> float:
     return float(rows * sum(p.numel() for p in trainable_parameters(module).values()))
 
 
-@register_estimator("auto")
 def auto_traces(
     module: nn.Module,
     batch: object,
@@ -72,6 +71,7 @@ def auto_traces(
     )
 
 
+@register_estimator("auto")
 class Auto(TraceEstimator):
     """Exact traces where they are cheap, Hutch++ otherwise (:func:`auto_traces`).
 
@@ -86,4 +86,7 @@ class Auto(TraceEstimator):
         check_positive_number(max_exact_work, "max_exact_work")
         check_positive_int(num_probes, "num_probes")
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
-        super().__init__("auto", max_exact_work=max_exact_work, num_probes=num_probes, chunk_size=chunk_size)
+        super().__init__(max_exact_work=max_exact_work, num_probes=num_probes, chunk_size=chunk_size)
+
+    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+        return auto_traces(module, batch, generator=generator, **self.options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -14,7 +15,6 @@ from lightning_ntk.contract import check_batch
 
 __all__ = [
     "ESTIMATORS",
-    "ESTIMATOR_CLASSES",
     "TraceEstimate",
     "TraceEstimator",
     "as_estimator",
@@ -68,73 +68,102 @@ class TraceEstimate:
 
 
 Estimator = Callable[..., TraceEstimate]
-ESTIMATORS: dict[str, Estimator] = {}
+T = TypeVar("T")
+# Every estimator by name: ``estimator="fd"`` means ``ESTIMATORS["fd"]()``, the class with its defaults.
+ESTIMATORS: dict[str, type[TraceEstimator]] = {}
 
 
-def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
-    """Register ``fn(module, batch, **options) -> TraceEstimate`` under ``name``."""
+def register_estimator(name: str) -> Callable[[T], T]:
+    """Register an estimator under ``name``: a :class:`TraceEstimator` subclass, or a function
+    ``fn(module, batch, *, generator=None, **options) -> TraceEstimate``, which gets a class of its own
+    whose options are the function's keywords.
 
-    def decorator(fn: Estimator) -> Estimator:
-        ESTIMATORS[name] = fn
-        return fn
+    Example:
+        >>> @register_estimator("ones_for_doc")
+        ... def ones(module, batch, *, generator=None, scale=1.0):
+        ...     traces = {t: torch.tensor(scale) for t in module.terms}
+        ...     return TraceEstimate(traces, {t: torch.tensor(0.0) for t in traces}, dict.fromkeys(traces, 1), "ones")
+        >>> as_estimator("ones_for_doc", scale=2.0)
+        as_estimator('ones_for_doc', scale=2.0)
+        >>> del ESTIMATORS["ones_for_doc"]
+    """
+
+    def decorator(obj: T) -> T:
+        cls = obj if isinstance(obj, type) else _estimator_of_function(name, obj)
+        cls.name = name
+        ESTIMATORS[name] = cls
+        return obj
 
     return decorator
 
 
-def get_estimator(name: str) -> Estimator:
-    """Look up an estimator; an unknown name is a ``ValueError`` that lists the known ones."""
+def get_estimator(name: str) -> type[TraceEstimator]:
+    """The estimator class registered under ``name``; an unknown name is a ``ValueError`` that lists the known ones."""
     if not isinstance(name, str) or name not in ESTIMATORS:
         raise ValueError(f"Unknown NTK trace estimator {name!r}; choose one of {sorted(ESTIMATORS)}.")
     return ESTIMATORS[name]
 
 
 class TraceEstimator:
-    """A configured trace estimator: a registered estimator and its options, checked at construction.
+    """A configured estimator of a per-term quantity (``Tr K_ii``, or ``‖∇_θ L_i‖``): its options,
+    checked when it is built, and :meth:`estimate`, which does the work.
 
-    The estimator classes (:class:`~lightning_ntk.estimators.Exact`,
-    :class:`~lightning_ntk.estimators.Hutchinson`, :class:`~lightning_ntk.estimators.FiniteDifference`,
-    …) fix ``name`` and validate their own options, so a misspelt or out-of-range option is an error
-    where the estimator is built, not at the first update. ``TraceEstimator(name, **options)`` wraps an
-    estimator registered with :func:`register_estimator` that has no class of its own.
-
-    Calling the object computes the estimate: ``estimator(module, batch, generator)``.
+    The subclasses (:class:`~lightning_ntk.estimators.Exact`, :class:`~lightning_ntk.estimators.Hutchinson`,
+    :class:`~lightning_ntk.estimators.FiniteDifference`, …) validate their own options, so a misspelt
+    or out-of-range option is an error where the estimator is built, not at the first update. Calling
+    the object checks the batch against the module (device, dtype) and computes the estimate:
+    ``estimator(module, batch, generator)``.
 
     Example:
-        >>> TraceEstimator("exact", chunk_size=64)
-        TraceEstimator('exact', chunk_size=64)
+        >>> from lightning_ntk.estimators import Exact
+        >>> Exact(chunk_size=64)
+        Exact(chunk_size=64, paths=None)
     """
 
-    def __init__(self, name: str, **options: object) -> None:
-        fn = get_estimator(name)
+    name: ClassVar[str] = ""
+    randomized: ClassVar[bool] = True  # whether averaging estimates over updates reduces the error
+
+    def __init__(self, **options: object) -> None:
         if "generator" in options:
             raise ValueError("Pass the generator when calling the estimator, not as an option.")
-        check_option_names(repr(name), options, inspect.signature(fn), skip=("module", "batch", "generator"))
-        self.name = name
         self.options = options
 
-    def __call__(self, module: object, batch: object, generator: object = None) -> TraceEstimate:
+    def __call__(self, module: object, batch: object, generator: torch.Generator | None = None) -> TraceEstimate:
         check_batch(module, batch)
-        return get_estimator(self.name)(module, batch, generator=generator, **self.options)
+        return self.estimate(module, batch, generator)
 
-    @property
-    def randomized(self) -> bool:
-        """Whether the estimate is random (so averaging over updates reduces its error)."""
-        return self.name not in ("exact", "grad_norm")
+    def estimate(self, module: object, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+        """The estimate for ``module`` on ``batch`` (the subclass's work)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement `estimate`.")
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        if type(self) is TraceEstimator:
-            return f"TraceEstimator({self.name!r}{', ' if options else ''}{options})"
-        return f"{type(self).__name__}({options})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TraceEstimator) and (self.name, self.options) == (other.name, other.options)
+        return type(self) is type(other) and self.options == other.options  # type: ignore[attr-defined]
 
     __hash__ = None  # type: ignore[assignment]  # mutable options
 
 
-# Estimator classes by name, so that ``estimator="fd"`` means ``FiniteDifference()`` with its defaults.
-ESTIMATOR_CLASSES: dict[str, Callable[..., TraceEstimator]] = {}
+def _estimator_of_function(name: str, fn: Estimator) -> type[TraceEstimator]:
+    signature = inspect.signature(fn)
+
+    class FunctionEstimator(TraceEstimator):
+        __doc__ = fn.__doc__
+
+        def __init__(self, **options: object) -> None:
+            check_option_names(repr(name), options, signature, skip=("module", "batch", "generator"))
+            super().__init__(**options)
+
+        def estimate(self, module: object, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+            return fn(module, batch, generator=generator, **self.options)
+
+        def __repr__(self) -> str:
+            options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+            return f"as_estimator({name!r}{options})"
+
+    FunctionEstimator.__qualname__ = FunctionEstimator.__name__ = f"FunctionEstimator[{name}]"
+    return FunctionEstimator
 
 
 def as_estimator(spec: str | TraceEstimator, **options: object) -> TraceEstimator:
@@ -150,11 +179,10 @@ def as_estimator(spec: str | TraceEstimator, **options: object) -> TraceEstimato
         if options:
             raise ValueError("Options go to the estimator's constructor, not to as_estimator, for an estimator object.")
         return spec
-    if isinstance(spec, str) and spec in ESTIMATOR_CLASSES:
-        cls = ESTIMATOR_CLASSES[spec]
+    cls = get_estimator(spec)
+    if not cls.__name__.startswith("FunctionEstimator"):
         check_option_names(f"{spec!r} ({cls.__name__})", options, inspect.signature(cls), skip=())
-        return cls(**options)
-    return TraceEstimator(spec, **options)
+    return cls(**options)
 
 
 def check_option_names(shown: str, options: dict[str, object], signature: inspect.Signature, skip: tuple) -> None:

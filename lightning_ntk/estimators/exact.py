@@ -19,7 +19,6 @@ from lightning_ntk.jacobian.per_point import PATHS
 __all__ = ["Exact", "exact_traces"]
 
 
-@register_estimator("exact")
 def exact_traces(
     module: nn.Module,
     batch: object,
@@ -61,6 +60,7 @@ def exact_traces(
     return TraceEstimate(traces, stderr, norms.num_rows, "exact", {"paths": norms.paths})
 
 
+@register_estimator("exact")
 class Exact(TraceEstimator):
     """Exact traces (:func:`exact_traces`), by the fastest exact path that applies.
 
@@ -80,4 +80,9 @@ class Exact(TraceEstimator):
             unknown = [p for p in paths if p not in PATHS]
             if not paths or unknown:
                 raise ValueError(f"`paths` must be a non-empty sequence of {list(PATHS)}, got {list(paths)!r}.")
-        super().__init__("exact", chunk_size=chunk_size, paths=paths)
+        super().__init__(chunk_size=chunk_size, paths=paths)
+
+    randomized = False
+
+    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+        return exact_traces(module, batch, **self.options)

@@ -141,7 +141,6 @@ def _max_leading_size(batch: object) -> int:
     return max((t.shape[0] for t in leaves), default=0)
 
 
-@register_estimator("fd")
 def finite_difference_traces(
     module: nn.Module,
     batch: object,
@@ -221,6 +220,7 @@ def finite_difference_traces(
     return TraceEstimate(traces, stderr, rows, "fd", info)
 
 
+@register_estimator("fd")
 class FiniteDifference(TraceEstimator):
     """The forward-only central-difference sketch (:func:`finite_difference_traces`).
 
@@ -248,5 +248,8 @@ class FiniteDifference(TraceEstimator):
         check_positive_number(step_scale, "step_scale")
         check_positive_number(step_size, "step_size", allow_none=True)
         super().__init__(
-            "fd", num_probes=num_probes, points_per_probe=points_per_probe, step_scale=step_scale, step_size=step_size
+            num_probes=num_probes, points_per_probe=points_per_probe, step_scale=step_scale, step_size=step_size
         )
+
+    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+        return finite_difference_traces(module, batch, generator=generator, **self.options)

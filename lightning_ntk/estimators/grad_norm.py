@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_ntk import tags
 from lightning_ntk.estimators.base import Reduce, TraceEstimate, TraceEstimator, register_estimator
-from lightning_ntk.grad_norm import loss_gradients
+from lightning_ntk.grad_norm import loss_gradients_and_rows
 
 __all__ = ["GradNorm", "GradientNorms", "grad_norm_estimate"]
 
@@ -34,13 +34,14 @@ class GradientNorms(TraceEstimate):
     gradients: dict[str, Tensor] = field(default_factory=dict)
 
     def reduce(self, names: Sequence[str], reduce: Reduce) -> tuple[Tensor, Tensor, Tensor]:
-        """Norms of the rank-averaged gradients; one row per term and no variance (exact)."""
-        stacked = reduce(torch.stack([self.gradients[name] for name in names]), "mean")
-        norms = torch.linalg.vector_norm(stacked, dim=1)
-        return norms, torch.ones_like(norms), torch.zeros_like(norms)
+        """Norms of the rank-averaged gradients, row counts summed over ranks, no variance (exact)."""
+        stacked = torch.stack([self.gradients[name] for name in names])
+        rows = torch.tensor([float(self.num_rows[name]) for name in names], device=stacked.device).to(stacked)
+        gradients, rows = reduce(stacked, "mean"), reduce(rows, "sum")
+        norms = torch.linalg.vector_norm(gradients, dim=1)
+        return norms, rows, torch.zeros_like(norms)
 
 
-@register_estimator("grad_norm")
 def grad_norm_estimate(module: nn.Module, batch: object, *, generator: torch.Generator | None = None) -> GradientNorms:
     """``‖∇_θ L_i‖`` for every term (``generator`` is unused: the measurement is exact).
 
@@ -54,18 +55,19 @@ def grad_norm_estimate(module: nn.Module, batch: object, *, generator: torch.Gen
         >>> grad_norm_estimate(Fit(), torch.tensor([1.0, 3.0])).traces["data"]  # |2 w mean(x²)|
         tensor(20.)
     """
-    gradients = loss_gradients(module, batch)
+    gradients, rows = loss_gradients_and_rows(module, batch)
     norms = {name: torch.linalg.vector_norm(g) for name, g in gradients.items()}
     return GradientNorms(
         traces=norms,
         stderr={name: torch.zeros_like(v) for name, v in norms.items()},
-        num_rows=dict.fromkeys(norms, 1),
+        num_rows=rows,
         estimator="grad_norm",
         measure=tags.GRAD_NORM,
         gradients=gradients,
     )
 
 
+@register_estimator("grad_norm")
 class GradNorm(TraceEstimator):
     """The loss-gradient norms ``‖∇_θ L_i‖`` (:func:`grad_norm_estimate`): gradient-norm weighting,
     for comparison with the NTK rule.
@@ -75,5 +77,7 @@ class GradNorm(TraceEstimator):
         GradNorm()
     """
 
-    def __init__(self) -> None:
-        super().__init__("grad_norm")
+    randomized = False
+
+    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+        return grad_norm_estimate(module, batch)

@@ -25,7 +25,6 @@ from lightning_ntk.products import JacobianProducts
 __all__ = ["Hutchinson", "hutchinson_traces"]
 
 
-@register_estimator("hutchinson")
 def hutchinson_traces(
     module: nn.Module, batch: object, *, num_probes: int = 16, generator: torch.Generator | None = None
 ) -> TraceEstimate:
@@ -45,17 +44,18 @@ def hutchinson_traces(
     """
     check_positive_int(num_probes, "num_probes")
     products = JacobianProducts(module, batch)
-    traces, stderr, rows = {}, {}, {}
-    for name, r in products.residuals.items():
+
+    def term(name: str, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         samples = []
         for _ in range(num_probes):
             v = rademacher((r.numel(),), generator=generator, device=r.device, dtype=r.dtype)
             samples.append(products.squared_norm(products.vjp(name, v)).detach())
-        traces[name], stderr[name] = mean_and_stderr(torch.stack(samples))
-        rows[name] = r.numel()
-    return TraceEstimate(traces, stderr, rows, "hutchinson", {"num_probes": num_probes})
+        return mean_and_stderr(torch.stack(samples))
+
+    return TraceEstimate(*products.per_term(term), "hutchinson", {"num_probes": num_probes})
 
 
+@register_estimator("hutchinson")
 class Hutchinson(TraceEstimator):
     """Hutchinson's estimator with ``num_probes`` Rademacher probes per term (:func:`hutchinson_traces`).
 
@@ -66,4 +66,7 @@ class Hutchinson(TraceEstimator):
 
     def __init__(self, num_probes: int = 16) -> None:
         check_positive_int(num_probes, "num_probes")
-        super().__init__("hutchinson", num_probes=num_probes)
+        super().__init__(num_probes=num_probes)
+
+    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+        return hutchinson_traces(module, batch, generator=generator, **self.options)

@@ -27,7 +27,6 @@ from lightning_ntk.products import JacobianProducts
 __all__ = ["HutchPlusPlus", "hutchpp_traces"]
 
 
-@register_estimator("hutchpp")
 def hutchpp_traces(
     module: nn.Module, batch: object, *, num_probes: int = 9, generator: torch.Generator | None = None
 ) -> TraceEstimate:
@@ -49,8 +48,8 @@ def hutchpp_traces(
     check_positive_int(num_probes, "num_probes")
     k = max(1, num_probes // 3)
     products = JacobianProducts(module, batch)
-    traces, stderr, rows = {}, {}, {}
-    for name, r in products.residuals.items():
+
+    def term(name: str, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = r.numel()
         kk = min(k, n)
         sketch = torch.stack(
@@ -63,19 +62,19 @@ def hutchpp_traces(
         q, _ = torch.linalg.qr(sketch)
         head = sum(products.squared_norm(products.vjp(name, q[:, j])).detach() for j in range(q.shape[1]))
         if kk >= n:
-            traces[name], stderr[name] = head, torch.zeros_like(head)
-        else:
-            tail = []
-            for _ in range(k):
-                g = rademacher((n,), generator=generator, device=r.device, dtype=r.dtype)
-                g = g - q @ (q.T @ g)
-                tail.append(products.squared_norm(products.vjp(name, g)).detach())
-            mean, err = mean_and_stderr(torch.stack(tail))
-            traces[name], stderr[name] = head + mean, err
-        rows[name] = n
-    return TraceEstimate(traces, stderr, rows, "hutchpp", {"num_probes": num_probes, "rank": k})
+            return head, torch.zeros_like(head)
+        tail = []
+        for _ in range(k):
+            g = rademacher((n,), generator=generator, device=r.device, dtype=r.dtype)
+            g = g - q @ (q.T @ g)
+            tail.append(products.squared_norm(products.vjp(name, g)).detach())
+        mean, err = mean_and_stderr(torch.stack(tail))
+        return head + mean, err
+
+    return TraceEstimate(*products.per_term(term), "hutchpp", {"num_probes": num_probes, "rank": k})
 
 
+@register_estimator("hutchpp")
 class HutchPlusPlus(TraceEstimator):
     """Hutch++ with about ``num_probes`` NTK products per term (:func:`hutchpp_traces`).
 
@@ -86,4 +85,7 @@ class HutchPlusPlus(TraceEstimator):
 
     def __init__(self, num_probes: int = 9) -> None:
         check_positive_int(num_probes, "num_probes")
-        super().__init__("hutchpp", num_probes=num_probes)
+        super().__init__(num_probes=num_probes)
+
+    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+        return hutchpp_traces(module, batch, generator=generator, **self.options)

@@ -20,21 +20,20 @@ from lightning_ntk.jacobian import per_point_squared_norms
 __all__ = ["Subsample", "subsample_traces"]
 
 
-@register_estimator("subsample")
 def subsample_traces(
     module: nn.Module,
     batch: object,
     *,
-    num_probes: int = 64,
+    num_points: int = 64,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
 ) -> TraceEstimate:
-    """Estimate ``Tr K_ii`` from ``num_probes`` random points per term.
+    """Estimate ``Tr K_ii`` from ``num_points`` random points per term.
 
     Args:
         module: Any ``nn.Module`` with ``residuals(batch)``.
         batch: The batch ``residuals`` takes.
-        num_probes: Points drawn per term (all points when a term has fewer).
+        num_points: Points drawn per term (all points when a term has fewer).
         generator: Seeds the draw.
         chunk_size: Passed to the exact per-point computation.
 
@@ -47,15 +46,15 @@ def subsample_traces(
         ...     def residuals(self, x):
         ...         return {"data": self.lin(x)}
         >>> x = torch.ones(100, 1)
-        >>> est = subsample_traces(Fit(), x, num_probes=10, generator=torch.Generator().manual_seed(0))
+        >>> est = subsample_traces(Fit(), x, num_points=10, generator=torch.Generator().manual_seed(0))
         >>> est.traces["data"]  # every point has ‖∂r/∂θ‖² = x² + 1 = 2
         tensor(200.)
     """
-    check_positive_int(num_probes, "num_probes")
+    check_positive_int(num_points, "num_points")
     reference = evaluate_residuals(module, batch, getattr(module, "terms", None))
     device = next(iter(reference.values())).device
     sizes = {r.shape[0] for r in reference.values()}
-    indices = {n: sample_points(n, num_probes, generator=generator, device=device) for n in sorted(sizes)}
+    indices = {n: sample_points(n, num_points, generator=generator, device=device) for n in sorted(sizes)}
     norms = per_point_squared_norms(module, batch, chunk_size=chunk_size, reference=reference, indices=indices)
     traces, stderr = {}, {}
     for name, values in norms.norms.items():
@@ -71,6 +70,7 @@ def subsample_traces(
     return TraceEstimate(traces, stderr, norms.num_rows, "subsample", info)
 
 
+@register_estimator("subsample")
 class Subsample(TraceEstimator):
     """Exact per-point norms on ``num_points`` random points per term, scaled up (:func:`subsample_traces`).
 
@@ -82,7 +82,7 @@ class Subsample(TraceEstimator):
     def __init__(self, num_points: int = 64, chunk_size: int | None = None) -> None:
         check_positive_int(num_points, "num_points")
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
-        super().__init__("subsample", num_probes=num_points, chunk_size=chunk_size)
+        super().__init__(num_points=num_points, chunk_size=chunk_size)
 
-    def __repr__(self) -> str:
-        return f"Subsample(num_points={self.options['num_probes']!r}, chunk_size={self.options['chunk_size']!r})"
+    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
+        return subsample_traces(module, batch, generator=generator, **self.options)
