@@ -22,6 +22,26 @@ times that of ``Σ_n r_n`` on every row of point ``n``. A use this module does n
 does not know, a weight built from other parameters, rows that mix points, a parameter on the side
 of a product whose rows are not points) raises :class:`GramUnsupported` with the reason, and the
 caller falls back to a per-point path.
+
+Invariants (each checked where it is named):
+
+1. Row ``n`` of a term depends on point ``n`` only, or the whole batch is the term's one point.
+   Confirmed per use by the seeded backward (:func:`_choose_layout`), and per term once per module
+   and batch layout by the dispatcher's comparison with a per-point path on three points
+   (``_cross_check`` in :mod:`lightning_ntk.jacobian.dispatch`); a term that fails either takes a
+   per-point path alone, the others stay here.
+2. Every parameter use is recorded: the recorder follows each tensor aliasing a parameter by an index
+   map (views, copies, scalings) and raises :class:`GramUnsupported` — for every term, since the
+   recording is shared — on a use it cannot model. Uses it cannot see (inside a custom
+   ``autograd.Function``) are caught by the three-point comparison of invariant 1.
+3. Index maps live on the CPU, so reading them never waits for the device.
+4. Confirmed layouts are cached per module and batch signature together with the fingerprint of the
+   uses (parameter, kind, output shape); a different fingerprint confirms them again.
+5. Only a batch whose residuals are all finite confirms layouts; a non-finite point poisons its own
+   rows, so its norm is NaN and every other point's and term's is unaffected.
+6. Norms accumulate in the parameters' dtype (factors recorded under autocast are promoted).
+7. An output of a product with a parameter that is modified in place invalidates the recording.
+8. Nothing is written to ``param.grad``; results carry no graph.
 """
 
 from __future__ import annotations
@@ -29,6 +49,8 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +58,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_ntk.points import POINTWISE_RTOL
 
-__all__ = ["GramResult", "GramUnsupported", "gram_squared_norms"]
+__all__ = [
+    "ConfirmedLayouts",
+    "GramLayouts",
+    "GramResult",
+    "GramUnsupported",
+    "Split",
+    "UseKey",
+    "UseKind",
+    "gram_squared_norms",
+]
 
 # A parameter whose uses need dense per-point gradients (elementwise uses) may take at most this
 # many bytes of them; beyond, the caller falls back (or chunks the points).
@@ -55,8 +86,172 @@ _COPIES = {"clone", "_to_copy", "contiguous", "lift_fresh_copy"}
 _RESHAPES = {"_unsafe_view", "view_copy", "reshape"}
 
 
+# ------------------------------------------------------------------ the entry point and its result
+
+
 class GramUnsupported(Exception):
     """The residual uses a parameter in a way the Gram identities do not model."""
+
+
+class UseKind(Enum):
+    """How a recorded use applies a parameter ``P`` to a tensor whose rows belong to points."""
+
+    RIGHT = "right"  # Y = L @ P
+    LEFT = "left"  # Y = P @ R
+    ELEMENTWISE = "elementwise"  # Y = P ⊙ other (broadcast over points), or P + other
+
+
+class Split(Enum):
+    """How the point axis of a tensor holds a term's ``N`` points."""
+
+    POINT_MAJOR = "n"  # (…, N, S, …): each point's S rows together
+    POINT_MINOR = "s"  # (…, S, N, …): S blocks of all N points
+    BLOCK = "b"  # this term's N points as one block among other terms' rows
+
+
+class UseKey(NamedTuple):
+    """A confirmed layout is per term, output component of a point, and recorded use."""
+
+    term: str
+    component: int
+    use: int
+
+
+@dataclass
+class ConfirmedLayouts:
+    """What one module and batch layout confirmed: the uses it saw, their layouts, and the terms the
+    identities do not cover (with the reason)."""
+
+    fingerprint: tuple
+    layouts: dict[UseKey, _Layout]
+    unsupported: dict[str, str]
+
+
+@dataclass
+class GramResult:
+    """What one Gram pass gives: norms of the terms it covers, and why it does not cover the others.
+
+    Attributes:
+        norms: term → per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows), parameters' dtype.
+        num_rows: term → residual entries, for every term.
+        unsupported: term → the reason the identities do not cover it (rows that mix points, say).
+    """
+
+    norms: dict[str, Tensor]
+    num_rows: dict[str, int]
+    unsupported: dict[str, str]
+
+
+class GramLayouts:
+    """Point layouts of the recorded uses, confirmed once per module and batch layout."""
+
+    def __init__(self) -> None:
+        self._cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ConfirmedLayouts]] = weakref.WeakKeyDictionary()
+
+    def lookup(self, module: nn.Module, key: tuple) -> ConfirmedLayouts | None:
+        return self._cache.get(module, {}).get(key)
+
+    def store(self, module: nn.Module, key: tuple, confirmed: ConfirmedLayouts) -> None:
+        self._cache.setdefault(module, {})[key] = confirmed
+
+
+@torch.enable_grad()  # the sums over points must join the graph even when the caller runs under no_grad
+def gram_squared_norms(
+    module: nn.Module,
+    batch: object,
+    params: Mapping[str, Tensor],
+    residuals_fn: Callable[[object], Mapping[str, Tensor]],
+    layouts: GramLayouts,
+    key: tuple,
+    skip: frozenset[str] = frozenset(),
+) -> GramResult:
+    """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, term by term.
+
+    A term whose rows the identities do not cover (its rows mix points) is reported in
+    ``unsupported`` and the other terms are still computed. Non-finite residual rows give non-finite
+    norms at those points only; layouts chosen on such a batch are not cached.
+
+    Args:
+        module: The module whose parameters ``params`` are.
+        batch: What ``residuals_fn`` takes.
+        params: The trainable parameters by name.
+        residuals_fn: Evaluates and checks the residuals.
+        layouts: Cache of confirmed point layouts.
+        key: Cache key of this batch layout.
+        skip: Terms not to compute (known to need another path).
+
+    Raises:
+        GramUnsupported: The residual uses a parameter in a way the identities do not cover, for
+            every term (the recording is shared).
+    """
+    residuals, uses = _record_uses(params, residuals_fn, batch)
+    rows = {term: r.numel() for term, r in residuals.items()}
+    known = layouts.lookup(module, key)
+    fingerprint = _fingerprint(uses)
+    if known is not None and known.fingerprint != fingerprint:
+        known = None
+    chosen: dict[UseKey, _Layout] = {} if known is None else known.layouts
+    unsupported: dict[str, str] = {} if known is None else dict(known.unsupported)
+    outputs: list[Tensor] = []
+    slot: dict[int, int] = {}
+    for use in uses:
+        if id(use.output) not in slot and use.output.requires_grad:
+            slot[id(use.output)] = len(outputs)
+            outputs.append(use.output)
+    dtype = next(iter(params.values())).dtype
+    seeds = torch.Generator(device="cpu").manual_seed(0)
+    norms: dict[str, Tensor] = {}
+    for term, r in residuals.items():
+        if term in skip or term in unsupported:
+            continue
+        n = r.shape[0]
+        flat = r.reshape(n, -1)
+        weights = None if known is not None else (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(flat)
+        total = flat.new_zeros(n, dtype=dtype)
+        try:
+            for c in range(flat.shape[1]):
+                grads = _grads(flat[:, c].sum(), outputs)
+                seeded = None if weights is None else _grads((flat[:, c] * weights).sum(), outputs)
+                confirmed = {}
+                for i, use in enumerate(uses):
+                    j = slot.get(id(use.output))
+                    if j is None or grads[j] is None:
+                        continue
+                    key = UseKey(term, c, i)
+                    if seeded is not None:
+                        chosen[key] = _choose_layout(use, grads[j], seeded[j], weights, n)
+                    if key not in chosen:  # a use whose gradient was zero when layouts were confirmed
+                        raise GramUnsupported("the parameter uses changed since the layout was confirmed")
+                    confirmed[i] = (grads[j], chosen[key])
+                total = total + _component_norms(uses, confirmed, params, n)
+        except GramUnsupported as err:
+            unsupported[term] = str(err)
+            continue
+        norms[term] = total.detach()  # in the parameters' dtype
+    # Rows that are not finite confirm nothing about the layout there: such a pass is not cached.
+    if known is None and all(bool(torch.isfinite(r).all()) for r in residuals.values()):
+        layouts.store(module, key, ConfirmedLayouts(fingerprint, chosen, unsupported))
+    return GramResult(norms, rows, unsupported)
+
+
+# ------------------------------------------------------------------ recording the parameter uses
+
+
+def _record_uses(
+    params: Mapping[str, Tensor], residuals_fn: Callable[[object], Mapping[str, Tensor]], batch: object
+) -> tuple[Mapping[str, Tensor], list[_Use]]:
+    """One residual evaluation with its parameter uses recorded."""
+    recorder = _Recorder(params)
+    with recorder:
+        residuals = residuals_fn(batch)
+    rec = recorder.recording
+    del recorder  # drop the alias table (and the tensors it keeps alive)
+    if rec.unsupported is not None:
+        raise GramUnsupported(rec.unsupported)
+    for use in rec.uses:
+        if use.output._version != use.version:
+            raise GramUnsupported("the output of a product with a parameter was modified in place")
+    return residuals, rec.uses
 
 
 @dataclass
@@ -70,7 +265,7 @@ class _Alias:
 @dataclass
 class _Use:
     name: str
-    kind: str  # "right" (Y = L @ P), "left" (Y = P @ R) or "elementwise"
+    kind: UseKind
     output: Tensor
     version: int
     index: Tensor  # index map of the parameter operand as used
@@ -200,39 +395,47 @@ class _Recorder(TorchDispatchMode):
             raise GramUnsupported("a parameter is divided by a tensor")
 
     def _elementwise(self, out: Tensor, alias: _Alias, factor: float, other: Tensor | None) -> None:
-        use = _Use(alias.name, "elementwise", out, out._version, alias.index, alias.scale * factor, other)
+        use = _Use(alias.name, UseKind.ELEMENTWISE, out, out._version, alias.index, alias.scale * factor, other)
         self.recording.uses.append(use)
 
     def _matrix(self, operands: tuple, pos: int, out: Tensor, alias: _Alias, factor: float) -> None:
         other = operands[1 - pos]
-        kind = "right" if pos == 1 else "left"
+        kind = UseKind.RIGHT if pos == 1 else UseKind.LEFT
         base = alias.index.untyped_storage().data_ptr() in self.bases
         use = _Use(alias.name, kind, out, out._version, alias.index, alias.scale * factor, other, base)
         self.recording.uses.append(use)
+
+
+def _fingerprint(uses: list[_Use]) -> tuple:
+    return tuple((u.name, u.kind, tuple(u.output.shape)) for u in uses)
+
+
+# ------------------------------------------------------------------ where the points sit
 
 
 @dataclass(frozen=True)
 class _Layout:
     """Where the points sit in a tensor along ``axis``.
 
-    ``split``: ``"s"`` (…, S, N, …) or ``"n"`` (…, N, S, …) when the axis holds ``S`` rows per point;
-    ``"b"`` when it holds this term's points as one block at ``offset`` among other terms' rows (one
-    network evaluation on the concatenation of several terms' points).
+    ``split``: :class:`Split` — ``POINT_MINOR`` (…, S, N, …) or ``POINT_MAJOR`` (…, N, S, …) when the
+    axis holds ``S`` rows per point; ``BLOCK`` when it holds this term's points as one block at
+    ``offset`` among other terms' rows (one network evaluation on the concatenation of several terms'
+    points).
     """
 
     axis: int
-    split: str
+    split: Split
     offset: int = 0
 
     def points_first(self, t: Tensor, n: int) -> Tensor:
         """``t`` as ``(N, rest...)`` with point ``p`` in row ``p``."""
-        if self.split == "b":
+        if self.split is Split.BLOCK:
             return t.narrow(self.axis, self.offset, n).movedim(self.axis, 0)
         if n == 1:
             return t.unsqueeze(0)
         size = t.shape[self.axis]
         shape = list(t.shape)
-        if self.split == "s":
+        if self.split is Split.POINT_MINOR:
             shape[self.axis : self.axis + 1] = [size // n, n]
             return t.reshape(shape).movedim(self.axis + 1, 0)
         shape[self.axis : self.axis + 1] = [n, size // n]
@@ -241,15 +444,15 @@ class _Layout:
 
 def _candidates(shape: tuple[int, ...], axes: range | list[int], n: int, fixed: Callable[[int], bool]) -> list[_Layout]:
     if n == 1:
-        return [_Layout(0, "n")]
+        return [_Layout(0, Split.POINT_MAJOR)]
     out = []
     for axis in axes:
         size = shape[axis]
         if size % n or not fixed(axis):
             continue
-        out.append(_Layout(axis, "n"))
+        out.append(_Layout(axis, Split.POINT_MAJOR))
         if size != n:
-            out.append(_Layout(axis, "s"))
+            out.append(_Layout(axis, Split.POINT_MINOR))
     return out
 
 
@@ -267,12 +470,12 @@ def _broadcast_free(index: Tensor, shape: tuple[int, ...]) -> Callable[[int], bo
 def _point_axes(use: _Use) -> tuple[list[int], Callable[[int], bool]]:
     """Axes of the output that may hold points, and whether the parameter is constant along each."""
     shape = tuple(use.output.shape)
-    if use.kind == "elementwise":
+    if use.kind is UseKind.ELEMENTWISE:
         return list(range(len(shape))), _broadcast_free(use.index, shape)
     # Products: the points are among the batch dims and the rows (right) or columns (left) of the
     # output, along which the parameter operand never varies.
     batch = len(shape) - 2
-    lead = [*range(batch), batch if use.kind == "right" else batch + 1]
+    lead = [*range(batch), batch if use.kind is UseKind.RIGHT else batch + 1]
     in_batch = _broadcast_free(use.index[..., 0, 0], shape[:batch])
     return lead, lambda axis: axis >= batch or in_batch(axis)
 
@@ -287,8 +490,53 @@ def _use_candidates(use: _Use, n: int, grad: Tensor) -> list[_Layout]:
             busy = grad.movedim(axis, 0).reshape(size, -1).abs().sum(1) > 0
             first = int(busy.nonzero()[0, 0]) if bool(busy.any()) else 0
             if first + n <= size:
-                out.append(_Layout(axis, "b", first))
+                out.append(_Layout(axis, Split.BLOCK, first))
     return out
+
+
+def _choose_layout(use: _Use, grad: Tensor, seeded: Tensor, weights: Tensor, n: int) -> _Layout:
+    # A non-finite point poisons its own rows (0·NaN in the backward), never another point's: the
+    # layout is decided on the finite rows, and the norms keep the NaN at that point only.
+    grad, seeded = _finite_or_zero(grad), _finite_or_zero(seeded)
+    scale = seeded.norm()
+    for layout in _use_candidates(use, n, grad):
+        g = layout.points_first(grad, n).reshape(n, -1)
+        s = layout.points_first(seeded, n).reshape(n, -1)
+        # Rounding leaves ~1e-7 (float32); a wrong layout ~0.2 (the seeds are uniform on [1, 2)). A
+        # block must also hold all of the gradient: rows outside it belong to no point of this term.
+        outside = (seeded.norm() ** 2 - s.norm() ** 2).clamp_min(0).sqrt() if layout.split is Split.BLOCK else 0.0
+        if (s - weights[:, None] * g).norm() + outside <= POINTWISE_RTOL * scale:
+            return layout
+    raise GramUnsupported(
+        f"the rows of an aten product on {use.name!r} do not map to the points of a term (rows mix points)"
+    )
+
+
+def _finite_or_zero(t: Tensor) -> Tensor:
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# ------------------------------------------------------------------ per-point norms from the factors
+
+
+def _component_norms(
+    uses: list[_Use], confirmed: dict[int, tuple[Tensor, _Layout]], params: Mapping[str, Tensor], n: int
+) -> Tensor:
+    """``Σ_params ‖∂r_n[c]/∂p‖²`` for one output component from the uses' gradients and layouts."""
+    accs: dict[str, _Accumulator] = {}
+    for i, (grad, layout) in confirmed.items():
+        use = uses[i]
+        p = params[use.name]
+        acc = accs.setdefault(use.name, _Accumulator(tuple(p.shape), p.dtype))
+        if use.kind is UseKind.ELEMENTWISE:
+            _add_elementwise_use(acc, use, grad, layout, n, p.numel())
+        else:
+            _add_matrix_use(acc, use, grad, layout, n)
+    first = next(iter(params.values()))
+    total = first.new_zeros(n)
+    for acc in accs.values():
+        total = total + acc.squared_norms(n)
+    return total
 
 
 @dataclass
@@ -357,7 +605,7 @@ def _orientation(index: Tensor, shape: tuple[int, ...], view_of_base: bool) -> b
 
 def _add_matrix_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout, n: int) -> None:
     other, index = use.other, use.index
-    if use.kind == "left":  # Y = P R  ⇔  Yᵀ = Rᵀ Pᵀ: the right case on transposes
+    if use.kind is UseKind.LEFT:  # Y = P R  ⇔  Yᵀ = Rᵀ Pᵀ: the right case on transposes
         other, index, grad = other.transpose(-1, -2), index.transpose(-1, -2), grad.transpose(-1, -2)
         axis = layout.axis if layout.axis < grad.ndim - 2 else grad.ndim - 2
         layout = _Layout(axis, layout.split, layout.offset)
@@ -386,175 +634,6 @@ def _add_elementwise_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _La
         raise GramUnsupported("too many points for the dense per-point gradient of an elementwise parameter use")
     dense = per_point.new_zeros(n, numel).index_add_(1, flat_index, per_point)
     acc.add_dense(dense if use.scale == 1.0 else dense * use.scale)
-
-
-def _choose_layout(use: _Use, grad: Tensor, seeded: Tensor, weights: Tensor, n: int) -> _Layout:
-    # A non-finite point poisons its own rows (0·NaN in the backward), never another point's: the
-    # layout is decided on the finite rows, and the norms keep the NaN at that point only.
-    grad, seeded = _finite_or_zero(grad), _finite_or_zero(seeded)
-    scale = seeded.norm()
-    for layout in _use_candidates(use, n, grad):
-        g = layout.points_first(grad, n).reshape(n, -1)
-        s = layout.points_first(seeded, n).reshape(n, -1)
-        # Rounding leaves ~1e-7 (float32); a wrong layout ~0.2 (the seeds are uniform on [1, 2)). A
-        # block must also hold all of the gradient: rows outside it belong to no point of this term.
-        outside = (seeded.norm() ** 2 - s.norm() ** 2).clamp_min(0).sqrt() if layout.split == "b" else 0.0
-        if (s - weights[:, None] * g).norm() + outside <= POINTWISE_RTOL * scale:
-            return layout
-    raise GramUnsupported(
-        f"the rows of an aten product on {use.name!r} do not map to the points of a term (rows mix points)"
-    )
-
-
-def _finite_or_zero(t: Tensor) -> Tensor:
-    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-class GramLayouts:
-    """Point layouts of the recorded uses, confirmed once per module and batch layout."""
-
-    def __init__(self) -> None:
-        self._cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict]] = weakref.WeakKeyDictionary()
-
-    def lookup(self, module: nn.Module, key: tuple) -> dict | None:
-        return self._cache.get(module, {}).get(key)
-
-    def store(self, module: nn.Module, key: tuple, layouts: dict) -> None:
-        self._cache.setdefault(module, {})[key] = layouts
-
-
-def _fingerprint(uses: list[_Use]) -> tuple:
-    return tuple((u.name, u.kind, tuple(u.output.shape)) for u in uses)
-
-
-@dataclass
-class GramResult:
-    """What one Gram pass gives: norms of the terms it covers, and why it does not cover the others.
-
-    Attributes:
-        norms: term → per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows), parameters' dtype.
-        num_rows: term → residual entries, for every term.
-        unsupported: term → the reason the identities do not cover it (rows that mix points, say).
-    """
-
-    norms: dict[str, Tensor]
-    num_rows: dict[str, int]
-    unsupported: dict[str, str]
-
-
-@torch.enable_grad()  # the sums over points must join the graph even when the caller runs under no_grad
-def gram_squared_norms(
-    module: nn.Module,
-    batch: object,
-    params: Mapping[str, Tensor],
-    residuals_fn: Callable[[object], Mapping[str, Tensor]],
-    layouts: GramLayouts,
-    key: tuple,
-    skip: frozenset[str] = frozenset(),
-) -> GramResult:
-    """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, term by term.
-
-    A term whose rows the identities do not cover (its rows mix points) is reported in
-    ``unsupported`` and the other terms are still computed. Non-finite residual rows give non-finite
-    norms at those points only; layouts chosen on such a batch are not cached.
-
-    Args:
-        module: The module whose parameters ``params`` are.
-        batch: What ``residuals_fn`` takes.
-        params: The trainable parameters by name.
-        residuals_fn: Evaluates and checks the residuals.
-        layouts: Cache of confirmed point layouts.
-        key: Cache key of this batch layout.
-        skip: Terms not to compute (known to need another path).
-
-    Raises:
-        GramUnsupported: The residual uses a parameter in a way the identities do not cover, for
-            every term (the recording is shared).
-    """
-    residuals, uses = _record_uses(params, residuals_fn, batch)
-    rows = {term: r.numel() for term, r in residuals.items()}
-    known = layouts.lookup(module, key)
-    fingerprint = _fingerprint(uses)
-    if known is not None and known["fingerprint"] != fingerprint:
-        known = None
-    chosen: dict = {} if known is None else known["layouts"]
-    unsupported: dict[str, str] = {} if known is None else dict(known["unsupported"])
-    outputs: list[Tensor] = []
-    slot: dict[int, int] = {}
-    for use in uses:
-        if id(use.output) not in slot and use.output.requires_grad:
-            slot[id(use.output)] = len(outputs)
-            outputs.append(use.output)
-    dtype = next(iter(params.values())).dtype
-    seeds = torch.Generator(device="cpu").manual_seed(0)
-    norms: dict[str, Tensor] = {}
-    for term, r in residuals.items():
-        if term in skip or term in unsupported:
-            continue
-        n = r.shape[0]
-        flat = r.reshape(n, -1)
-        weights = None if known is not None else (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(flat)
-        total = flat.new_zeros(n, dtype=dtype)
-        try:
-            for c in range(flat.shape[1]):
-                grads = _grads(flat[:, c].sum(), outputs)
-                seeded = None if weights is None else _grads((flat[:, c] * weights).sum(), outputs)
-                confirmed = {}
-                for i, use in enumerate(uses):
-                    j = slot.get(id(use.output))
-                    if j is None or grads[j] is None:
-                        continue
-                    if seeded is not None:
-                        chosen[(term, c, i)] = _choose_layout(use, grads[j], seeded[j], weights, n)
-                    if (term, c, i) not in chosen:  # a use whose gradient was zero when layouts were confirmed
-                        raise GramUnsupported("the parameter uses changed since the layout was confirmed")
-                    confirmed[i] = (grads[j], chosen[(term, c, i)])
-                total = total + _component_norms(uses, confirmed, params, n)
-        except GramUnsupported as err:
-            unsupported[term] = str(err)
-            continue
-        norms[term] = total.detach()  # in the parameters' dtype
-    # Rows that are not finite confirm nothing about the layout there: such a pass is not cached.
-    if known is None and all(bool(torch.isfinite(r).all()) for r in residuals.values()):
-        layouts.store(module, key, {"fingerprint": fingerprint, "layouts": chosen, "unsupported": unsupported})
-    return GramResult(norms, rows, unsupported)
-
-
-def _record_uses(
-    params: Mapping[str, Tensor], residuals_fn: Callable[[object], Mapping[str, Tensor]], batch: object
-) -> tuple[Mapping[str, Tensor], list[_Use]]:
-    """One residual evaluation with its parameter uses recorded."""
-    recorder = _Recorder(params)
-    with recorder:
-        residuals = residuals_fn(batch)
-    rec = recorder.recording
-    del recorder  # drop the alias table (and the tensors it keeps alive)
-    if rec.unsupported is not None:
-        raise GramUnsupported(rec.unsupported)
-    for use in rec.uses:
-        if use.output._version != use.version:
-            raise GramUnsupported("the output of a product with a parameter was modified in place")
-    return residuals, rec.uses
-
-
-def _component_norms(
-    uses: list[_Use], confirmed: dict[int, tuple[Tensor, _Layout]], params: Mapping[str, Tensor], n: int
-) -> Tensor:
-    """``Σ_params ‖∂r_n[c]/∂p‖²`` for one output component from the uses' gradients and layouts."""
-    accs: dict[str, _Accumulator] = {}
-    for i, (grad, layout) in confirmed.items():
-        use = uses[i]
-        p = params[use.name]
-        acc = accs.setdefault(use.name, _Accumulator(tuple(p.shape), p.dtype))
-        if use.kind == "elementwise":
-            _add_elementwise_use(acc, use, grad, layout, n, p.numel())
-        else:
-            _add_matrix_use(acc, use, grad, layout, n)
-    first = next(iter(params.values()))
-    total = first.new_zeros(n)
-    for acc in accs.values():
-        total = total + acc.squared_norms(n)
-    return total
 
 
 def _grads(output: Tensor, inputs: list[Tensor]) -> tuple[Tensor | None, ...]:
