@@ -9,21 +9,22 @@ number.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_ntk.memory import memory_of
+
 __all__ = [
-    "LAYOUTS",
     "POINTWISE_RTOL",
-    "LayoutMemory",
     "PointSplit",
     "batch_signature",
     "check_point_layout",
     "close",
+    "known_point_layout",
+    "pointwise",
     "subsample_batch",
 ]
 
@@ -33,41 +34,16 @@ __all__ = [
 POINTWISE_RTOL = 1e-4
 
 
-class LayoutMemory:
-    """Point counts of every term, per module and batch layout, once checked by :func:`check_point_layout`.
-
-    ``None`` records a module whose residuals failed the check (not pointwise), so that callers that
-    can do without subsampling do not repeat it.
-    """
-
-    def __init__(self) -> None:
-        self._layouts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, int] | None]] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def _entries(self, module: nn.Module) -> dict[tuple, dict[str, int] | None]:
-        return self._layouts.setdefault(module, {})
-
-    def get(self, module: nn.Module, batch: object) -> dict[str, int] | None:
-        return self._entries(module).get(batch_signature(batch))
-
-    def set(self, module: nn.Module, batch: object, layout: dict[str, int]) -> None:
-        self._entries(module)[batch_signature(batch)] = layout
-
-    def subsamplable(self, module: nn.Module, batch: object) -> bool:
-        """False once the check failed for this module and batch layout."""
-        entries = self._entries(module)
-        key = batch_signature(batch)
-        return key not in entries or entries[key] is not None
-
-    def mark_not_subsamplable(self, module: nn.Module, batch: object) -> None:
-        self._entries(module)[batch_signature(batch)] = None
-
-    def clear(self) -> None:
-        self._layouts.clear()
+def known_point_layout(module: nn.Module, batch: object) -> dict[str, int] | None:
+    """The point count of every term once :func:`check_point_layout` confirmed it, else ``None``."""
+    return memory_of(module).point_layouts.get(batch_signature(batch))
 
 
-LAYOUTS = LayoutMemory()
+def pointwise(module: nn.Module, batch: object) -> bool:
+    """False once :func:`check_point_layout` found the residuals not pointwise for this batch layout."""
+    layouts = memory_of(module).point_layouts
+    key = batch_signature(batch)
+    return key not in layouts or layouts[key] is not None
 
 
 def batch_signature(batch: object) -> tuple:
@@ -139,15 +115,17 @@ def check_point_layout(
     evaluate: Callable[[object], Mapping[str, Tensor]],
     sample: Callable[[int], Tensor],
 ) -> dict[str, int]:
-    """Point count of every term, checked once per module and batch layout, then cached.
+    """Point count of every term, checked once per module and batch layout, then kept in the
+    module's :class:`~lightning_ntk.memory.ModuleMemory` (a failed check too).
 
     The check evaluates the residuals on the full batch and on a random subset of its points and
     demands that the subset's rows equal the full rows at those points; a residual whose row ``n``
     depends on other points (or a batch whose layout the inference gets wrong) is a clear error.
     """
-    known = LAYOUTS.get(module, batch)
+    known = known_point_layout(module, batch)
     if known is not None:
         return known
+    layouts = memory_of(module).point_layouts
     full = evaluate(batch)
     layout = {name: r.shape[0] for name, r in full.items()}
     indices = {n: sample(n) for n in sorted(set(layout.values()))}
@@ -155,10 +133,11 @@ def check_point_layout(
     for name, r in part.items():
         want = full[name][indices[layout[name]].to(full[name].device)]
         if r.shape != want.shape or not close(r, want):
+            layouts[batch_signature(batch)] = None
             raise ValueError(
                 f"Point subsampling does not reproduce the residual of term {name!r}: its row n must depend "
                 "only on point n, and every tensor in the batch with that term's point count must hold one "
-                "row per point. Use points_per_probe=None for this module."
+                "row per point."
             )
-    LAYOUTS.set(module, batch, layout)
+    layouts[batch_signature(batch)] = layout
     return layout

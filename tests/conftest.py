@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.func import hessian, vmap
 
-from lightning_ntk import PINNModule, jacobian
+from lightning_ntk import PINNModule
 from lightning_ntk.derivatives import partial
-from lightning_ntk.points import LAYOUTS
+from lightning_ntk.memory import forget
 
 
 def mlp(d_in: int = 1, width: int = 8, d_out: int = 1, depth: int = 2) -> nn.Sequential:
@@ -124,8 +124,7 @@ def reference_traces(module: nn.Module, batch, params=None) -> dict[str, torch.T
 def _seed_and_fresh_warnings():
     torch.manual_seed(1234)
     # The slow-path warning is issued once per model class; every test starts without that memory.
-    jacobian.MEMORY.clear()
-    LAYOUTS.clear()
+    forget()
 
 
 def repeat_loader(batch, steps: int):

@@ -19,7 +19,7 @@ from lightning_ntk.estimators import (
     as_estimator,
     register_estimator,
 )
-from lightning_ntk.points import LAYOUTS
+from lightning_ntk.memory import forget
 
 NAMES = sorted(ESTIMATORS)  # collected before any test registers its own
 
@@ -91,11 +91,11 @@ def test_options_of_an_object_reach_the_estimator():
         (FiniteDifference(num_probes=2, points_per_probe=7), "fd", {"num_probes": 2, "points_per_probe": 7}),
         (Subsample(num_points=5), "subsample", {"num_points": 5}),
     ]:
-        LAYOUTS.clear()  # every call makes the same draws, fd's one-time layout check included
+        forget()  # every call starts from the same (empty) memory of the module
         a = made(model, batch, seeded(1))
-        LAYOUTS.clear()
+        forget()
         b = estimate_ntk_traces(model, batch, name, generator=seeded(1), **options)
-        LAYOUTS.clear()
+        forget()
         c = estimate_ntk_traces(model, batch, name, generator=seeded(1))
         assert all(torch.equal(a.traces[t], b.traces[t]) for t in b.traces)
         assert not all(torch.equal(a.traces[t], c.traces[t]) for t in c.traces)  # the options matter here

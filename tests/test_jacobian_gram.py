@@ -19,7 +19,7 @@ from torch.func import hessian, jacfwd, vmap
 
 from lightning_ntk.derivatives import laplacian, partial
 from lightning_ntk.jacobian import per_point_squared_norms
-from lightning_ntk.jacobian.gram import GramLayouts, gram_squared_norms
+from lightning_ntk.jacobian.gram import gram_squared_norms
 from lightning_ntk.taylor import TaylorMLP
 
 
@@ -274,9 +274,9 @@ def test_taylor_mlp_streams_take_the_same_path():
 
 
 def test_large_groups_are_taken_in_slices(monkeypatch):
-    from lightning_ntk.jacobian import per_point
+    from lightning_ntk.jacobian import dispatch
 
-    monkeypatch.setattr(per_point, "_GRAM_MAX_POINTS", 4)
+    monkeypatch.setattr(dispatch, "_GRAM_MAX_POINTS", 4)
     torch.manual_seed(7)
     model = Problem(sequential(1, 1), "autograd_laplacian").double()
     assert_gram_exact(model, make_batch(1, seed=7, n_bc=2, n_res=11))
@@ -347,7 +347,7 @@ def test_a_block_must_hold_all_of_a_terms_gradient():
     batch = make_batch(2, seed=13, n_bc=7, n_res=3)
     # The layout check itself rejects it (not only the later comparison on three points).
     params = dict(model.named_parameters())
-    result = gram_squared_norms(model, batch, params, model.residuals, GramLayouts(), ("key",))
+    result = gram_squared_norms(batch, params, model.residuals, {}, ("key",))
     assert list(result.unsupported) == ["pde"] and "do not map to the points" in result.unsupported["pde"]
     assert list(result.norms) == ["bc"]  # the other term is still covered
     with pytest.warns(UserWarning, match="Gram path"):
@@ -489,22 +489,22 @@ def test_a_failed_check_is_remembered_per_module_and_batch_layout():
     batch = make_batch(2, seed=10)
     with pytest.warns(UserWarning, match="Gram path"):
         per_point_squared_norms(model, batch)
-    from lightning_ntk.jacobian import MEMORY
+    from lightning_ntk.memory import memory_of
 
-    assert all("bc" in v for v in MEMORY.gram_verdicts[model].values())
+    assert all("bc" in v for v in memory_of(model).gram_verdicts.values())
     assert per_point_squared_norms(model, batch).paths["bc"] != "gram"  # decided once, remembered
 
 
 @pytest.mark.parametrize("confirmed_first", [False, True], ids=["first call", "layout already confirmed"])
 def test_a_non_finite_point_gives_nan_at_that_point_only_and_leaves_the_path_undecided(confirmed_first):
-    from lightning_ntk.jacobian import MEMORY
+    from lightning_ntk.memory import memory_of
 
     torch.manual_seed(11)
     model = Problem(sequential(1, 1), "autograd_laplacian").double()
     batch = make_batch(1, seed=11)
     if confirmed_first:
         assert_gram_exact(model, batch)
-    verdicts = dict(MEMORY.gram_verdicts.get(model, {}))
+    verdicts = dict(memory_of(model).gram_verdicts)
     bad = {"bc": batch["bc"], "res": batch["res"].clone()}
     bad["res"][2] = float("nan")
     got = per_point_squared_norms(model, bad)
@@ -516,7 +516,7 @@ def test_a_non_finite_point_gives_nan_at_that_point_only_and_leaves_the_path_und
     want = reference_point_norms(model, {"bc": batch["bc"], "res": batch["res"][keep]})
     torch.testing.assert_close(got.norms["pde"][keep], want["pde"], rtol=1e-10, atol=0)
     torch.testing.assert_close(got.norms["bc"], want["bc"], rtol=1e-10, atol=0)
-    assert dict(MEMORY.gram_verdicts.get(model, {})) == verdicts  # nothing decided on a non-finite batch
+    assert dict(memory_of(model).gram_verdicts) == verdicts  # nothing decided on a non-finite batch
     assert_gram_exact(model, batch)  # the same layout with finite values: still the Gram path
 
 
@@ -557,7 +557,7 @@ def test_a_point_mixing_term_leaves_the_gram_path_alone():
 
 
 def test_first_sentence_keeps_whole_sentences():
-    from lightning_ntk.jacobian.per_point import first_sentence
+    from lightning_ntk.jacobian.common import first_sentence
 
     text = "RuntimeError: attempting to call Tensor.requires_grad_() inside vmap. Please use x.requires_grad."
     assert first_sentence(text) == "RuntimeError: attempting to call Tensor.requires_grad_() inside vmap."

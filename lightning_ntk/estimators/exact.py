@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator, check_positive_int, register_estimator
 from lightning_ntk.jacobian import per_point_squared_norms
-from lightning_ntk.jacobian.per_point import PATHS
+from lightning_ntk.jacobian.dispatch import PATHS
 
 __all__ = ["Exact", "exact_traces"]
 

@@ -49,7 +49,7 @@ from lightning_ntk.estimators.base import (
     check_positive_number,
     register_estimator,
 )
-from lightning_ntk.points import LAYOUTS, check_point_layout, subsample_batch
+from lightning_ntk.points import check_point_layout, pointwise, subsample_batch
 
 __all__ = ["AUTO_MIN_POINTS", "FiniteDifference", "auto_points_per_probe", "fd_step_size", "finite_difference_traces"]
 
@@ -113,9 +113,7 @@ def _point_sampler(
     def draw(n: int) -> Tensor:
         return sample_points(n, count(n), generator=generator, device=device)
 
-    if points_per_probe == "auto" and (
-        _max_leading_size(batch) <= AUTO_MIN_POINTS or not LAYOUTS.subsamplable(module, batch)
-    ):
+    if points_per_probe == "auto" and (_max_leading_size(batch) <= AUTO_MIN_POINTS or not pointwise(module, batch)):
         return None, {}
     # The one-time layout check draws from a generator of its own: a resumed run (a fresh module,
     # so the check runs again) must see the same probe stream as an uninterrupted one.
@@ -126,8 +124,7 @@ def _point_sampler(
         )
     except ValueError as err:
         if points_per_probe != "auto":
-            raise
-        LAYOUTS.mark_not_subsamplable(module, batch)
+            raise ValueError(f"{err} Use points_per_probe=None for this module.") from err
         warnings.warn(f"{err} points_per_probe='auto' evaluates every point of this module instead.", stacklevel=4)
         return None, {}
     if all(count(n) >= n for n in layout.values()):

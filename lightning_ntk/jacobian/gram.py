@@ -46,21 +46,19 @@ Invariants (each checked where it is named):
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_ntk.points import POINTWISE_RTOL
 
 __all__ = [
     "ConfirmedLayouts",
-    "GramLayouts",
     "GramResult",
     "GramUnsupported",
     "Split",
@@ -142,26 +140,12 @@ class GramResult:
     unsupported: dict[str, str]
 
 
-class GramLayouts:
-    """Point layouts of the recorded uses, confirmed once per module and batch layout."""
-
-    def __init__(self) -> None:
-        self._cache: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ConfirmedLayouts]] = weakref.WeakKeyDictionary()
-
-    def lookup(self, module: nn.Module, key: tuple) -> ConfirmedLayouts | None:
-        return self._cache.get(module, {}).get(key)
-
-    def store(self, module: nn.Module, key: tuple, confirmed: ConfirmedLayouts) -> None:
-        self._cache.setdefault(module, {})[key] = confirmed
-
-
 @torch.enable_grad()  # the sums over points must join the graph even when the caller runs under no_grad
 def gram_squared_norms(
-    module: nn.Module,
     batch: object,
     params: Mapping[str, Tensor],
     residuals_fn: Callable[[object], Mapping[str, Tensor]],
-    layouts: GramLayouts,
+    layouts: dict[tuple, ConfirmedLayouts],
     key: tuple,
     skip: frozenset[str] = frozenset(),
 ) -> GramResult:
@@ -172,11 +156,11 @@ def gram_squared_norms(
     norms at those points only; layouts chosen on such a batch are not cached.
 
     Args:
-        module: The module whose parameters ``params`` are.
         batch: What ``residuals_fn`` takes.
         params: The trainable parameters by name.
         residuals_fn: Evaluates and checks the residuals.
-        layouts: Cache of confirmed point layouts.
+        layouts: Confirmed layouts by batch signature (the module's
+            :attr:`~lightning_ntk.memory.ModuleMemory.gram_layouts`).
         key: Cache key of this batch layout.
         skip: Terms not to compute (known to need another path).
 
@@ -186,7 +170,7 @@ def gram_squared_norms(
     """
     residuals, uses = _record_uses(params, residuals_fn, batch)
     rows = {term: r.numel() for term, r in residuals.items()}
-    known = layouts.lookup(module, key)
+    known = layouts.get(key)
     fingerprint = _fingerprint(uses)
     if known is not None and known.fingerprint != fingerprint:
         known = None
@@ -230,7 +214,7 @@ def gram_squared_norms(
         norms[term] = total.detach()  # in the parameters' dtype
     # Rows that are not finite confirm nothing about the layout there: such a pass is not cached.
     if known is None and all(bool(torch.isfinite(r).all()) for r in residuals.values()):
-        layouts.store(module, key, ConfirmedLayouts(fingerprint, chosen, unsupported))
+        layouts[key] = ConfirmedLayouts(fingerprint, chosen, unsupported)
     return GramResult(norms, rows, unsupported)
 
 

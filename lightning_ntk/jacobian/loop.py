@@ -12,27 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ntk.contract import evaluate_residuals
-from lightning_ntk.jacobian.vmap import NotPointwise, check_point_values
+from lightning_ntk.jacobian.common import NotPointwise, Skipped, check_point_values, point_ids, row_norms
 from lightning_ntk.points import PointSplit
 
-__all__ = ["loop_norms", "point_ids", "row_norms"]
-
-
-def row_norms(rows: Tensor, params: list[Tensor]) -> Tensor:
-    """``Σ_k ‖∂rows[k]/∂θ‖²``, one backward per entry."""
-    total = rows.new_zeros(())
-    if not rows.requires_grad:
-        return total
-    for k in range(rows.numel()):
-        grads = torch.autograd.grad(rows[k], params, retain_graph=True, allow_unused=True)
-        for g in grads:
-            if g is not None:
-                total = total + g.square().sum()
-    return total
-
-
-def point_ids(size: int, index: Tensor | None) -> list[int]:
-    return list(range(size)) if index is None else index.tolist()
+__all__ = ["loop_norms"]
 
 
 def loop_norms(
@@ -43,8 +26,24 @@ def loop_norms(
     params: dict[str, Tensor],
     index: Tensor | None,
     shrink_others: bool,
+) -> dict[str, Tensor] | Skipped:
+    """Per-point squared norms of the terms of one point group, one point at a time, or why this path
+    does not apply (the residual is not pointwise). Other errors are the residual's own and propagate."""
+    try:
+        return _loop_norms(module, split, terms, reference, params, index, shrink_others)
+    except NotPointwise as err:
+        return Skipped(f"loop: {err}", retry=True)
+
+
+def _loop_norms(
+    module: nn.Module,
+    split: PointSplit,
+    terms: list[str],
+    reference: Mapping[str, Tensor],
+    params: dict[str, Tensor],
+    index: Tensor | None,
+    shrink_others: bool,
 ) -> dict[str, Tensor]:
-    """Per-point squared norms of the terms of one point group, one point at a time."""
     plist = list(params.values())
     norms: dict[str, list[Tensor]] = {name: [] for name in terms}
     leaves = [t for t, m in zip(split.leaves, split.mapped, strict=True) if m]

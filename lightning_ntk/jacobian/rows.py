@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lightning_ntk.jacobian.loop import point_ids, row_norms
+from lightning_ntk.jacobian.common import point_ids, row_norms
 
 __all__ = ["rows_norms"]
 

@@ -9,39 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from lightning_ntk.contract import ResidualCaller, check_residuals
-from lightning_ntk.points import PointSplit, close
+from lightning_ntk.jacobian.common import NotPointwise, Skipped, check_point_values, first_sentence, select
+from lightning_ntk.points import PointSplit
 
-__all__ = ["NotPointwise", "check_point_values", "default_chunk_size", "select", "vmap_norms"]
-
-# Per-chunk budget for the per-point Jacobian rows when `chunk_size` is not given. On CPU small
-# chunks that stay in cache win (3x256 MLP, N=4096: 6.3 s with 16 points per chunk, 19 s with 256);
-# on GPU large chunks keep the device busy.
-_CPU_CHUNK_BYTES = 1 << 23
-_GPU_CHUNK_BYTES = 1 << 30
-
-
-class NotPointwise(Exception):
-    """The per-point evaluation does not reproduce the full-batch residual."""
-
-
-def check_point_values(name: str, got: Tensor, want: Tensor) -> None:
-    """Raise :class:`NotPointwise` unless per-point values equal the full-batch residual's rows."""
-    if not close(got, want):
-        raise NotPointwise(f"per-point values of term {name!r} differ from the full-batch residual")
-
-
-def select(values: Tensor, index: Tensor | None) -> Tensor:
-    return values if index is None else values[index.to(values.device)]
-
-
-def default_chunk_size(num_params: int, rows_per_point: int, itemsize: int, device: torch.device) -> int:
-    budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
-    return max(1, budget // (num_params * max(rows_per_point, 1) * itemsize))
+__all__ = ["vmap_norms"]
 
 
 def vmap_norms(
@@ -53,8 +28,27 @@ def vmap_norms(
     chunk_size: int,
     index: Tensor | None,
     shrink_others: bool,
+) -> dict[str, Tensor] | Skipped:
+    """Per-point squared norms of the terms of one point group, ``vmap`` over points in chunks, or
+    why this path does not apply (the residual does not run under ``torch.func``, or is not pointwise)."""
+    try:
+        return _vmap_norms(module, split, terms, reference, params, chunk_size, index, shrink_others)
+    except NotPointwise as err:
+        return Skipped(f"vmap: {err}", retry=True)
+    except Exception as err:  # torch.func refusing the residual: cutting other points does not help
+        return Skipped("vmap: " + first_sentence(f"{type(err).__name__}: {err}"))
+
+
+def _vmap_norms(
+    module: nn.Module,
+    split: PointSplit,
+    terms: list[str],
+    reference: Mapping[str, Tensor],
+    params: dict[str, Tensor],
+    chunk_size: int,
+    index: Tensor | None,
+    shrink_others: bool,
 ) -> dict[str, Tensor]:
-    """Per-point squared norms of the terms of one point group, ``vmap`` over points in chunks."""
     caller = ResidualCaller(module)
     prefixed = {f"inner.{name}": p.detach() for name, p in params.items()}
 

@@ -1,4 +1,5 @@
-"""Per-point squared norms ``‖∂r_i(x_n)/∂θ‖²`` for every term: the exact paths, tried fastest first.
+"""The dispatcher: per-point squared norms ``‖∂r_i(x_n)/∂θ‖²`` for every term by the exact paths,
+tried fastest first, each term on the first path that applies to it.
 
 ``"gram"`` (:mod:`~lightning_ntk.jacobian.gram`)
     Gram identities over the parameter uses recorded in one residual evaluation: about one to two
@@ -20,47 +21,27 @@ time, never a wrong trace.
 from __future__ import annotations
 
 import functools
-import re
 import warnings
-import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from lightning_ntk.contract import check_batch, check_residuals, evaluate_residuals, trainable_parameters
-from lightning_ntk.jacobian.gram import GramLayouts, GramResult, GramUnsupported, gram_squared_norms
+from lightning_ntk.jacobian.common import PathUnavailable, PointNorms, Skipped, default_chunk_size, first_sentence
+from lightning_ntk.jacobian.gram import GramResult, GramUnsupported, gram_squared_norms
 from lightning_ntk.jacobian.loop import loop_norms
 from lightning_ntk.jacobian.rows import rows_norms
-from lightning_ntk.jacobian.vmap import NotPointwise, default_chunk_size, vmap_norms
+from lightning_ntk.jacobian.vmap import vmap_norms
+from lightning_ntk.memory import first_time, memory_of
 from lightning_ntk.points import PointSplit, batch_signature, close, subsample_batch
 
-__all__ = ["PATHS", "PathMemory", "PathUnavailable", "PointNorms", "per_point_squared_norms"]
+__all__ = ["PATHS", "per_point_squared_norms"]
 
 PATHS = ("gram", "vmap", "loop", "rows")
 # Points per recorded Gram pass: larger groups are cut into slices of this many points, which keeps
 # the recorded activations of a 3x256 MLP with second derivatives near 1 GiB.
 _GRAM_MAX_POINTS = 16384
-
-
-class PathUnavailable(ValueError):
-    """None of the exact paths the caller allowed applies to this module and batch."""
-
-
-@dataclass(frozen=True)
-class PointNorms:
-    """Squared Jacobian norms per point for every term.
-
-    Attributes:
-        norms: term → tensor ``(N_i,)`` of ``Σ_rows-of-point ‖∂r/∂θ‖²``.
-        num_rows: term → number of residual entries (rows of ``J_i``).
-        paths: term → ``"gram"``, ``"vmap"``, ``"loop"`` or ``"rows"``.
-    """
-
-    norms: dict[str, Tensor]
-    num_rows: dict[str, int]
-    paths: dict[str, str]
 
 
 # What each slower path costs, for the one-time warning.
@@ -71,58 +52,26 @@ _PATH_COST = {
 }
 
 
-def first_sentence(text: str) -> str:
-    """The first sentence (or line) of an error message, whole: never cut mid-sentence."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    match = re.search(r"(?<=[\w)\]'\"])\.\s+(?=[A-Z])", line)
-    return line[: match.start() + 1] if match else line
-
-
-class PathMemory:
-    """What the exact paths learned about each module, per batch layout.
-
-    Which terms the Gram path holds for (checked once against the per-point paths), the point
-    layouts of its recorded uses, and which one-time messages were given. Entries die with their
-    module.
-    """
-
-    def __init__(self) -> None:
-        # module → {batch signature: {term: the reason the Gram path does not apply}} ({}: it applies
-        # to every term); a str: it applies to no term (the shared recording failed).
-        self.gram_verdicts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[str, str] | str]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self.gram_layouts = GramLayouts()
-        self.warned: set[tuple] = set()
-
-    def clear(self) -> None:
-        self.__init__()
-
-    def warn_once(self, module: nn.Module, taken: list[tuple[list[str], str, str]], others_on_gram: bool) -> None:
-        """One two-line warning per module and outcome: which terms take which path, its cost, why, and
-        what is cheaper. ``taken``: ``(terms, path, reason)`` per group of terms."""
-        key = (type(module), tuple((tuple(t), p) for t, p, _ in taken))
-        if key in self.warned or not taken:
-            return
-        self.warned.add(key)
-        by_path: dict[str, list[str]] = {}
-        for terms, path, _ in taken:
-            by_path.setdefault(path, []).extend(terms)
-        parts = []
-        for path, terms in by_path.items():
-            cost = f" ({_PATH_COST[path]})" if path in _PATH_COST else ""
-            parts.append(f"{terms} take{'s' if len(terms) == 1 else ''} the {path!r} path{cost}")
-        reasons = "; ".join(dict.fromkeys(r.rstrip(".") for _, _, r in taken))
-        stay = "The other terms stay on the Gram path. " if others_on_gram else ""
-        warnings.warn(
-            f"Exact NTK traces of {type(module).__name__}: {', '.join(parts)}, because {reasons}.\n"
-            f"{stay}Cheaper for these terms: estimator=Subsample(num_points=...) or 'fd'; see "
-            "'Bring your own PINN' in the docs for what keeps a term on the Gram path.",
-            stacklevel=5,
-        )
-
-
-MEMORY = PathMemory()
+def _warn_once(module: nn.Module, taken: list[tuple[list[str], str, str]], others_on_gram: bool) -> None:
+    """One two-line warning per module and outcome: which terms take which path, its cost, why, and
+    what is cheaper. ``taken``: ``(terms, path, reason)`` per group of terms."""
+    if not taken or not first_time((type(module), tuple((tuple(t), p) for t, p, _ in taken))):
+        return
+    by_path: dict[str, list[str]] = {}
+    for terms, path, _ in taken:
+        by_path.setdefault(path, []).extend(terms)
+    parts = []
+    for path, terms in by_path.items():
+        cost = f" ({_PATH_COST[path]})" if path in _PATH_COST else ""
+        parts.append(f"{terms} take{'s' if len(terms) == 1 else ''} the {path!r} path{cost}")
+    reasons = "; ".join(dict.fromkeys(r.rstrip(".") for _, _, r in taken))
+    stay = "The other terms stay on the Gram path. " if others_on_gram else ""
+    warnings.warn(
+        f"Exact NTK traces of {type(module).__name__}: {', '.join(parts)}, because {reasons}.\n"
+        f"{stay}Cheaper for these terms: estimator=Subsample(num_points=...) or 'fd'; see "
+        "'Bring your own PINN' in the docs for what keeps a term on the Gram path.",
+        stacklevel=5,
+    )
 
 
 def _check_paths(paths: Sequence[str] | None) -> tuple[str, ...]:
@@ -212,7 +161,7 @@ def _gram(
 ) -> tuple[PointNorms | None, dict[str, str]]:
     """Gram-path norms of the terms it applies to (``None``: no term), and why it does not apply to the others."""
     signature = batch_signature(batch)
-    verdicts = MEMORY.gram_verdicts.setdefault(module, {})
+    verdicts = memory_of(module).gram_verdicts
     known = verdicts.get(signature)
     if isinstance(known, str):
         return _gram_fails(known, strict)
@@ -289,7 +238,7 @@ def _gram_in_slices(
     skip: frozenset[str],
 ) -> GramResult:
     def run(b: object) -> GramResult:
-        return gram_squared_norms(module, b, params, evaluate, MEMORY.gram_layouts, batch_signature(b), skip)
+        return gram_squared_norms(b, params, evaluate, memory_of(module).gram_layouts, batch_signature(b), skip)
 
     leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor) and t.ndim > 0]
     if all(t.shape[0] <= _GRAM_MAX_POINTS for t in leaves):
@@ -380,24 +329,20 @@ def _per_point_paths(
             norms[name] = result[name]
             paths[name] = path
     if not quiet:
-        MEMORY.warn_once(module, taken, others_on_gram=only is not None and "*" not in reasons)
+        _warn_once(module, taken, others_on_gram=only is not None and "*" not in reasons)
     return PointNorms(norms={n: norms[n] for n in names}, num_rows=num_rows, paths=paths)
 
 
 def _first_that_applies(
-    attempts: Mapping[str, Callable[[bool], dict[str, Tensor]]], tried: list[str], reasons: list[str]
+    attempts: Mapping[str, Callable[[bool], dict[str, Tensor] | Skipped]], tried: list[str], reasons: list[str]
 ) -> tuple[dict[str, Tensor] | None, str]:
-    """The first per-point path in ``tried`` that works (``None, "rows"`` if none); why the others did not."""
+    """The first per-point path in ``tried`` that applies (``None, "rows"`` if none); why the others do not."""
     for path in tried:
         for shrink in (True, False):  # other groups' points cut to one row first, then left whole
-            try:
-                return attempts[path](shrink), path
-            except NotPointwise as err:
-                reason = f"{path}: {err}"
-            except Exception as err:
-                if path == "loop":
-                    raise  # plain autograd failing is the user's bug: show it as it is
-                reason = f"{path}: " + first_sentence(f"{type(err).__name__}: {err}")
-                break  # shrinking other terms' points does not make a residual vmappable
-        reasons.append(reason)
+            result = attempts[path](shrink)
+            if not isinstance(result, Skipped):
+                return result, path
+            if not result.retry:
+                break
+        reasons.append(result.reason)
     return None, "rows"
