@@ -76,6 +76,11 @@ def ntk_matrix(
     unknown = [t for t in chosen if t not in products.residuals]
     if unknown:
         raise ValueError(f"Unknown term(s) {unknown}; terms: {list(products.residuals)}.")
+    return _ntk_matrix_of(products, chosen, max_bytes)
+
+
+def _ntk_matrix_of(products: JacobianProducts, chosen: list[str], max_bytes: int) -> tuple[Tensor, dict[str, slice]]:
+    """:func:`ntk_matrix` from residuals already evaluated (one evaluation serves every block)."""
     rows = sum(products.num_rows(t) for t in chosen)
     num_params = sum(p.numel() for p in products.params)
     first = next(iter(products.residuals.values()))
@@ -220,9 +225,7 @@ def ntk_eigenvalues(
     n = sum(products.num_rows(t) for t in chosen)
     if not 1 <= k <= n:
         raise ValueError(f"`k` must be between 1 and the number of rows ({n}), got {k}.")
-    top, method, block_trace = _top_eigenvalues(
-        products, module, batch, chosen, k, method, num_iter, generator, max_bytes
-    )
+    top, method, block_trace = _top_eigenvalues(products, chosen, k, method, num_iter, generator, max_bytes)
     if trace is None:
         trace = block_trace if block_trace is not None else _exact_trace(module, batch, chosen)
     return _summarize(top, trace, method)
@@ -260,9 +263,7 @@ def block_spectra(
     traces: dict[str, Tensor] | None = None
     for name in products.residuals:
         k_i = min(k, products.num_rows(name))
-        top, used, trace = _top_eigenvalues(
-            products, module, batch, [name], k_i, method, num_iter, generator, max_bytes
-        )
+        top, used, trace = _top_eigenvalues(products, [name], k_i, method, num_iter, generator, max_bytes)
         if trace is None:
             traces = traces or _exact_traces(module, batch)
             trace = traces[name]
@@ -288,8 +289,6 @@ def _exact_trace(module: nn.Module, batch: object, chosen: list[str]) -> Tensor:
 
 def _top_eigenvalues(
     products: JacobianProducts,
-    module: nn.Module,
-    batch: object,
     chosen: list[str],
     k: int,
     method: str,
@@ -304,7 +303,7 @@ def _top_eigenvalues(
     if method == "auto":
         method = "exact" if n <= _EXACT_MAX_ROWS else "lanczos"
     if method == "exact":
-        block, _ = ntk_matrix(module, batch, max_bytes=max_bytes, terms=chosen)
+        block, _ = _ntk_matrix_of(products, chosen, max_bytes)
         return torch.linalg.eigvalsh(block).flip(0)[:k], method, block.diagonal().sum()
 
     def matvec(v: Tensor) -> Tensor:
