@@ -32,8 +32,15 @@ import torch
 from lightning_ntk.derivatives import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helmholtz_2d import mlp
-from pinn_runner import GridPINN, InitialBoundaryInteriorData, add_common_args, cli_or_compare, compare, lightning_cli
+from pinn_runner import (
+    GridPINN,
+    InitialBoundaryInteriorData,
+    add_common_args,
+    cli_or_compare,
+    compare,
+    lightning_cli,
+    tanh_mlp,
+)
 
 EPS = 1e-4
 
@@ -103,7 +110,7 @@ class AllenCahn1D(GridPINN):
     ) -> None:
         super().__init__(terms=["ic", "periodic", "pde", "flux"])
         self.save_hyperparameters()
-        self.net = mlp(width, depth, outputs=2)
+        self.net = tanh_mlp(width, depth, outputs=2)
         grid, reference = reference_on_grid()
         self.register_buffer("grid", grid.clone(), persistent=False)
         self.register_buffer("reference", reference.clone(), persistent=False)

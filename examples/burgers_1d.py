@@ -31,7 +31,6 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helmholtz_2d import mlp
 from pinn_runner import (
     GridPINN,
     InitialBoundaryInteriorData,
@@ -40,6 +39,7 @@ from pinn_runner import (
     compare,
     grid_2d,
     lightning_cli,
+    tanh_mlp,
 )
 
 NU = 0.01 / math.pi
@@ -92,7 +92,7 @@ class Burgers1D(GridPINN):
     ) -> None:
         super().__init__(terms=["ic", "bc", "pde"])
         self.save_hyperparameters()
-        self.net = mlp(width, depth)
+        self.net = tanh_mlp(width, depth)
         grid, reference = reference_on_grid()
         self.register_buffer("grid", grid.clone(), persistent=False)
         self.register_buffer("reference", reference.clone(), persistent=False)

@@ -24,10 +24,18 @@ import sys
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinn_runner import FreshPoints, GridPINN, add_common_args, cli_or_compare, compare, grid_2d, lightning_cli
+from pinn_runner import (
+    FreshPoints,
+    GridPINN,
+    add_common_args,
+    cli_or_compare,
+    compare,
+    grid_2d,
+    lightning_cli,
+    tanh_mlp,
+)
 
 A1, A2, K = 1.0, 4.0, 1.0
 
@@ -38,13 +46,6 @@ def exact_solution(xy: torch.Tensor) -> torch.Tensor:
 
 def source(xy: torch.Tensor) -> torch.Tensor:
     return (K**2 - (A1 * math.pi) ** 2 - (A2 * math.pi) ** 2) * exact_solution(xy)
-
-
-def mlp(width: int, depth: int, inputs: int = 2, outputs: int = 1) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(inputs, width), nn.Tanh()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.Tanh()]
-    return nn.Sequential(*layers, nn.Linear(width, outputs))
 
 
 class Helmholtz2D(GridPINN):
@@ -58,7 +59,7 @@ class Helmholtz2D(GridPINN):
     ) -> None:
         super().__init__(terms=["bc", "pde"])
         self.save_hyperparameters()
-        self.net = mlp(width, depth)
+        self.net = tanh_mlp(width, depth)
         grid = grid_2d(101, 101, (-1.0, 1.0), (-1.0, 1.0))
         self.register_buffer("grid", grid, persistent=False)
         self.register_buffer("reference", exact_solution(grid), persistent=False)

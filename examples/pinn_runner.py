@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 
 from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager, WeightRule
 from lightning_ntk.metrics import RelativeL2Error
@@ -150,23 +151,45 @@ def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int) -
     p.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
 
 
-def train(
-    name: str, run: str, model: GridPINN, data: pl.LightningDataModule, args: argparse.Namespace
-) -> tuple[GridPINN, float]:
-    """Trains ``model`` with the weighting of ``run``; returns it and the wall time in seconds."""
-    callbacks = [ErrorLogger(args.report_every, run), *weighting_callbacks(run, args.update_every, args.seed)]
-    trainer = pl.Trainer(
-        max_steps=args.steps,
-        accelerator=args.accelerator,
+def tanh_mlp(width: int, depth: int, inputs: int = 2, outputs: int = 1) -> nn.Sequential:
+    """``depth`` hidden tanh layers of ``width`` units: the network of most examples."""
+    layers: list[nn.Module] = [nn.Linear(inputs, width), nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, outputs))
+
+
+def make_trainer(
+    max_steps: int,
+    callbacks: list[pl.Callback],
+    logdir: str,
+    name: str,
+    version: str,
+    accelerator: str = "cpu",
+    progress: bool = False,
+) -> pl.Trainer:
+    """The Trainer of every example's comparison runs: TensorBoard logs under ``logdir/name/version``,
+    no validation loop, no checkpoints."""
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator=accelerator,
         devices=1,
         callbacks=callbacks,
-        logger=TensorBoardLogger(args.logdir, name=name, version=run),
-        enable_progress_bar=False,
+        logger=TensorBoardLogger(logdir, name=name, version=version),
+        enable_progress_bar=progress,
         enable_model_summary=False,
         enable_checkpointing=False,
         limit_val_batches=0,
         log_every_n_steps=50,
     )
+
+
+def train(
+    name: str, run: str, model: GridPINN, data: pl.LightningDataModule, args: argparse.Namespace
+) -> tuple[GridPINN, float]:
+    """Trains ``model`` with the weighting of ``run``; returns it and the wall time in seconds."""
+    callbacks = [ErrorLogger(args.report_every, run), *weighting_callbacks(run, args.update_every, args.seed)]
+    trainer = make_trainer(args.steps, callbacks, args.logdir, name, run, args.accelerator)
     start = time.perf_counter()
     trainer.fit(model, data)
     return model, time.perf_counter() - start

@@ -32,11 +32,10 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinn_runner import lightning_cli
+from pinn_runner import lightning_cli, make_trainer
 
 from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager, WeightRule, trace_weights
 from lightning_ntk.derivatives import partial
@@ -285,16 +284,10 @@ def train(args, use_ntk: bool) -> tuple[Poisson1D, float, NTKWeightingCallback |
             trace_averager=TraceAverager(args.trace_ema) if args.trace_ema > 0 else None,
             seed=args.seed,
         )
-    trainer = pl.Trainer(
-        max_steps=args.steps,
-        accelerator="cpu",
-        callbacks=[ntk] if ntk else [],
-        logger=TensorBoardLogger(args.logdir, name="poisson_1d", version="ntk" if use_ntk else "plain"),
-        enable_progress_bar=getattr(args, "progress", False),
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        log_every_n_steps=50,
+    version = "ntk" if use_ntk else "plain"
+    callbacks = [ntk] if ntk else []
+    trainer = make_trainer(
+        args.steps, callbacks, args.logdir, "poisson_1d", version, progress=getattr(args, "progress", False)
     )
     start = time.perf_counter()
     trainer.fit(model, data)

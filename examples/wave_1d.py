@@ -33,11 +33,10 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinn_runner import lightning_cli
+from pinn_runner import lightning_cli, make_trainer
 
 from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager
 from lightning_ntk.derivatives import partial
@@ -295,18 +294,7 @@ def train(args, use_ntk: bool) -> tuple[Wave1D, float]:
                 seed=args.seed,
             )
         )
-    trainer = pl.Trainer(
-        max_steps=args.steps,
-        accelerator=args.accelerator,
-        devices=1,
-        callbacks=callbacks,
-        logger=TensorBoardLogger(args.logdir, name="wave_1d", version=name),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        log_every_n_steps=50,
-    )
+    trainer = make_trainer(args.steps, callbacks, args.logdir, "wave_1d", name, args.accelerator)
     start = time.perf_counter()
     trainer.fit(model, WaveData(seed=args.seed))
     return model, time.perf_counter() - start
