@@ -80,6 +80,8 @@ class Auto(TraceEstimator):
         Auto(max_exact_work=250000000.0, num_probes=12, chunk_size=None)
     """
 
+    function = staticmethod(auto_traces)
+
     def __init__(
         self, max_exact_work: float = DEFAULT_MAX_EXACT_WORK, num_probes: int = 9, chunk_size: int | None = None
     ) -> None:
@@ -87,6 +89,3 @@ class Auto(TraceEstimator):
         check_positive_int(num_probes, "num_probes")
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
         super().__init__(max_exact_work=max_exact_work, num_probes=num_probes, chunk_size=chunk_size)
-
-    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-        return auto_traces(module, batch, generator=generator, **self.options)

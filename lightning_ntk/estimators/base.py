@@ -122,6 +122,8 @@ class TraceEstimator:
 
     name: ClassVar[str] = ""
     randomized: ClassVar[bool] = True  # whether averaging estimates over updates reduces the error
+    # The function that does the work, ``function(module, batch, generator=..., **options)``.
+    function: ClassVar[Estimator]
 
     def __init__(self, **options: object) -> None:
         if "generator" in options:
@@ -133,8 +135,8 @@ class TraceEstimator:
         return self.estimate(module, batch, generator)
 
     def estimate(self, module: object, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-        """The estimate for ``module`` on ``batch`` (the subclass's work)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement `estimate`.")
+        """The estimate for ``module`` on ``batch``: the class's ``function`` with its options."""
+        return type(self).function(module, batch, generator=generator, **self.options)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
@@ -150,13 +152,11 @@ def _estimator_of_function(name: str, fn: Estimator) -> type[TraceEstimator]:
 
     class FunctionEstimator(TraceEstimator):
         __doc__ = fn.__doc__
+        function = staticmethod(fn)
 
         def __init__(self, **options: object) -> None:
             check_option_names(repr(name), options, signature, skip=("module", "batch", "generator"))
             super().__init__(**options)
-
-        def estimate(self, module: object, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-            return fn(module, batch, generator=generator, **self.options)
 
         def __repr__(self) -> str:
             options = "".join(f", {k}={v!r}" for k, v in self.options.items())

@@ -73,6 +73,9 @@ class Exact(TraceEstimator):
         Exact(chunk_size=None, paths=('gram',))
     """
 
+    function = staticmethod(exact_traces)
+    randomized = False
+
     def __init__(self, chunk_size: int | None = None, paths: Sequence[str] | None = None) -> None:
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
         if paths is not None:
@@ -81,8 +84,3 @@ class Exact(TraceEstimator):
             if not paths or unknown:
                 raise ValueError(f"`paths` must be a non-empty sequence of {list(PATHS)}, got {list(paths)!r}.")
         super().__init__(chunk_size=chunk_size, paths=paths)
-
-    randomized = False
-
-    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-        return exact_traces(module, batch, **self.options)

@@ -233,6 +233,8 @@ class FiniteDifference(TraceEstimator):
         FiniteDifference(num_probes=2, points_per_probe=128, step_scale=0.1, step_size=None)
     """
 
+    function = staticmethod(finite_difference_traces)
+
     def __init__(
         self,
         num_probes: int = 1,
@@ -247,6 +249,3 @@ class FiniteDifference(TraceEstimator):
         super().__init__(
             num_probes=num_probes, points_per_probe=points_per_probe, step_scale=step_scale, step_size=step_size
         )
-
-    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-        return finite_difference_traces(module, batch, generator=generator, **self.options)

@@ -77,7 +77,5 @@ class GradNorm(TraceEstimator):
         GradNorm()
     """
 
+    function = staticmethod(grad_norm_estimate)
     randomized = False
-
-    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-        return grad_norm_estimate(module, batch)

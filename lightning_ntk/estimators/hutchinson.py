@@ -64,9 +64,8 @@ class Hutchinson(TraceEstimator):
         Hutchinson(num_probes=32)
     """
 
+    function = staticmethod(hutchinson_traces)
+
     def __init__(self, num_probes: int = 16) -> None:
         check_positive_int(num_probes, "num_probes")
         super().__init__(num_probes=num_probes)
-
-    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-        return hutchinson_traces(module, batch, generator=generator, **self.options)

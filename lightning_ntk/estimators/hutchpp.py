@@ -83,9 +83,8 @@ class HutchPlusPlus(TraceEstimator):
         HutchPlusPlus(num_probes=12)
     """
 
+    function = staticmethod(hutchpp_traces)
+
     def __init__(self, num_probes: int = 9) -> None:
         check_positive_int(num_probes, "num_probes")
         super().__init__(num_probes=num_probes)
-
-    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-        return hutchpp_traces(module, batch, generator=generator, **self.options)

@@ -79,10 +79,9 @@ class Subsample(TraceEstimator):
         Subsample(num_points=128, chunk_size=None)
     """
 
+    function = staticmethod(subsample_traces)
+
     def __init__(self, num_points: int = 64, chunk_size: int | None = None) -> None:
         check_positive_int(num_points, "num_points")
         check_positive_int(chunk_size, "chunk_size", allow_none=True)
         super().__init__(num_points=num_points, chunk_size=chunk_size)
-
-    def estimate(self, module: nn.Module, batch: object, generator: torch.Generator | None) -> TraceEstimate:
-        return subsample_traces(module, batch, generator=generator, **self.options)

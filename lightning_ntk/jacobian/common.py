@@ -7,7 +7,9 @@ from no other path; :mod:`~lightning_ntk.jacobian.dispatch` tries them in order.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ __all__ = [
     "default_chunk_size",
     "first_sentence",
     "point_ids",
+    "reports_skips",
     "row_norms",
     "select",
 ]
@@ -112,3 +115,30 @@ def first_sentence(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     match = re.search(r"(?<=[\w)\]'\"])\.\s+(?=[A-Z])", line)
     return line[: match.start() + 1] if match else line
+
+
+def reports_skips(
+    path: str, *, other_errors_skip: bool
+) -> Callable[[Callable[..., dict]], Callable[..., dict | Skipped]]:
+    """Turn a path function that raises :class:`NotPointwise` into one that returns :class:`Skipped`.
+
+    ``other_errors_skip``: any other error also means the path does not apply (``torch.func``
+    refusing a residual; then cutting other points does not help, so no retry), instead of being the
+    residual's own error, which propagates.
+    """
+
+    def decorate(fn: Callable[..., dict]) -> Callable[..., dict | Skipped]:
+        @functools.wraps(fn)
+        def wrapper(*args: object, **kwargs: object) -> dict | Skipped:
+            try:
+                return fn(*args, **kwargs)
+            except NotPointwise as err:
+                return Skipped(f"{path}: {err}", retry=True)
+            except Exception as err:
+                if not other_errors_skip:
+                    raise
+                return Skipped(f"{path}: " + first_sentence(f"{type(err).__name__}: {err}"))
+
+        return wrapper
+
+    return decorate

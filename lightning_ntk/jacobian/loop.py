@@ -12,12 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ntk.contract import evaluate_residuals
-from lightning_ntk.jacobian.common import NotPointwise, Skipped, check_point_values, point_ids, row_norms
+from lightning_ntk.jacobian.common import NotPointwise, check_point_values, point_ids, reports_skips, row_norms
 from lightning_ntk.points import PointSplit
 
 __all__ = ["loop_norms"]
 
 
+@reports_skips("loop", other_errors_skip=False)
 def loop_norms(
     module: nn.Module,
     split: PointSplit,
@@ -26,24 +27,10 @@ def loop_norms(
     params: dict[str, Tensor],
     index: Tensor | None,
     shrink_others: bool,
-) -> dict[str, Tensor] | Skipped:
-    """Per-point squared norms of the terms of one point group, one point at a time, or why this path
-    does not apply (the residual is not pointwise). Other errors are the residual's own and propagate."""
-    try:
-        return _loop_norms(module, split, terms, reference, params, index, shrink_others)
-    except NotPointwise as err:
-        return Skipped(f"loop: {err}", retry=True)
-
-
-def _loop_norms(
-    module: nn.Module,
-    split: PointSplit,
-    terms: list[str],
-    reference: Mapping[str, Tensor],
-    params: dict[str, Tensor],
-    index: Tensor | None,
-    shrink_others: bool,
 ) -> dict[str, Tensor]:
+    """Per-point squared norms of the terms of one point group, one point at a time (or
+    :class:`~lightning_ntk.jacobian.common.Skipped`: the residual is not pointwise). Other errors are
+    the residual's own and propagate."""
     plist = list(params.values())
     norms: dict[str, list[Tensor]] = {name: [] for name in terms}
     leaves = [t for t, m in zip(split.leaves, split.mapped, strict=True) if m]

@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from lightning_ntk.contract import ResidualCaller, check_residuals
-from lightning_ntk.jacobian.common import NotPointwise, Skipped, check_point_values, first_sentence, select
+from lightning_ntk.jacobian.common import NotPointwise, check_point_values, reports_skips, select
 from lightning_ntk.points import PointSplit
 
 __all__ = ["vmap_norms"]
 
 
+@reports_skips("vmap", other_errors_skip=True)
 def vmap_norms(
     module: nn.Module,
     split: PointSplit,
@@ -28,27 +29,10 @@ def vmap_norms(
     chunk_size: int,
     index: Tensor | None,
     shrink_others: bool,
-) -> dict[str, Tensor] | Skipped:
-    """Per-point squared norms of the terms of one point group, ``vmap`` over points in chunks, or
-    why this path does not apply (the residual does not run under ``torch.func``, or is not pointwise)."""
-    try:
-        return _vmap_norms(module, split, terms, reference, params, chunk_size, index, shrink_others)
-    except NotPointwise as err:
-        return Skipped(f"vmap: {err}", retry=True)
-    except Exception as err:  # torch.func refusing the residual: cutting other points does not help
-        return Skipped("vmap: " + first_sentence(f"{type(err).__name__}: {err}"))
-
-
-def _vmap_norms(
-    module: nn.Module,
-    split: PointSplit,
-    terms: list[str],
-    reference: Mapping[str, Tensor],
-    params: dict[str, Tensor],
-    chunk_size: int,
-    index: Tensor | None,
-    shrink_others: bool,
 ) -> dict[str, Tensor]:
+    """Per-point squared norms of the terms of one point group, ``vmap`` over points in chunks (or
+    :class:`~lightning_ntk.jacobian.common.Skipped`: the residual does not run under ``torch.func``,
+    or is not pointwise)."""
     caller = ResidualCaller(module)
     prefixed = {f"inner.{name}": p.detach() for name, p in params.items()}
 
