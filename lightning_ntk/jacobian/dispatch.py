@@ -125,10 +125,13 @@ def per_point_squared_norms(
     gram: PointNorms | None = None
     reasons: dict[str, str] = {}
     if order[0] == "gram":
-        gram, reasons = _gram(module, batch, terms, chunk_size, reference, strict=len(order) == 1)
+        gram, reasons = _gram(module, batch, terms, chunk_size, reference)
         order = order[1:]
         if gram is not None and not reasons:
             return _pick(gram, indices)
+        if not order:  # the caller allowed the Gram path alone
+            why = "; ".join(r if t == "*" else f"{t}: {r}" for t, r in reasons.items())
+            raise PathUnavailable(f"The 'gram' path does not apply: {why}.")
     rest = _per_point_paths(
         module, batch, order, chunk_size, terms, reference, indices, reasons, only=None if gram is None else reasons
     )
@@ -157,14 +160,14 @@ def _gram(
     terms: Sequence[str] | None,
     chunk_size: int | None,
     reference: Mapping[str, Tensor] | None,
-    strict: bool,
 ) -> tuple[PointNorms | None, dict[str, str]]:
-    """Gram-path norms of the terms it applies to (``None``: no term), and why it does not apply to the others."""
+    """Gram-path norms of the terms it applies to (``None``: no term), and why it does not apply to
+    the others (``{"*": reason}`` when it applies to no term)."""
     signature = batch_signature(batch)
     verdicts = memory_of(module).gram_verdicts
     known = verdicts.get(signature)
     if isinstance(known, str):
-        return _gram_fails(known, strict)
+        return None, {"*": known}
     failed = dict(known or {})
     params = trainable_parameters(module)
 
@@ -175,27 +178,19 @@ def _gram(
         result = _gram_in_slices(module, batch, params, evaluate, reference, frozenset(failed))
     except GramUnsupported as err:
         verdicts[signature] = f"the Gram path does not apply: {err}"
-        return _gram_fails(verdicts[signature], strict)
+        return None, {"*": verdicts[signature]}
     except Exception as err:  # an error the recording causes (a tensor subclass, say) must not escape
         message = first_sentence(f"{type(err).__name__}: {err}")
         verdicts[signature] = f"the residual failed under the Gram recording: {message}"
-        return _gram_fails(verdicts[signature], strict)
+        return None, {"*": verdicts[signature]}
     failed.update({t: f"the Gram path does not apply: {why}" for t, why in result.unsupported.items()})
     norms = {t: v for t, v in result.norms.items() if t not in failed}
     finite = all(bool(torch.isfinite(v).all()) for v in norms.values())
     if known is None and finite:
         failed.update(_cross_check(module, batch, norms, chunk_size, terms, reference))
         verdicts[signature] = dict(failed)
-    if strict and failed:
-        raise PathUnavailable(f"The 'gram' path does not apply: {'; '.join(f'{t}: {r}' for t, r in failed.items())}.")
     norms = {t: v for t, v in norms.items() if t not in failed}
     return PointNorms(norms=norms, num_rows=result.num_rows, paths=dict.fromkeys(norms, "gram")), failed
-
-
-def _gram_fails(reason: str, strict: bool) -> tuple[None, dict[str, str]]:
-    if strict:
-        raise PathUnavailable(f"The 'gram' path does not apply: {reason}.")
-    return None, {"*": reason}
 
 
 def _cross_check(
@@ -313,14 +308,13 @@ def _per_point_paths(
         if not split.splittable:
             why.append("no tensor in the batch has one row per point")
         tried = [p for p in order if p in attempts] if split.splittable else []
-        misses: list[str] = []
-        result, path = _first_that_applies(attempts, tried, misses)
+        result, path, misses = _first_that_applies(attempts, tried)
         if result is None:
             if "rows" not in order:
                 raise PathUnavailable(
                     f"No exact path in {list(order)} applies to term(s) {group}: {'; '.join(why + misses)}."
                 )
-            result = rows_norms(reference, group, params, index)
+            result, path = rows_norms(reference, group, params, index), "rows"
         if why or misses:
             # Why the Gram path does not apply is what the user can act on; the per-point paths'
             # own failures matter only when the Gram path was not asked for.
@@ -334,15 +328,17 @@ def _per_point_paths(
 
 
 def _first_that_applies(
-    attempts: Mapping[str, Callable[[bool], dict[str, Tensor] | Skipped]], tried: list[str], reasons: list[str]
-) -> tuple[dict[str, Tensor] | None, str]:
-    """The first per-point path in ``tried`` that applies (``None, "rows"`` if none); why the others do not."""
+    attempts: Mapping[str, Callable[[bool], dict[str, Tensor] | Skipped]], tried: list[str]
+) -> tuple[dict[str, Tensor] | None, str | None, list[str]]:
+    """The result and name of the first per-point path in ``tried`` that applies (``None, None`` if
+    none does), and why the paths before it do not."""
+    misses = []
     for path in tried:
         for shrink in (True, False):  # other groups' points cut to one row first, then left whole
             result = attempts[path](shrink)
             if not isinstance(result, Skipped):
-                return result, path
+                return result, path, misses
             if not result.retry:
                 break
-        reasons.append(result.reason)
-    return None, "rows"
+        misses.append(result.reason)
+    return None, None, misses
