@@ -148,9 +148,10 @@ def main(argv=None) -> None:
         for name in SKETCHES:
             for k in args.probes:
                 g = torch.Generator(device=device).manual_seed(k)
-                est = estimate_ntk_traces(model, batch, name, num_probes=k, generator=g)
+                probes = {"num_points" if name == "subsample" else "num_probes": k}  # subsample's probes are points
+                est = estimate_ntk_traces(model, batch, name, generator=g, **probes)
                 reps = args.repeats if k <= 16 else 1
-                t = median_time(lambda b=batch, nm=name, kk=k: ntk_traces(model, b, nm, num_probes=kk), reps, device, 0)
+                t = median_time(lambda b=batch, nm=name, o=probes: ntk_traces(model, b, nm, **o), reps, device, 0)
                 # (the seeded draw above was the warm-up)
                 err = {t_: abs(float(est.traces[t_]) / exact[t_] - 1) for t_ in exact}
                 rel_se = float(est.stderr["pde"]) / exact["pde"]
