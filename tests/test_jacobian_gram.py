@@ -139,8 +139,40 @@ class TransposedCopy(nn.Module):
         return self.out(torch.tanh(h @ w_t.t()) + torch.sin(h @ self.w.t()))
 
 
+class RWFLinear(nn.Module):
+    """Random weight factorization, one scale per output unit: ``W = diag(exp(s)) V`` through ``F.linear``."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.s = nn.Parameter(0.1 * torch.randn(d_out) + 0.5)
+        self.v = nn.Parameter(torch.randn(d_out, d_in) / math.sqrt(d_in))
+        self.b = nn.Parameter(0.1 * torch.randn(d_out))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, torch.exp(self.s)[:, None] * self.v, self.b)
+
+
+class KernelRWF(nn.Module):
+    """JAX-PI's layout: a kernel ``(d_in, d_out) = V ⊙ exp(g)`` scaled per column, ``y = x @ kernel + b``."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.g = nn.Parameter(0.1 * torch.randn(d_out))
+        self.v = nn.Parameter(torch.randn(d_in, d_out) / math.sqrt(d_in))
+        self.b = nn.Parameter(0.1 * torch.randn(d_out))
+
+    def forward(self, x):
+        return x @ (self.v * torch.exp(self.g)) + self.b
+
+
+def rwf_mlp(layer, d_in, d_out, width=6):
+    return nn.Sequential(layer(d_in, width), nn.Tanh(), layer(width, width), nn.Tanh(), layer(width, d_out))
+
+
 NETWORKS = {
     "tanh": lambda d_in, d_out: sequential(d_in, d_out),
+    "rwf_rows": lambda d_in, d_out: rwf_mlp(RWFLinear, d_in, d_out),
+    "rwf_columns": lambda d_in, d_out: rwf_mlp(KernelRWF, d_in, d_out),
     "sin": lambda d_in, d_out: sequential(d_in, d_out, Sine),
     "silu": lambda d_in, d_out: sequential(d_in, d_out, nn.SiLU),
     "gelu": lambda d_in, d_out: sequential(d_in, d_out, nn.GELU),
@@ -383,17 +415,29 @@ def test_a_one_row_term_over_all_points_is_one_point():
 
 
 class WeightFactorized(nn.Module):
-    """Random weight factorization: W = diag(exp(s)) · V, a weight built from two parameters."""
+    """A weight built from two parameters other than ``exp(s) ⊙ V``: ``W = A ⊙ B``."""
 
     def __init__(self):
         super().__init__()
-        self.s = nn.Parameter(torch.randn(6, 1) * 0.1)
+        self.a = nn.Parameter(torch.randn(6, 2) * 0.1 + 1)
         self.v = nn.Parameter(torch.randn(6, 2))
         self.out = nn.Linear(6, 1)
 
     def forward(self, x):
-        w = torch.exp(self.s) * self.v
-        return self.out(torch.tanh(x @ w.T))
+        return self.out(torch.tanh(x @ (self.a * self.v).T))
+
+
+class ElementwiseFactorized(nn.Module):
+    """``W = exp(S) ⊙ V`` with a factor per entry (not per row or column): not rank-one per point."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(6, 2) * 0.1)
+        self.v = nn.Parameter(torch.randn(6, 2))
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ (torch.exp(self.s) * self.v).T))
 
 
 class Conv(nn.Module):
@@ -459,6 +503,7 @@ class CustomFunction(nn.Module):
 
 FALLBACKS = {
     "weight_factorized": WeightFactorized,
+    "elementwise_factorized": ElementwiseFactorized,
     "conv": Conv,
     "sliced": SlicedWeight,
     "mixes_points": MixesPoints,

@@ -18,10 +18,12 @@ The uses are recorded by a ``TorchDispatchMode`` that follows every tensor alias
 parameter (views, copies, scalings) by an index map into the parameter. Which axis of a product's
 output holds the points is inferred from shapes and confirmed once, per module and batch layout, by a
 second backward with random per-point seeds: the gradient of ``Σ_n w_n r_n`` must equal ``w_n``
-times that of ``Σ_n r_n`` on every row of point ``n``. A use this module does not model (an op it
-does not know, a weight built from other parameters, rows that mix points, a parameter on the side
-of a product whose rows are not points) raises :class:`GramUnsupported` with the reason, and the
-caller falls back to a per-point path.
+times that of ``Σ_n r_n`` on every row of point ``n``. One weight built from two parameters is
+modelled: random weight factorization, ``W = diag(exp(s)) V`` or ``V diag(exp(s))`` (a scale per row
+or per column), by the chain rule through the elementwise map (:func:`_factorize_last`). A use this
+module does not model (an op it does not know, another weight built from parameters, rows that mix
+points, a parameter on the side of a product whose rows are not points) raises
+:class:`GramUnsupported` with the reason, and the caller falls back to a per-point path.
 
 Invariants (each checked where it is named):
 
@@ -240,10 +242,24 @@ def _record_uses(
 
 @dataclass
 class _Alias:
+    """A tensor equal to ``scale · P[index]``, ``scale · exp(P[index])`` (``exp``), or
+    ``scale · exp(S[factor.index]) ⊙ P[index]`` (``factor``: a weight built from two parameters)."""
+
     name: str
     index: Tensor  # int64 on the CPU, same shape as the aliasing tensor: flat index into the parameter
     scale: float
     keep: Tensor  # keeps the tensor alive so that its id() stays unique while recording
+    exp: bool = False
+    factor: _Factor | None = None
+
+
+@dataclass
+class _Factor:
+    """``exp(S[index])``, elementwise, of a weight ``W = exp(S) ⊙ V`` (random weight factorization)."""
+
+    name: str  # S
+    index: Tensor  # flat index into S, same shape as the weight
+    values: Tensor  # exp(S[index]), same shape as the weight (detached)
 
 
 @dataclass
@@ -256,6 +272,7 @@ class _Use:
     scale: float
     other: Tensor | None  # L, R, or the elementwise factor (None: factor 1)
     view_of_base: bool = False  # index is a view of the parameter's own arange (not of a copy)
+    factor: _Factor | None = None  # the operand is exp(S) ⊙ P (matrix uses only)
 
 
 @dataclass
@@ -316,8 +333,17 @@ class _Recorder(TorchDispatchMode):
     def _alias_args(self, args: tuple) -> list[int]:
         return [i for i, a in enumerate(args) if isinstance(a, Tensor) and id(a) in self.aliases]
 
-    def _derive(self, out: Tensor, source: _Alias, index: Tensor, scale: float) -> None:
-        self.aliases[id(out)] = _Alias(source.name, index, source.scale * scale, out)
+    def _derive(self, out: Tensor, source: _Alias, index: Tensor, scale: float, factor: _Factor | None = None) -> None:
+        factor = factor if factor is not None else source.factor
+        self.aliases[id(out)] = _Alias(source.name, index, source.scale * scale, out, source.exp, factor)
+
+    def _same_view(self, func, args: tuple, kwargs: dict, out: Tensor, name: str, index: Tensor) -> Tensor:
+        """The view, copy or reshape ``func`` applied to another tensor shaped like its input."""
+        if func.is_view:
+            moved = func(index, *args[1:], **kwargs)
+        else:
+            moved = index.reshape(out.shape) if name in _RESHAPES else index
+        return moved.expand(out.shape) if moved.shape != out.shape else moved
 
     def _record(self, func, args: tuple, kwargs: dict, out: object) -> None:
         name = func.overloadpacket.__name__
@@ -332,12 +358,25 @@ class _Recorder(TorchDispatchMode):
         if func.is_view or name in _COPIES or name in _RESHAPES:
             if hits != [0]:
                 raise GramUnsupported(f"aten.{name} takes a parameter in an unexpected position")
-            if func.is_view:
-                index = func(alias.index, *args[1:], **kwargs)
-            else:
-                index = alias.index.reshape(out.shape) if name in _RESHAPES else alias.index
-            self._derive(out, alias, index.expand(out.shape) if index.shape != out.shape else index, 1.0)
+            index = self._same_view(func, args, kwargs, out, name, alias.index)
+            factor = alias.factor
+            if factor is not None:
+                moved = self._same_view(func, args, kwargs, out, name, factor.index)
+                values = self._same_view(func, args, kwargs, out, name, factor.values)
+                factor = _Factor(factor.name, moved, values)
+            self._derive(out, alias, index, 1.0, factor)
             return
+        if name == "exp" and hits == [0] and not alias.exp and alias.factor is None and alias.scale == 1.0:
+            self._derive(out, alias, alias.index, 1.0)
+            self.aliases[id(out)].exp = True
+            return
+        if name == "mul" and len(hits) == 2:
+            self._factorized(args, out)
+            return
+        if alias.exp or any(self.aliases[id(args[i])].exp for i in hits):
+            raise GramUnsupported(f"exp of a parameter is used by aten.{name}; only exp(s) ⊙ V weights are modelled")
+        if alias.factor is not None and name not in ("mm", "bmm", "addmm", "mul", "div", "neg"):
+            raise GramUnsupported(f"a weight built from parameters is used by aten.{name}")
         if name == "addmm" and hits in ([0], [1], [2], [0, 1], [0, 2]):  # bias + (L @ P or P @ R)
             beta, alpha = float(kwargs.get("beta", 1)), float(kwargs.get("alpha", 1))
             if hits[0] == 0:
@@ -378,7 +417,21 @@ class _Recorder(TorchDispatchMode):
         else:
             raise GramUnsupported("a parameter is divided by a tensor")
 
+    def _factorized(self, args: tuple, out: Tensor) -> None:
+        """``exp(S) ⊙ V`` (random weight factorization): a weight built from two parameters."""
+        first, second = self.aliases[id(args[0])], self.aliases[id(args[1])]
+        scaling, weight = (first, second) if first.exp else (second, first)
+        scaling_tensor = args[0] if first.exp else args[1]
+        if not scaling.exp or weight.exp or weight.factor is not None or scaling.factor is not None:
+            raise GramUnsupported("aten.mul combines two parameter tensors other than exp(s) ⊙ V")
+        values = (scaling_tensor.detach() / scaling.scale).expand(out.shape)
+        factor = _Factor(scaling.name, scaling.index.expand(out.shape), values)
+        index = weight.index.expand(out.shape) if weight.index.shape != out.shape else weight.index
+        self.aliases[id(out)] = _Alias(weight.name, index, scaling.scale * weight.scale, out, False, factor)
+
     def _elementwise(self, out: Tensor, alias: _Alias, factor: float, other: Tensor | None) -> None:
+        if alias.factor is not None:
+            raise GramUnsupported("a weight built from parameters is used elementwise")
         use = _Use(alias.name, UseKind.ELEMENTWISE, out, out._version, alias.index, alias.scale * factor, other)
         self.recording.uses.append(use)
 
@@ -386,7 +439,7 @@ class _Recorder(TorchDispatchMode):
         other = operands[1 - pos]
         kind = UseKind.RIGHT if pos == 1 else UseKind.LEFT
         base = alias.index.untyped_storage().data_ptr() in self.bases
-        use = _Use(alias.name, kind, out, out._version, alias.index, alias.scale * factor, other, base)
+        use = _Use(alias.name, kind, out, out._version, alias.index, alias.scale * factor, other, base, alias.factor)
         self.recording.uses.append(use)
 
 
@@ -516,6 +569,10 @@ def _component_norms(
             _add_elementwise_use(acc, use, grad, layout, n, p.numel())
         else:
             _add_matrix_use(acc, use, grad, layout, n)
+            if use.factor is not None:
+                s = params[use.factor.name]
+                s_acc = accs.setdefault(use.factor.name, _Accumulator(tuple(s.shape), s.dtype))
+                _factorize_last(acc, s_acc, use, p, s.numel(), n)
     first = next(iter(params.values()))
     total = first.new_zeros(n)
     for acc in accs.values():
@@ -606,6 +663,52 @@ def _add_matrix_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout,
     else:
         acc.us.append(rows_grad)
         acc.vs.append(rows_other)
+
+
+def _factorize_last(acc: _Accumulator, s_acc: _Accumulator, use: _Use, v: Tensor, s_numel: int, n: int) -> None:
+    """Turn the factors just added for ``Q = exp(S) ⊙ V`` into those of ``V`` and ``S``.
+
+    With ``∂r_n/∂Q = Σ_k u_k ⊗ w_k`` (``u`` over the rows of ``V``, ``w`` over its columns) and ``F =
+    exp(S[index])`` constant along one axis of ``V`` (a scale per row or per column, as in random weight
+    factorization), the chain rule gives
+
+        ∂r_n/∂V = F ⊙ ∂r_n/∂Q          (scale ``u`` by the row factor, or ``w`` by the column factor),
+        ∂r_n/∂S = Σ_{entries with that s} (∂r_n/∂Q) ⊙ Q = Σ_k u_k ⊙ (Q w_k)   (rows; columns likewise),
+
+    so ``V`` keeps rank-one factors and ``S`` gets a dense per-point gradient of ``S``'s size. The same
+    holds for any weight ``diag(f(s)) V`` or ``V diag(f(s))`` with ``f`` elementwise (``∂Q/∂s = f'(s) V``);
+    ``exp`` is the one recognized.
+    """
+    factor, index = _in_parameter_frame(use, v)
+    if bool((factor == factor[:, :1]).all()) and bool((index == index[:, :1]).all()):
+        along, scale, s_index = 0, factor[:, 0], index[:, 0]  # one factor per row of V
+    elif bool((factor == factor[:1, :]).all()) and bool((index == index[:1, :]).all()):
+        along, scale, s_index = 1, factor[0, :], index[0, :]  # one factor per column of V
+    else:
+        raise GramUnsupported("a weight exp(S) ⊙ V whose factor varies along both axes of V")
+    q = (factor * v.detach()).to(acc.dtype)
+    u, w = acc.us[-1], acc.vs[-1]
+    scale = scale.to(acc.dtype)
+    if along == 0:
+        grad_s = (u * (w @ q.T)).sum(1)  # Σ_k u_k ⊙ (Q w_k), (N, rows of V)
+        acc.us[-1] = u * scale
+    else:
+        grad_s = (w * (u @ q)).sum(1)  # Σ_k w_k ⊙ (Qᵀ u_k), (N, columns of V)
+        acc.vs[-1] = w * scale
+    dense = grad_s.new_zeros(n, s_numel).index_add_(1, s_index.to(grad_s.device), grad_s)
+    s_acc.add_dense(dense)
+
+
+def _in_parameter_frame(use: _Use, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The factor values and the index of ``S`` arranged like ``V`` itself (whatever view was used)."""
+    flat = use.index.reshape(-1, *use.index.shape[-2:])[0].reshape(-1)
+    values = use.factor.values.reshape(-1, *use.factor.values.shape[-2:])[0].reshape(-1)
+    s_index = use.factor.index.reshape(-1, *use.factor.index.shape[-2:])[0].reshape(-1)
+    factor = values.new_empty(v.numel())
+    factor[flat.to(values.device)] = values
+    index = torch.empty(v.numel(), dtype=torch.long)
+    index[flat] = s_index
+    return factor.view(v.shape), index.view(v.shape)
 
 
 def _add_elementwise_use(acc: _Accumulator, use: _Use, grad: Tensor, layout: _Layout, n: int, numel: int) -> None:
