@@ -169,10 +169,33 @@ def rwf_mlp(layer, d_in, d_out, width=6):
     return nn.Sequential(layer(d_in, width), nn.Tanh(), layer(width, width), nn.Tanh(), layer(width, d_out))
 
 
+class JaxPiNetwork(nn.Module):
+    """JAX-PI's Allen–Cahn network in small: a hard periodic embedding of x (first input), random
+    Fourier features (a buffer), and a modified MLP whose every layer is RWF."""
+
+    def __init__(self, d_in, d_out, width=6, m=3):
+        super().__init__()
+        self.register_buffer("B", torch.randn(m, d_in + 1))
+        self.u, self.v, self.inp = (RWFLinear(2 * m, width) for _ in range(3))
+        self.hidden = KernelRWF(width, width)
+        self.out = RWFLinear(width, d_out)
+
+    def forward(self, x):
+        periodic = torch.cat([torch.cos(math.pi * x[:, :1]), torch.sin(math.pi * x[:, :1]), x[:, 1:]], dim=-1)
+        p = 2 * math.pi * periodic @ self.B.T
+        features = torch.cat([torch.sin(p), torch.cos(p)], dim=-1)
+        u, v = torch.tanh(self.u(features)), torch.tanh(self.v(features))
+        z = torch.tanh(self.inp(features))
+        h = (1 - z) * u + z * v
+        z = torch.tanh(self.hidden(h))
+        return self.out((1 - z) * u + z * v)
+
+
 NETWORKS = {
     "tanh": lambda d_in, d_out: sequential(d_in, d_out),
     "rwf_rows": lambda d_in, d_out: rwf_mlp(RWFLinear, d_in, d_out),
     "rwf_columns": lambda d_in, d_out: rwf_mlp(KernelRWF, d_in, d_out),
+    "jax_pi_combined": JaxPiNetwork,
     "sin": lambda d_in, d_out: sequential(d_in, d_out, Sine),
     "silu": lambda d_in, d_out: sequential(d_in, d_out, nn.SiLU),
     "gelu": lambda d_in, d_out: sequential(d_in, d_out, nn.GELU),
