@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.averaging import TraceAverager
+from lightning_ntk.causal import CausalResiduals
 from lightning_ntk.contract import evaluate_residuals, nonfinite_rows
 from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
 from lightning_ntk.module import PINNModule, require_pinn_module
@@ -76,6 +77,12 @@ class NTKWeightingCallback(Callback):
     Wang, Teng & Perdikaris 2021; what several PyTorch libraries call "NTK weighting"), logged as
     ``grad_norm/<term>`` next to the same ``ntk/weight/<term>``, so that runs of both overlay in
     TensorBoard. Rank gradients are averaged before the norms are taken.
+
+    **Causal terms.** For a module with ``causal`` terms (:class:`~lightning_ntk.CausalWeighting`) the
+    estimator measures each such term through its scaled residual ``√s_n · r_n``
+    (:class:`~lightning_ntk.causal.CausalResiduals`, weights from the update's batch), so the trace is
+    JAX-PI's causal combination ``Σ_n s_n ‖∂r_n/∂θ‖² = N · mean_k(w_k · mean_{n∈k} ‖∂r_n/∂θ‖²)`` with every
+    estimator, and ``grad_norm`` measures the gradient of the causal loss.
 
     **Per-step weighting with a sketch.** ``estimator="fd", update_every_n_steps=1,
     trace_averager=TraceAverager(0.99)`` starts from exact traces at the first update (once, about
@@ -164,6 +171,7 @@ class NTKWeightingCallback(Callback):
         self._pending_generator_state: Tensor | None = None
         self._latest: _Latest | None = None
         self._reported_paths = False
+        self._causal_view: CausalResiduals | None = None
         # Running sum of the weighted loss over steps, kept on the device (no sync per step).
         self._loss_sum: Tensor | None = None
         self._loss_steps = 0
@@ -195,7 +203,7 @@ class NTKWeightingCallback(Callback):
     def update_weights(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> Tensor:
         """Measure every term on ``batch``, combine over ranks, and set (or monitor) the weights."""
         names = pl_module.terms
-        estimate = self._estimator_now()(pl_module, batch, self._generator)
+        estimate = self._estimator_now()(self._measured(pl_module, batch), batch, self._generator)
         values, rows, variances = estimate.reduce(names, lambda t, op: trainer.strategy.reduce(t, reduce_op=op))
         try:
             check_traces(values, names, estimate.quantity)
@@ -231,6 +239,16 @@ class NTKWeightingCallback(Callback):
             return f"{err} (The residuals on this rank are finite: the Jacobian or another rank's points are not.)"
         where = "; ".join(f"the residual of term {name!r} is {words}" for name, words in rows.items())
         return f"{where}, so its {estimate.quantity} is not finite. {err}"
+
+    def _measured(self, pl_module: PINNModule, batch: Any) -> PINNModule | CausalResiduals:
+        """What the estimator measures: the module, or with causal terms the view of it whose causal
+        residuals are scaled by this batch's causal weights (so every estimator takes the causal trace)."""
+        if not pl_module.causal:
+            return pl_module
+        # One view per module, kept: the exact path remembers its layouts per measured module.
+        if self._causal_view is None or self._causal_view.inner is not pl_module:
+            self._causal_view = CausalResiduals(pl_module, pl_module.causal, pl_module.residual_points)
+        return self._causal_view.freeze(batch)
 
     def _estimator_now(self) -> TraceEstimator:
         """The estimator of this update: exact traces start an empty average with ``start="exact"``."""
@@ -331,7 +349,7 @@ class NTKWeightingCallback(Callback):
             self._pending_generator_state = None
         # Averages restored from a checkpoint live on the CPU until the module's device is known.
         if isinstance(pl_module, PINNModule):
-            write_layout(trainer, pl_module.terms)
+            write_layout(trainer, pl_module.terms, tuple(pl_module.causal))
         if self.trace_averager is not None:
             self.trace_averager.to(device)
         for attr in ("_monitored_weights", "_loss_sum"):

@@ -1,34 +1,50 @@
 r"""Causal weighting of a time-dependent residual (Wang, Sankaran & Perdikaris, CMAME 2024), pure torch.
 
-The residual's points are split by their time coordinate into ``M`` chunks of ``[t_min, t_max]``;
-chunk ``k`` has the loss ``L_k = mean over its points of |r|²`` and the weight
+The residual's ``N`` points are split by their time coordinate into ``M`` chunks of ``[t_min, t_max]``;
+chunk ``k`` (``c_k`` points) has the loss ``L_k = mean over its points of |r|²`` and the weight
 
     w_k = exp(−ε Σ_{j<k} L_j)        (no gradient through w; w_0 = 1),
 
-so a later chunk trains only once the earlier ones fit. The term's loss is ``mean_k(w_k L_k)``. With
-NTK weights, JAX-PI averages the residual's NTK diagonal per chunk and multiplies it by ``w_k`` before
-the term weights are formed; as a trace (the quantity this package's weight rules take) that is
+so a later chunk trains only once the earlier ones fit. The term's loss is ``mean_k(w_k L_k)``, which is
+the mean square of the *scaled residual*
 
-    Tr_causal = Σ_n w_{k(n)} ‖∂r_n/∂θ‖²,
+    r̃_n = √s_n · r_n,   s_n = w_{k(n)} · N / (M · c_{k(n)})   (s detached),
 
-which is ``Tr K_rr`` when every ``w_k = 1`` and ``N · mean_k(w_k · mean_{n∈k} K_nn)`` (JAX-PI's mean
-diagonal times ``N``) when the chunks hold equally many points. ``ε`` may follow a schedule: it moves to
-the next value once the smallest weight exceeds ``advance_at`` (every chunk has been fitted).
+since ``(1/N) Σ_n s_n |r_n|² = (1/M) Σ_k w_k L_k``. The NTK block of the term is then that of ``r̃``:
+``∂r̃_n/∂θ = √s_n ∂r_n/∂θ``, so its trace is
 
-This module is the core (functions and :class:`CausalWeighting`); wiring it into
-:class:`~lightning_ntk.PINNModule` and the callback is not done yet.
+    Tr K̃ = Σ_n s_n ‖∂r_n/∂θ‖² = N · mean_k( w_k · mean_{n∈k} ‖∂r_n/∂θ‖² ),
+
+which is exactly JAX-PI's combination (the residual's NTK diagonal averaged per time chunk, multiplied by
+the causal weights, averaged over chunks) times ``N``, the factor that makes it ``Tr K_rr`` when every
+``w_k = 1`` and the chunks hold equally many points. Because every estimator and the gradient-norm rule
+see the term through ``r̃`` (:class:`CausalResiduals`), they all measure this combination with no code of
+their own: the exact path, the sketches, ``fd`` and ``‖∇_θ mean_k(w_k L_k)‖``.
+
+``ε`` may follow a schedule: it moves to the next value once the smallest weight exceeds ``advance_at``
+(every chunk has been fitted), as in the paper.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["CausalWeighting", "causal_trace", "causal_weights", "chunk_losses", "time_chunks"]
+from lightning_ntk.contract import check_residuals
+
+__all__ = [
+    "CausalResiduals",
+    "CausalWeighting",
+    "causal_trace",
+    "causal_weights",
+    "chunk_losses",
+    "chunk_scales",
+    "time_chunks",
+]
 
 
 def causal_weights(chunk_losses: Tensor, epsilon: float) -> Tensor:
@@ -60,17 +76,34 @@ def chunk_losses(residual: Tensor, chunks: Tensor, num_chunks: int) -> Tensor:
     return sums / counts.clamp_min(1)
 
 
+def chunk_scales(chunks: Tensor, weights: Tensor) -> Tensor:
+    """``w_k · N / (M · c_k)`` for every chunk ``k`` (0 for an empty chunk): the ``s_n`` of its points.
+
+    Example:
+        >>> chunk_scales(torch.tensor([0, 0, 0, 1]), torch.tensor([1.0, 0.5]))  # N = 4, M = 2, c = (3, 1)
+        tensor([0.6667, 1.0000])
+    """
+    num_chunks = weights.numel()
+    counts = torch.bincount(chunks.to(weights.device), minlength=num_chunks).to(weights.dtype)
+    return torch.where(counts > 0, weights.detach() * chunks.numel() / (num_chunks * counts.clamp_min(1)), 0.0)
+
+
 def causal_trace(point_norms: Tensor, chunks: Tensor, weights: Tensor) -> Tensor:
-    """``Σ_n w_{k(n)} ‖∂r_n/∂θ‖²``: the residual's trace with the causal weights of its points' chunks."""
-    return (weights.detach().to(point_norms)[chunks.to(point_norms.device)] * point_norms).sum()
+    """``Σ_n s_n ‖∂r_n/∂θ‖² = N · mean_k(w_k · mean_{n∈k} ‖∂r_n/∂θ‖²)``: the term's trace with its causal
+    weights (the module docstring derives it)."""
+    chunks = chunks.to(point_norms.device)
+    return (chunk_scales(chunks, weights.to(point_norms))[chunks] * point_norms).sum()
 
 
 class CausalWeighting:
     """Causal weights for one time-dependent term, with an optional schedule for ``ε``.
 
+    Give it to :class:`~lightning_ntk.PINNModule` (``causal={"pde": CausalWeighting(...)}``) and the
+    term's loss becomes ``mean_k(w_k L_k)`` and its NTK trace the causal one (see the module docstring).
+
     Args:
         time_column: Which column of the term's points is time.
-        num_chunks: ``M``, the number of time chunks.
+        num_chunks: ``M``, the number of time chunks (JAX-PI: 32).
         epsilon: ``ε``, or the first value of ``epsilon_schedule``.
         t_range: ``(t_min, t_max)`` of the time domain.
         epsilon_schedule: Increasing values of ``ε`` to move through (the paper: 1e-2 … 1e2); ``None``
@@ -121,19 +154,37 @@ class CausalWeighting:
 
     def chunks(self, points: Tensor) -> Tensor:
         """The chunk of every point (row) of ``points``."""
+        if points.ndim != 2 or points.shape[1] <= self.time_column:
+            raise ValueError(
+                f"Causal weighting reads time from column {self.time_column} of the term's points, but they "
+                f"have shape {tuple(points.shape)}; return (N, d) points with d > {self.time_column}."
+            )
         return time_chunks(points[:, self.time_column], self.num_chunks, *self.t_range)
+
+    def weights(self, residual: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """``(chunk of every point, w)`` for ``residual`` on ``points`` at the current ``ε`` (detached)."""
+        if points.shape[0] != residual.shape[0]:
+            raise ValueError(
+                f"The term's points have {points.shape[0]} rows but its residual {residual.shape[0]}; "
+                "row n of both must be point n."
+            )
+        chunks = self.chunks(points)
+        return chunks, causal_weights(chunk_losses(residual.detach(), chunks, self.num_chunks), self.epsilon)
+
+    def apply(self, residual: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """``(√s_n · r_n, w)``: the scaled residual (its mean square is the causal loss; its NTK the causal
+        NTK) and the chunk weights."""
+        chunks, weights = self.weights(residual, points)
+        return _scale_rows(residual, chunk_scales(chunks, weights)[chunks]), weights
 
     def loss(self, residual: Tensor, points: Tensor) -> Tensor:
         """``mean_k(w_k L_k)``; the weights (no gradient) are kept in ``last_weights``."""
-        losses = chunk_losses(residual, self.chunks(points), self.num_chunks)
-        weights = causal_weights(losses, self.epsilon)
-        self.last_weights = weights
-        return (weights * losses).mean()
+        scaled, self.last_weights = self.apply(residual, points)
+        return scaled.square().mean()
 
     def trace(self, point_norms: Tensor, points: Tensor, residual: Tensor) -> Tensor:
         """:func:`causal_trace` of per-point NTK norms with the weights of ``residual`` on ``points``."""
-        chunks = self.chunks(points)
-        weights = causal_weights(chunk_losses(residual.detach(), chunks, self.num_chunks), self.epsilon)
+        chunks, weights = self.weights(residual, points)
         return causal_trace(point_norms, chunks, weights)
 
     def advance(self) -> bool:
@@ -158,3 +209,77 @@ class CausalWeighting:
             f"CausalWeighting(time_column={self.time_column}, num_chunks={self.num_chunks}, "
             f"epsilon_schedule={self.schedule}, t_range={self.t_range}, advance_at={self.advance_at})"
         )
+
+
+def _scale_rows(residual: Tensor, scales: Tensor) -> Tensor:
+    factor = scales.to(residual).sqrt()
+    return residual * factor.reshape(-1, *([1] * (residual.ndim - 1)))
+
+
+class CausalResiduals(nn.Module):
+    """A module's residuals with its causal terms replaced by ``r̃ = √s · r``, for NTK estimation.
+
+    :meth:`freeze` takes ``s`` from the full batch (its chunk losses at the current parameters, its point
+    counts); after that ``s_n`` depends on point ``n``'s time alone, so the view stays pointwise and every
+    estimator (the exact Gram path, sketches, ``fd``, subsets of points) and the gradient-norm rule
+    measure the causal combination. The callback uses it for a :class:`~lightning_ntk.PINNModule` with
+    ``causal`` terms; without Lightning, wrap the model yourself.
+
+    Args:
+        module: Has ``residuals(batch)`` (and may have ``terms`` and ``term_loss``).
+        causal: ``{term: CausalWeighting}``.
+        points: ``points(batch) -> {term: (N, d) points}`` for the causal terms; default
+            ``module.residual_points``.
+
+    Example::
+
+        view = CausalResiduals(model, {"pde": CausalWeighting(time_column=1)}, points=lambda b: {"pde": b["pde"]})
+        traces = ntk_traces(view.freeze(batch), batch, "exact").traces
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        causal: Mapping[str, CausalWeighting],
+        points: Callable[[Any], Mapping[str, Tensor]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = module
+        self.causal = dict(causal)
+        self._points = points if points is not None else module.residual_points
+        self._scales: dict[str, Tensor] = {}
+
+    @property
+    def terms(self) -> tuple[str, ...] | None:
+        return getattr(self.inner, "terms", None)
+
+    def _causal_points(self, batch: Any) -> Mapping[str, Tensor]:
+        points = self._points(batch)
+        missing = [name for name in self.causal if name not in points]
+        if missing:
+            raise ValueError(f"`residual_points(batch)` must return the points of the causal term(s) {missing}.")
+        return points
+
+    def freeze(self, batch: Any) -> CausalResiduals:
+        """Fix every causal term's ``w_k N / (M c_k)`` from ``batch``; returns ``self``."""
+        with torch.enable_grad():  # residuals in the ordinary style take input derivatives
+            residuals = check_residuals(self.inner.residuals(batch), self.terms, require_grad=False)
+        points = self._causal_points(batch)
+        self._scales = {}
+        for name, cw in self.causal.items():
+            chunks, weights = cw.weights(residuals[name], points[name])
+            self._scales[name] = chunk_scales(chunks, weights)
+        return self
+
+    def residuals(self, batch: Any) -> dict[str, Tensor]:
+        if set(self._scales) != set(self.causal):
+            raise RuntimeError("CausalResiduals.freeze(batch) must run before its residuals are used.")
+        out = dict(self.inner.residuals(batch))
+        points = self._causal_points(batch)
+        for name, cw in self.causal.items():
+            out[name] = _scale_rows(out[name], self._scales[name][cw.chunks(points[name]).to(out[name].device)])
+        return out
+
+    def term_loss(self, term: str, residual: Tensor) -> Tensor:
+        loss = getattr(self.inner, "term_loss", None)
+        return residual.square().mean() if loss is None else loss(term, residual)

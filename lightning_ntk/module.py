@@ -14,7 +14,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_ntk import tags
+from lightning_ntk.causal import CausalWeighting
 from lightning_ntk.contract import check_residuals, check_terms
+from lightning_ntk.tensorboard import add_chunk_profile
 
 __all__ = ["PINNModule", "require_pinn_module"]
 
@@ -36,9 +38,20 @@ class PINNModule(pl.LightningModule):
     are saved in every ``state_dict`` and checkpoint and restored by ``load_from_checkpoint`` without
     any callback. :class:`~lightning_ntk.NTKWeightingCallback` updates them in place.
 
+    **Causal weighting of time-dependent terms.** ``causal={"pde": CausalWeighting(time_column=1)}``
+    splits that term's points into time chunks and makes its loss ``mean_k(w_k L_k)`` with
+    ``w_k = exp(−ε Σ_{j<k} L_j)`` (Wang, Sankaran & Perdikaris 2024): later times train once earlier
+    ones fit. Implement :meth:`residual_points` to say which points each causal term's rows belong to.
+    :class:`~lightning_ntk.NTKWeightingCallback` then weights the term by its *causal* NTK trace,
+    ``Σ_n s_n ‖∂r_n/∂θ‖²`` (JAX-PI's combination; :mod:`lightning_ntk.causal` derives it). Every
+    training step logs ``causal/min_weight/<term>`` and ``causal/epsilon/<term>``, and at the log
+    cadence the weights per chunk as the TensorBoard histogram ``causal/weights/<term>`` (x: time,
+    height: weight). The ε stage is saved in checkpoints.
+
     Args:
         terms: Names of the loss terms, e.g. ``["bc", "pde"]``.
         init_weights: Starting weight of some or all terms (default 1.0 each).
+        causal: ``{term: CausalWeighting(...)}`` for the time-dependent terms to weight causally.
 
     Example::
 
@@ -58,12 +71,23 @@ class PINNModule(pl.LightningModule):
                 return torch.optim.Adam(self.parameters(), lr=1e-3)
     """
 
-    def __init__(self, terms: Sequence[str], init_weights: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        terms: Sequence[str],
+        init_weights: Mapping[str, float] | None = None,
+        causal: Mapping[str, CausalWeighting] | None = None,
+    ) -> None:
         super().__init__()
         self._terms = check_terms(terms)
         self.register_buffer("ntk_weights", torch.ones(len(self._terms)), persistent=True)
         if init_weights is not None:
             self.set_term_weights(init_weights)
+        self._causal = _check_causal(causal, self._terms)
+
+    @property
+    def causal(self) -> dict[str, CausalWeighting]:
+        """``{term: CausalWeighting}`` of the causally weighted terms (empty if none)."""
+        return self._causal
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -118,25 +142,65 @@ class PINNModule(pl.LightningModule):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement `residuals(batch)`.")
 
+    def residual_points(self, batch: Any) -> Mapping[str, Tensor]:
+        """The points of every causal term: ``{term: (N_i, d)}``, row ``n`` the point of residual row ``n``.
+
+        Needed only with ``causal``; time is the column that term's
+        :class:`~lightning_ntk.CausalWeighting` names. Example: ``return {"pde": batch["pde"]}``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} weights {sorted(self._causal)} causally, so it must implement "
+            "`residual_points(batch)` returning {term: (N, d) points} for those terms."
+        )
+
     def term_loss(self, term: str, residual: Tensor) -> Tensor:
-        """Loss of one term from its residual; ``mean(residual**2)`` unless overridden."""
+        """Loss of one term from its residual; ``mean(residual**2)`` unless overridden.
+
+        A causal term's residual arrives scaled (``√s_n · r_n``, see :mod:`lightning_ntk.causal`), so the
+        default gives its causal loss ``mean_k(w_k L_k)``.
+        """
         return residual.square().mean()
 
     def weighted_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """``(Σ_i w_i L_i, {term: L_i})`` on a batch; the weights are constants to autograd."""
+        total, losses, _ = self._weighted_loss(batch)
+        return total, losses
+
+    def _weighted_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         residuals = check_residuals(self.residuals(batch), self._terms, require_grad=recording)
+        causal_weights = {}
+        if self._causal:
+            points = self.residual_points(batch)
+            for name, cw in self._causal.items():
+                if name not in points:
+                    raise ValueError(f"`residual_points(batch)` did not return the points of causal term {name!r}.")
+                residuals[name], causal_weights[name] = cw.apply(residuals[name], points[name])
         losses = {name: self.term_loss(name, residuals[name]) for name in self._terms}
         stacked = torch.stack([losses[name] for name in self._terms])
         total = (self.ntk_weights.detach().to(stacked) * stacked).sum()
-        return total, losses
+        return total, losses, causal_weights
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        total, losses = self.weighted_loss(batch)
+        total, losses, causal_weights = self._weighted_loss(batch)
         self.log_dict({tags.scalar(tags.LOSS, name): loss.detach() for name, loss in losses.items()})
         self.log(tags.scalar(tags.LOSS, "total"), total.detach(), prog_bar=True)
+        if causal_weights:
+            self._log_causal(causal_weights)
         return total
+
+    def _log_causal(self, causal_weights: Mapping[str, Tensor]) -> None:
+        """Log the causal weights of this step, then move ε on where every chunk is fitted."""
+        for name, weights in causal_weights.items():
+            cw = self._causal[name]
+            self.log(tags.scalar(tags.CAUSAL_MIN_WEIGHT, name), weights.min())
+            self.log(tags.scalar(tags.CAUSAL_EPSILON, name), cw.epsilon)
+            trainer = self._trainer
+            if trainer is not None and self.global_step % max(1, trainer.log_every_n_steps) == 0:
+                add_chunk_profile(trainer, tags.scalar(tags.CAUSAL_WEIGHTS, name), weights, cw.t_range, self.global_step)
+            cw.last_weights = weights
+            cw.advance()
 
     def log_validation_losses(self, batch: Any) -> Tensor:
         """Log ``val/loss/<term>`` and ``val/loss/total`` of ``batch`` with the current weights.
@@ -172,7 +236,10 @@ class PINNModule(pl.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_CHECKPOINT_KEY] = {"terms": list(self._terms)}
+        checkpoint[_CHECKPOINT_KEY] = {
+            "terms": list(self._terms),
+            "causal": {name: cw.state_dict() for name, cw in self._causal.items()},
+        }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -182,6 +249,32 @@ class PINNModule(pl.LightningModule):
                 f"This checkpoint was written for terms {list(saved)}, but {type(self).__name__} declares "
                 f"{list(self._terms)}. Declare the same terms (same names and order) to load it."
             )
+        causal = checkpoint.get(_CHECKPOINT_KEY, {}).get("causal", {})
+        if set(causal) != set(self._causal):
+            raise ValueError(
+                f"This checkpoint has causal weighting for terms {sorted(causal)}, but {type(self).__name__} "
+                f"weights {sorted(self._causal)} causally. Configure the same `causal` terms to load it."
+            )
+        for name, state in causal.items():
+            self._causal[name].load_state_dict(state)
+
+
+def _check_causal(causal: Mapping[str, CausalWeighting] | None, terms: Sequence[str]) -> dict[str, CausalWeighting]:
+    if causal is None:
+        return {}
+    if not isinstance(causal, Mapping):
+        raise TypeError(f"`causal` must be a mapping {{term: CausalWeighting}}, got {type(causal).__name__}.")
+    unknown = [name for name in causal if name not in terms]
+    if unknown:
+        raise ValueError(f"`causal` names term(s) {unknown} that are not declared; declared terms: {list(terms)}.")
+    for name, cw in causal.items():
+        if not isinstance(cw, CausalWeighting):
+            raise TypeError(
+                f"`causal[{name!r}]` must be a lightning_ntk.CausalWeighting, got {type(cw).__name__}."
+            )
+    if len({id(cw) for cw in causal.values()}) != len(causal):
+        raise ValueError("Every causal term needs its own CausalWeighting object (each keeps its own ε stage).")
+    return dict(causal)
 
 
 def require_pinn_module(module: pl.LightningModule, user: str) -> None:
@@ -194,4 +287,9 @@ def require_pinn_module(module: pl.LightningModule, user: str) -> None:
     if type(module).residuals is PINNModule.residuals:
         raise MisconfigurationException(
             f"{type(module).__name__} does not implement `residuals(batch)`; NTK traces need it."
+        )
+    if module.causal and type(module).residual_points is PINNModule.residual_points:
+        raise MisconfigurationException(
+            f"{type(module).__name__} weights {sorted(module.causal)} causally but does not implement "
+            "`residual_points(batch)`; return {term: (N, d) points} for those terms."
         )

@@ -9,6 +9,9 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "CAUSAL_EPSILON",
+    "CAUSAL_MIN_WEIGHT",
+    "CAUSAL_WEIGHTS",
     "CONDITION",
     "EFFECTIVE_RANK",
     "EIGENVALUE",
@@ -30,6 +33,11 @@ GRAD_NORM = "grad_norm"
 WEIGHT = "ntk/weight"
 LOSS = "loss"
 RESIDUAL_TIME_AVERAGE = "ntk/residual_time_avg"
+# What a PINNModule with causal terms logs per term: the chunk weights (a histogram over time), the
+# smallest of them, and the current ε.
+CAUSAL_WEIGHTS = "causal/weights"
+CAUSAL_MIN_WEIGHT = "causal/min_weight"
+CAUSAL_EPSILON = "causal/epsilon"
 # What the spectrum monitor logs per term.
 EIGENVALUE = "ntk/eig"
 EIGENVALUE_HISTOGRAM = "ntk/eig_hist"

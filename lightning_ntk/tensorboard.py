@@ -10,11 +10,12 @@ from collections.abc import Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
+import torch
 from torch import Tensor
 
 from lightning_ntk import tags
 
-__all__ = ["add_histogram", "custom_scalars_layout", "tensorboard_writers", "write_layout"]
+__all__ = ["add_chunk_profile", "add_histogram", "custom_scalars_layout", "tensorboard_writers", "write_layout"]
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list:
@@ -24,9 +25,9 @@ def tensorboard_writers(trainer: pl.Trainer) -> list:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
-def custom_scalars_layout(terms: Sequence[str]) -> dict:
+def custom_scalars_layout(terms: Sequence[str], causal: Sequence[str] = ()) -> dict:
     """Charts grouping weights, measured values (traces or gradient norms) and losses of all terms,
-    and each term's eigenvalues."""
+    each term's eigenvalues, and the smallest causal weight and ε of the ``causal`` terms."""
     measures = (tags.TRACE, tags.GRAD_NORM)
     measured = [tags.scalar(m, t) for m in measures for t in terms]
     errors = [tags.stderr(m, t) for m in measures for t in terms]
@@ -39,6 +40,12 @@ def custom_scalars_layout(terms: Sequence[str]) -> dict:
             "residual time average": ["Multiline", [tags.RESIDUAL_TIME_AVERAGE]],
         }
     }
+    if causal:
+        layout["lightning_ntk"]["smallest causal weight"] = [
+            "Multiline",
+            [tags.scalar(tags.CAUSAL_MIN_WEIGHT, t) for t in causal],
+        ]
+        layout["lightning_ntk"]["causal epsilon"] = ["Multiline", [tags.scalar(tags.CAUSAL_EPSILON, t) for t in causal]]
     for t in terms:
         layout[f"lightning_ntk term {t}"] = {
             "top eigenvalues": ["Multiline", [rf"{tags.scalar(tags.EIGENVALUE, t)}/\d+"]],
@@ -54,9 +61,9 @@ def custom_scalars_layout(terms: Sequence[str]) -> dict:
     return layout
 
 
-def write_layout(trainer: pl.Trainer, terms: Sequence[str]) -> None:
+def write_layout(trainer: pl.Trainer, terms: Sequence[str], causal: Sequence[str] = ()) -> None:
     for writer in tensorboard_writers(trainer):
-        writer.add_custom_scalars(custom_scalars_layout(terms))
+        writer.add_custom_scalars(custom_scalars_layout(terms, causal))
 
 
 def add_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int) -> bool:
@@ -65,3 +72,30 @@ def add_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int) -> b
     for writer in writers:
         writer.add_histogram(tag, values.detach().float().cpu(), step)
     return bool(writers)
+
+
+def add_chunk_profile(
+    trainer: pl.Trainer, tag: str, weights: Tensor, t_range: tuple[float, float], step: int
+) -> bool:
+    """Write per-chunk values as a TensorBoard histogram whose buckets are the time chunks: the
+    histogram dashboard then shows the weight over time, one curve per step. ``False`` without a
+    TensorBoard logger."""
+    writers = tensorboard_writers(trainer)
+    if not writers:
+        return False
+    values = weights.detach().double().cpu()
+    edges = torch.linspace(t_range[0], t_range[1], values.numel() + 1, dtype=torch.float64)
+    centers = (edges[1:] + edges[:-1]) / 2
+    for writer in writers:
+        writer.add_histogram_raw(
+            tag,
+            min=float(edges[0]),
+            max=float(edges[-1]),
+            num=float(values.sum()),
+            sum=float((values * centers).sum()),
+            sum_squares=float((values * centers.square()).sum()),
+            bucket_limits=edges[1:].tolist(),
+            bucket_counts=values.tolist(),
+            global_step=step,
+        )
+    return True

@@ -44,13 +44,13 @@ def test_the_loss_is_the_weighted_mean_and_its_gradient_flows_through_the_losses
     cw = CausalWeighting(time_column=1, num_chunks=3, epsilon=2.0)
     loss = cw.loss(residual, points)
     chunks = [min(int(t * 3), 2) for t in points[:, 1].tolist()]
-    losses = [sum(float(residual[n]) ** 2 for n in range(12) if chunks[n] == k) / chunks.count(k) for k in range(3)]
+    losses = [sum(float(residual[n].detach()) ** 2 for n in range(12) if chunks[n] == k) / chunks.count(k) for k in range(3)]
     weights = [math.exp(-2.0 * sum(losses[:k])) for k in range(3)]
     want = sum(w * loss_k for w, loss_k in zip(weights, losses, strict=True)) / 3
-    assert float(loss) == pytest.approx(want, rel=1e-13)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-13)
     (grad,) = torch.autograd.grad(loss, residual)
     # d/dr_n of (1/3) Σ_k w_k L_k with w constant: (1/3) w_k 2 r_n / |chunk k|
-    want = [weights[chunks[n]] * 2 * float(residual[n]) / chunks.count(chunks[n]) / 3 for n in range(12)]
+    want = [weights[chunks[n]] * 2 * float(residual[n].detach()) / chunks.count(chunks[n]) / 3 for n in range(12)]
     torch.testing.assert_close(grad, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
@@ -113,3 +113,130 @@ def test_epsilon_schedule_advances_once_every_chunk_is_fitted_and_round_trips():
 def test_bad_options_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CausalWeighting(**kwargs)
+
+
+# ---------------------------------------------------------------- uneven chunks and the scaled residual
+
+from lightning_ntk import estimate_ntk_traces, ntk_traces  # noqa: E402
+from lightning_ntk.causal import CausalResiduals, chunk_scales  # noqa: E402
+from lightning_ntk.grad_norm import loss_gradients  # noqa: E402
+
+# Four chunks of [0, 1] holding 3, 1, 2 and 4 points.
+TIMES = [0.05, 0.1, 0.2, 0.3, 0.55, 0.7, 0.8, 0.85, 0.9, 0.99]
+EPS = 3.0
+
+
+class HeatTerms(nn.Module):
+    """u_t − 0.1 u_x on (x, t) points, plus an initial-condition term; the ordinary autograd style."""
+
+    terms = ("ic", "pde")
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+    def residuals(self, batch):
+        x = batch["pde"].clone().requires_grad_(True)
+        u = self.net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        return {"ic": self.net(batch["ic"])[:, 0] - 1.0, "pde": du[:, 1] - 0.1 * du[:, 0] + u[:, 0] - torch.cos(4 * x[:, 1])}
+
+    def residual_points(self, batch):
+        return {"pde": batch["pde"]}
+
+
+def heat_batch():
+    g = torch.Generator().manual_seed(5)
+    pde = torch.stack([torch.rand(10, generator=g, dtype=torch.float64), torch.tensor(TIMES, dtype=torch.float64)], 1)
+    ic = torch.stack([torch.rand(4, generator=g, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)], 1)
+    return {"ic": ic, "pde": pde}
+
+
+def by_hand(model, batch, num_chunks=4, eps=EPS):
+    """Chunk members, chunk losses L_k, weights w_k (j < k) and the raw per-point NTK norms, all from
+    loops over points."""
+    r = model.residuals(batch)["pde"].detach()
+    members = [[n for n, t in enumerate(TIMES) if min(int(t * num_chunks), num_chunks - 1) == k] for k in range(num_chunks)]
+    losses = [sum(float(r[n]) ** 2 for n in m) / len(m) for m in members]
+    weights = [math.exp(-eps * sum(losses[:k])) for k in range(num_chunks)]
+    norms = reference_point_norms(model, batch)["pde"]
+    return members, losses, weights, norms
+
+
+def jax_pi_trace(members, weights, norms):
+    """N · mean_k(w_k · mean_{n∈k} K_nn)."""
+    n = sum(len(m) for m in members)
+    return n * sum(w * sum(float(norms[i]) for i in m) / len(m) for w, m in zip(weights, members, strict=True)) / len(members)
+
+
+def test_uneven_chunks_give_jax_pis_mean_of_chunk_means_and_the_loss_is_the_scaled_mean_square():
+    torch.manual_seed(3)
+    model, batch = HeatTerms(), heat_batch()
+    members, losses, weights, norms = by_hand(model, batch)
+    assert [len(m) for m in members] == [3, 1, 2, 4]
+    assert max(weights) / min(weights) > 2  # the causal trace is far from the plain one
+    cw = CausalWeighting(time_column=1, num_chunks=4, epsilon=EPS)
+    r = model.residuals(batch)["pde"]
+    assert float(cw.trace(norms, batch["pde"], r)) == pytest.approx(jax_pi_trace(members, weights, norms), rel=1e-12)
+    want_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / 4
+    assert float(cw.loss(r, batch["pde"])) == pytest.approx(want_loss, rel=1e-12)
+    scaled, w = cw.apply(r, batch["pde"])
+    assert float(scaled.square().mean()) == pytest.approx(want_loss, rel=1e-12)
+    torch.testing.assert_close(w, torch.tensor(weights, dtype=torch.float64), rtol=1e-13, atol=0)
+    assert chunk_scales(torch.tensor([0, 0, 2]), torch.ones(3)).tolist() == [0.5, 0.0, 1.0]  # empty chunk: 0
+
+
+def _view(model, batch, num_chunks=4):
+    return CausalResiduals(model, {"pde": CausalWeighting(time_column=1, num_chunks=num_chunks, epsilon=EPS)}).freeze(batch)
+
+
+def test_the_exact_path_measures_the_causal_trace_on_the_gram_path():
+    torch.manual_seed(3)
+    model, batch = HeatTerms(), heat_batch()
+    members, _, weights, norms = by_hand(model, batch)
+    estimate = estimate_ntk_traces(_view(model, batch), batch, "exact")
+    assert estimate.info["paths"] == {"ic": "gram", "pde": "gram"}
+    assert float(estimate.traces["pde"]) == pytest.approx(jax_pi_trace(members, weights, norms), rel=1e-10)
+    assert float(estimate.traces["ic"]) == pytest.approx(float(reference_point_norms(model, batch)["ic"].sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    ["subsample", "hutchinson", "hutchpp", "fd"],
+)
+def test_every_sketch_is_unbiased_for_the_causal_trace(estimator):
+    torch.manual_seed(3)
+    model, batch = HeatTerms(), heat_batch()
+    members, _, weights, norms = by_hand(model, batch)
+    want, plain = jax_pi_trace(members, weights, norms), float(norms.sum())
+    view = _view(model, batch)
+    g = torch.Generator().manual_seed(11)
+    draws = torch.stack([ntk_traces(view, batch, estimator, generator=g)["pde"] for _ in range(300)])
+    mean, stderr = float(draws.mean()), float(draws.std()) / math.sqrt(len(draws))
+    assert abs(mean - want) < 4 * stderr + 1e-6 * want, (mean, want, stderr)
+    assert abs(mean - plain) > 4 * stderr  # the plain trace is told apart
+
+
+def test_grad_norm_through_the_view_is_the_norm_of_the_causal_loss_gradient():
+    torch.manual_seed(3)
+    model, batch = HeatTerms(), heat_batch()
+    members, _, weights, _ = by_hand(model, batch)
+    r = model.residuals(batch)["pde"]
+    # The causal loss written out with the hand weights as constants.
+    loss = sum(w * sum(r[n] ** 2 for n in m) / len(m) for w, m in zip(weights, members, strict=True)) / 4
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    want = torch.cat([g.reshape(-1) for g in grads])
+    got = loss_gradients(_view(model, batch), batch)["pde"]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_the_view_needs_freeze_and_the_points_of_every_causal_term():
+    model, batch = HeatTerms(), heat_batch()
+    view = CausalResiduals(model, {"pde": CausalWeighting(time_column=1)})
+    with pytest.raises(RuntimeError, match="freeze"):
+        view.residuals(batch)
+    bad = CausalResiduals(model, {"pde": CausalWeighting(time_column=1)}, points=lambda b: {"ic": b["ic"]})
+    with pytest.raises(ValueError, match=r"points of the causal term\(s\) \['pde'\]"):
+        bad.freeze(batch)
+    with pytest.raises(ValueError, match="column 2"):
+        CausalResiduals(model, {"pde": CausalWeighting(time_column=2)}).freeze(batch)
