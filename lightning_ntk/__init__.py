@@ -2,7 +2,8 @@
 
 The pure-torch core (:mod:`~lightning_ntk.traces`, :mod:`~lightning_ntk.estimators`,
 :mod:`~lightning_ntk.weights`, :mod:`~lightning_ntk.spectrum`, :mod:`~lightning_ntk.derivatives`,
-:mod:`~lightning_ntk.jacobian`, :mod:`~lightning_ntk.causal`) does not import Lightning, and neither does ``import lightning_ntk``:
+:mod:`~lightning_ntk.jacobian`, :mod:`~lightning_ntk.causal`) does not import Lightning, and neither
+does ``import lightning_ntk``:
 :class:`PINNModule`, :class:`NTKWeightingCallback` and :class:`NTKSpectrumMonitor` (the thin Lightning layer) and
 :class:`RelativeL2Error` (torchmetrics) are imported when first used.
 """
@@ -62,11 +63,12 @@ def __dir__() -> list[str]:
 
 
 # Lightning layer: NTKWeightingCallback, NTKSpectrumMonitor, PINNModule. Callback parts: the trace
-# estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, GradNorm, TraceEstimator),
-# WeightRule, TraceAverager. Causal weighting: CausalWeighting, CausalResiduals. Traces: ntk_traces, estimate_ntk_traces, TraceEstimate,
-# register_estimator. Spectra: ntk_matrix, ntk_eigenvalues, block_spectra, Spectrum. Weight rules as
-# functions: ntk_weights, trace_weights, ema_update, clamp_weights. Networks and metrics: TaylorMLP,
-# RelativeL2Error. Input derivatives: the `derivatives` module.
+# estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, GradNorm,
+# TraceEstimator), WeightRule, TraceAverager; causal weighting: CausalWeighting, CausalResiduals.
+# Traces: ntk_traces, estimate_ntk_traces, TraceEstimate, register_estimator. Spectra: ntk_matrix,
+# ntk_eigenvalues, block_spectra, Spectrum. Weight rules as functions: ntk_weights, trace_weights,
+# ema_update, clamp_weights. Networks and metrics: TaylorMLP, RelativeL2Error. Input derivatives:
+# the `derivatives` module.
 __all__ = [
     "Auto",
     "CausalResiduals",

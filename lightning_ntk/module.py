@@ -198,7 +198,9 @@ class PINNModule(pl.LightningModule):
             self.log(tags.scalar(tags.CAUSAL_EPSILON, name), cw.epsilon)
             trainer = self._trainer
             if trainer is not None and self.global_step % max(1, trainer.log_every_n_steps) == 0:
-                add_chunk_profile(trainer, tags.scalar(tags.CAUSAL_WEIGHTS, name), weights, cw.t_range, self.global_step)
+                add_chunk_profile(
+                    trainer, tags.scalar(tags.CAUSAL_WEIGHTS, name), weights, cw.t_range, self.global_step
+                )
             cw.last_weights = weights
             cw.advance()
 
@@ -269,9 +271,7 @@ def _check_causal(causal: Mapping[str, CausalWeighting] | None, terms: Sequence[
         raise ValueError(f"`causal` names term(s) {unknown} that are not declared; declared terms: {list(terms)}.")
     for name, cw in causal.items():
         if not isinstance(cw, CausalWeighting):
-            raise TypeError(
-                f"`causal[{name!r}]` must be a lightning_ntk.CausalWeighting, got {type(cw).__name__}."
-            )
+            raise TypeError(f"`causal[{name!r}]` must be a lightning_ntk.CausalWeighting, got {type(cw).__name__}.")
     if len({id(cw) for cw in causal.values()}) != len(causal):
         raise ValueError("Every causal term needs its own CausalWeighting object (each keeps its own ε stage).")
     return dict(causal)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_ntk import tags
@@ -74,9 +74,7 @@ def add_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int) -> b
     return bool(writers)
 
 
-def add_chunk_profile(
-    trainer: pl.Trainer, tag: str, weights: Tensor, t_range: tuple[float, float], step: int
-) -> bool:
+def add_chunk_profile(trainer: pl.Trainer, tag: str, weights: Tensor, t_range: tuple[float, float], step: int) -> bool:
     """Write per-chunk values as a TensorBoard histogram whose buckets are the time chunks: the
     histogram dashboard then shows the weight over time, one curve per step. ``False`` without a
     TensorBoard logger."""

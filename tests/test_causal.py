@@ -44,7 +44,9 @@ def test_the_loss_is_the_weighted_mean_and_its_gradient_flows_through_the_losses
     cw = CausalWeighting(time_column=1, num_chunks=3, epsilon=2.0)
     loss = cw.loss(residual, points)
     chunks = [min(int(t * 3), 2) for t in points[:, 1].tolist()]
-    losses = [sum(float(residual[n].detach()) ** 2 for n in range(12) if chunks[n] == k) / chunks.count(k) for k in range(3)]
+    losses = [
+        sum(float(residual[n].detach()) ** 2 for n in range(12) if chunks[n] == k) / chunks.count(k) for k in range(3)
+    ]
     weights = [math.exp(-2.0 * sum(losses[:k])) for k in range(3)]
     want = sum(w * loss_k for w, loss_k in zip(weights, losses, strict=True)) / 3
     assert float(loss.detach()) == pytest.approx(want, rel=1e-13)
@@ -139,7 +141,10 @@ class HeatTerms(nn.Module):
         x = batch["pde"].clone().requires_grad_(True)
         u = self.net(x)
         du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
-        return {"ic": self.net(batch["ic"])[:, 0] - 1.0, "pde": du[:, 1] - 0.1 * du[:, 0] + u[:, 0] - torch.cos(4 * x[:, 1])}
+        return {
+            "ic": self.net(batch["ic"])[:, 0] - 1.0,
+            "pde": du[:, 1] - 0.1 * du[:, 0] + u[:, 0] - torch.cos(4 * x[:, 1]),
+        }
 
     def residual_points(self, batch):
         return {"pde": batch["pde"]}
@@ -156,7 +161,9 @@ def by_hand(model, batch, num_chunks=4, eps=EPS):
     """Chunk members, chunk losses L_k, weights w_k (j < k) and the raw per-point NTK norms, all from
     loops over points."""
     r = model.residuals(batch)["pde"].detach()
-    members = [[n for n, t in enumerate(TIMES) if min(int(t * num_chunks), num_chunks - 1) == k] for k in range(num_chunks)]
+    members = [
+        [n for n, t in enumerate(TIMES) if min(int(t * num_chunks), num_chunks - 1) == k] for k in range(num_chunks)
+    ]
     losses = [sum(float(r[n]) ** 2 for n in m) / len(m) for m in members]
     weights = [math.exp(-eps * sum(losses[:k])) for k in range(num_chunks)]
     norms = reference_point_norms(model, batch)["pde"]
@@ -166,7 +173,11 @@ def by_hand(model, batch, num_chunks=4, eps=EPS):
 def jax_pi_trace(members, weights, norms):
     """N · mean_k(w_k · mean_{n∈k} K_nn)."""
     n = sum(len(m) for m in members)
-    return n * sum(w * sum(float(norms[i]) for i in m) / len(m) for w, m in zip(weights, members, strict=True)) / len(members)
+    return (
+        n
+        * sum(w * sum(float(norms[i]) for i in m) / len(m) for w, m in zip(weights, members, strict=True))
+        / len(members)
+    )
 
 
 def test_uneven_chunks_give_jax_pis_mean_of_chunk_means_and_the_loss_is_the_scaled_mean_square():
@@ -187,7 +198,9 @@ def test_uneven_chunks_give_jax_pis_mean_of_chunk_means_and_the_loss_is_the_scal
 
 
 def _view(model, batch, num_chunks=4):
-    return CausalResiduals(model, {"pde": CausalWeighting(time_column=1, num_chunks=num_chunks, epsilon=EPS)}).freeze(batch)
+    return CausalResiduals(model, {"pde": CausalWeighting(time_column=1, num_chunks=num_chunks, epsilon=EPS)}).freeze(
+        batch
+    )
 
 
 def test_the_exact_path_measures_the_causal_trace_on_the_gram_path():
@@ -197,7 +210,9 @@ def test_the_exact_path_measures_the_causal_trace_on_the_gram_path():
     estimate = estimate_ntk_traces(_view(model, batch), batch, "exact")
     assert estimate.info["paths"] == {"ic": "gram", "pde": "gram"}
     assert float(estimate.traces["pde"]) == pytest.approx(jax_pi_trace(members, weights, norms), rel=1e-10)
-    assert float(estimate.traces["ic"]) == pytest.approx(float(reference_point_norms(model, batch)["ic"].sum()), rel=1e-10)
+    assert float(estimate.traces["ic"]) == pytest.approx(
+        float(reference_point_norms(model, batch)["ic"].sum()), rel=1e-10
+    )
 
 
 @pytest.mark.parametrize(
