@@ -11,11 +11,15 @@ spectral solver (:func:`etdrk4`, Cox & Matthews 2002 with the contour-integral c
 Kassam & Trefethen 2005), written here and tested against the closed-form solution for a constant
 initial state, on 256 × 101 points of (x, t).
 
-The lid-driven cavity was the alternative vector-valued problem; a Navier–Stokes reference solver
-plus three-field training did not fit this session's CPU budget, Allen–Cahn's does.
+With ``--features`` (any of ``fourier rwf modified``, or none) the example switches to JAX-PI's
+formulation (its ``examples/allen_cahn``): one field ``u``, ``x`` embedded periodically (a hard
+constraint, so there is no periodic term), the network of :mod:`networks` with those parts, and two
+terms: "ic" and "pde" (``u_t − ε u_xx − 5u + 5u³``). ``+causal`` runs weight the PDE term causally in
+time (:class:`~lightning_ntk.CausalWeighting`); the NTK trace of that term is then the causal one.
 
     python examples/allen_cahn_1d.py                          # 4 runs, reduced CPU setting (minutes)
     python examples/allen_cahn_1d.py --runs plain ntk         # a subset
+    python examples/allen_cahn_1d.py --features fourier rwf modified --runs ntk+causal grad_norm+causal
     python examples/allen_cahn_1d.py fit --config examples/configs/allen_cahn_1d_ntk.yaml   # LightningCLI
 """
 
@@ -29,9 +33,11 @@ import sys
 
 import torch
 
+from lightning_ntk import CausalWeighting
 from lightning_ntk.derivatives import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from networks import network_from_options
 from pinn_runner import (
     GridPINN,
     InitialBoundaryInteriorData,
@@ -100,17 +106,42 @@ def reference_on_grid() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class AllenCahn1D(GridPINN):
-    """Two-field Allen–Cahn PINN; ``width``/``depth``: the tanh MLP with outputs (u, v)."""
+    """Allen–Cahn PINN.
+
+    Args:
+        width, depth: Hidden width and layers.
+        lr, decay_rate, decay_steps: Adam with exponential decay.
+        features: ``None``: the two-field tanh MLP with four terms. A list (possibly empty) of
+            ``"fourier"``, ``"rwf"``, ``"modified"``: JAX-PI's one-field formulation with a periodic
+            embedding of x and the network of :func:`networks.network_from_options`.
+        fourier_scale: σ of the Fourier features.
+        causal_chunks: Weight the PDE term causally over this many time chunks; 0: off.
+        causal_epsilon: ε of the causal weights.
+    """
 
     name = "allen_cahn_1d"
     figure = ((256, 101), (-1.0, 1.0, 0.0, 1.0), ("x", "t"), ("u",))
 
     def __init__(
-        self, width: int = 64, depth: int = 4, lr: float = 1e-3, decay_rate: float = 0.9, decay_steps: int = 1000
+        self,
+        width: int = 64,
+        depth: int = 4,
+        lr: float = 1e-3,
+        decay_rate: float = 0.9,
+        decay_steps: int = 1000,
+        features: list[str] | None = None,
+        fourier_scale: float = 1.0,
+        causal_chunks: int = 0,
+        causal_epsilon: float = 1.0,
     ) -> None:
-        super().__init__(terms=["ic", "periodic", "pde", "flux"])
+        causal = {"pde": CausalWeighting(time_column=1, num_chunks=causal_chunks, epsilon=causal_epsilon)}
+        terms = ["ic", "periodic", "pde", "flux"] if features is None else ["ic", "pde"]
+        super().__init__(terms=terms, causal=causal if causal_chunks else None)
         self.save_hyperparameters()
-        self.net = tanh_mlp(width, depth, outputs=2)
+        if features is None:
+            self.net = tanh_mlp(width, depth, outputs=2)
+        else:
+            self.net = network_from_options(2, width, depth, 1, {0: 2.0}, features, fourier_scale)
         grid, reference = reference_on_grid()
         self.register_buffer("grid", grid.clone(), persistent=False)
         self.register_buffer("reference", reference.clone(), persistent=False)
@@ -119,6 +150,8 @@ class AllenCahn1D(GridPINN):
         return self.net(xt)[:, 0]
 
     def residuals(self, batch):
+        if self.hparams.features is not None:
+            return self._one_field_residuals(batch)
         xt = batch["pde"]
         uv = self.net(xt)
         u, v = uv[:, 0], uv[:, 1]
@@ -133,6 +166,17 @@ class AllenCahn1D(GridPINN):
             "pde": d_t[:, 0] - EPS * d_x[:, 1] - 5 * u + 5 * u.pow(3),
             "flux": v - d_x[:, 0],
         }
+
+    def _one_field_residuals(self, batch):
+        xt = batch["pde"].clone().requires_grad_(True)
+        u = self.u(xt)
+        du = torch.autograd.grad(u.sum(), xt, create_graph=True)[0]
+        u_xx = torch.autograd.grad(du[:, 0].sum(), xt, create_graph=True)[0][:, 0]
+        x0 = batch["ic"]
+        return {"ic": self.u(x0) - initial_state(x0[:, 0]), "pde": du[:, 1] - EPS * u_xx - 5 * u + 5 * u.pow(3)}
+
+    def residual_points(self, batch):
+        return {"pde": batch["pde"]}
 
 
 def sample_points(g: torch.Generator, initial: int, boundary: int, interior: int) -> dict[str, torch.Tensor]:
@@ -151,14 +195,37 @@ class AllenCahnData(InitialBoundaryInteriorData):
 
 
 def build(args: argparse.Namespace) -> tuple[AllenCahn1D, AllenCahnData]:
-    return AllenCahn1D(args.width, args.depth), AllenCahnData(seed=args.seed)
+    model = AllenCahn1D(
+        args.width,
+        args.depth,
+        args.lr,
+        decay_steps=args.decay_steps,
+        features=args.features,
+        fourier_scale=args.fourier_scale,
+        causal_chunks=args.causal_chunks if getattr(args, "causal", False) else 0,
+        causal_epsilon=args.causal_epsilon,
+    )
+    return model, AllenCahnData(args.initial, args.boundary, args.interior, seed=args.seed)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, steps=5000, update_every=100)
+    add_common_args(p, steps=5000, update_every=100, causal=True)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--depth", type=int, default=4, help="hidden layers")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--decay-steps", type=int, default=1000, help="lr × 0.9 every this many steps")
+    p.add_argument(
+        "--features",
+        nargs="*",
+        choices=["fourier", "rwf", "modified"],
+        default=None,
+        help="JAX-PI's formulation with these network parts (none given: a plain tanh MLP with it)",
+    )
+    p.add_argument("--fourier-scale", type=float, default=1.0)
+    p.add_argument("--initial", type=int, default=128, help="initial points per step")
+    p.add_argument("--boundary", type=int, default=64, help="periodic-boundary points per step (two-field)")
+    p.add_argument("--interior", type=int, default=256, help="PDE points per step")
     return p.parse_args(argv)
 
 

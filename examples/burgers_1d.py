@@ -15,8 +15,13 @@ by Gauss–Hermite quadrature (:func:`cole_hopf`), on a 256 × 101 grid. A shock
 steepest slope, |u_x(0, 1.6037/π)| = 152.00516 (Basdevant et al. 1986), is what the quadrature is tested
 against.
 
+With ``--features`` (any of ``fourier rwf modified``) the network is the one of :mod:`networks`
+(JAX-PI's Burgers recipe) instead of the tanh MLP; ``+causal`` runs weight the PDE term causally in
+time (:class:`~lightning_ntk.CausalWeighting`), and the NTK trace of that term is then the causal one.
+
     python examples/burgers_1d.py                            # 4 runs, reduced CPU setting (minutes)
     python examples/burgers_1d.py --runs plain ntk           # a subset
+    python examples/burgers_1d.py --features fourier rwf modified --runs plain ntk ntk+causal
     python examples/burgers_1d.py fit --config examples/configs/burgers_1d_ntk.yaml   # LightningCLI
 """
 
@@ -30,7 +35,10 @@ import sys
 
 import torch
 
+from lightning_ntk import CausalWeighting
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from networks import network_from_options
 from pinn_runner import (
     GridPINN,
     InitialBoundaryInteriorData,
@@ -82,17 +90,40 @@ def reference_on_grid() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Burgers1D(GridPINN):
-    """Burgers PINN; ``width``/``depth``: the tanh MLP, ``lr``/``decay_*``: Adam with exponential decay."""
+    """Burgers PINN.
+
+    Args:
+        width, depth: Hidden width and layers.
+        lr, decay_rate, decay_steps: Adam with exponential decay.
+        features: ``None``: a tanh MLP; a list of ``"fourier"``, ``"rwf"``, ``"modified"``: the network of
+            :func:`networks.network_from_options` with those parts.
+        fourier_scale: σ of the Fourier features.
+        causal_chunks: Weight the PDE term causally over this many time chunks; 0: off.
+        causal_epsilon: ε of the causal weights.
+    """
 
     name = "burgers_1d"
     figure = ((256, 101), (-1.0, 1.0, 0.0, 1.0), ("x", "t"), ("u",))
 
     def __init__(
-        self, width: int = 50, depth: int = 4, lr: float = 1e-3, decay_rate: float = 0.9, decay_steps: int = 1000
+        self,
+        width: int = 50,
+        depth: int = 4,
+        lr: float = 1e-3,
+        decay_rate: float = 0.9,
+        decay_steps: int = 1000,
+        features: list[str] | None = None,
+        fourier_scale: float = 1.0,
+        causal_chunks: int = 0,
+        causal_epsilon: float = 1.0,
     ) -> None:
-        super().__init__(terms=["ic", "bc", "pde"])
+        causal = {"pde": CausalWeighting(time_column=1, num_chunks=causal_chunks, epsilon=causal_epsilon)}
+        super().__init__(terms=["ic", "bc", "pde"], causal=causal if causal_chunks else None)
         self.save_hyperparameters()
-        self.net = tanh_mlp(width, depth)
+        if features is None:
+            self.net = tanh_mlp(width, depth)
+        else:
+            self.net = network_from_options(2, width, depth, 1, None, features, fourier_scale)
         grid, reference = reference_on_grid()
         self.register_buffer("grid", grid.clone(), persistent=False)
         self.register_buffer("reference", reference.clone(), persistent=False)
@@ -113,6 +144,9 @@ class Burgers1D(GridPINN):
             "pde": u_t + u * u_x - NU * u_xx,
         }
 
+    def residual_points(self, batch):
+        return {"pde": batch["pde"]}
+
 
 def sample_points(g: torch.Generator, initial: int, boundary: int, interior: int) -> dict[str, torch.Tensor]:
     x0 = torch.rand(initial, generator=g) * 2 - 1
@@ -131,14 +165,33 @@ class BurgersData(InitialBoundaryInteriorData):
 
 
 def build(args: argparse.Namespace) -> tuple[Burgers1D, BurgersData]:
-    return Burgers1D(args.width, args.depth), BurgersData(seed=args.seed)
+    model = Burgers1D(
+        args.width,
+        args.depth,
+        args.lr,
+        decay_steps=args.decay_steps,
+        features=args.features,
+        fourier_scale=args.fourier_scale,
+        causal_chunks=args.causal_chunks if getattr(args, "causal", False) else 0,
+        causal_epsilon=args.causal_epsilon,
+    )
+    return model, BurgersData(args.initial, args.boundary, args.interior, seed=args.seed)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, steps=3000, update_every=100)
+    add_common_args(p, steps=3000, update_every=100, causal=True)
     p.add_argument("--width", type=int, default=50)
     p.add_argument("--depth", type=int, default=4, help="hidden layers")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--decay-steps", type=int, default=1000, help="lr × 0.9 every this many steps")
+    p.add_argument(
+        "--features", nargs="*", choices=["fourier", "rwf", "modified"], default=None, help="network parts (JAX-PI)"
+    )
+    p.add_argument("--fourier-scale", type=float, default=1.0)
+    p.add_argument("--initial", type=int, default=128, help="initial points per step")
+    p.add_argument("--boundary", type=int, default=64, help="boundary points per step")
+    p.add_argument("--interior", type=int, default=256, help="PDE points per step")
     p.add_argument("--long", action="store_true", help="20,000 steps, weights every 1,000 (a GPU job)")
     args = p.parse_args(argv)
     if args.long:

@@ -8,7 +8,9 @@ example then offers the same runs, the same table and the same outputs:
 - ``ntk``: exact NTK trace weights every ``--update-every`` steps;
 - ``ntk_fd``: NTK weights every step from the finite-difference sketch averaged over ~100 steps;
 - ``grad_norm``: the gradient-norm rule of JAX-PI (after Wang, Teng & Perdikaris 2021) every
-  ``--update-every`` steps with EMA 0.9 as in JAX-PI — *not* the NTK, for comparison.
+  ``--update-every`` steps with EMA 0.9 as in JAX-PI — *not* the NTK, for comparison;
+- ``<run>+causal`` (time-dependent examples): the same weighting with causal training of the PDE
+  term (:class:`~lightning_ntk.CausalWeighting`, ``--causal-chunks``, ``--causal-epsilon``).
 
 Outputs: TensorBoard logs under ``<logdir>/<example>/<run>`` (losses, weights, traces or gradient
 norms, ``val/rel_l2``), a PNG of prediction / reference / error per run (with matplotlib), and a
@@ -31,17 +33,21 @@ from torch import nn
 from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager, WeightRule
 from lightning_ntk.metrics import RelativeL2Error
 
-RUNS = ("plain", "ntk", "ntk_fd", "grad_norm")
+WEIGHTINGS = ("plain", "ntk", "ntk_fd", "grad_norm")
+CAUSAL = "+causal"
+RUNS = WEIGHTINGS + tuple(w + CAUSAL for w in WEIGHTINGS)
 LABELS = {
     "plain": "plain",
     "ntk": "NTK weights (exact)",
     "ntk_fd": "NTK weights per step (fd)",
     "grad_norm": "grad-norm weights",
 }
+LABELS.update({w + CAUSAL: f"{LABELS[w]} + causal" for w in WEIGHTINGS})
 
 
 def weighting_callbacks(run: str, update_every: int, seed: int) -> list[pl.Callback]:
-    """The callbacks of one run (see the module docstring)."""
+    """The callbacks of one run (see the module docstring); ``+causal`` changes the module, not these."""
+    run = run.removesuffix(CAUSAL)
     if run == "plain":
         return []
     if run == "ntk":
@@ -104,6 +110,9 @@ class ErrorLogger(pl.Callback):
             logger.log_metrics({"val/rel_l2": err}, step=step)
         if self.verbose:
             weights = ", ".join(f"λ_{k}={v:.3g}" for k, v in pl_module.term_weights.items())
+            for term, cw in pl_module.causal.items():
+                if cw.last_weights is not None:
+                    weights += f", causal {term}: min w={float(cw.last_weights.min()):.3g} ε={cw.epsilon:g}"
             print(f"  [{self.name}] step {step:>6}  rel. L2 {err:.3e}  {weights}", flush=True)
 
 
@@ -141,10 +150,15 @@ class InitialBoundaryInteriorData(pl.LightningDataModule):
         return torch.utils.data.DataLoader(points, batch_size=None)
 
 
-def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int) -> None:
+def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int, causal: bool = False) -> None:
+    """Options of every comparison; ``causal``: the example is time-dependent and offers ``+causal`` runs."""
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--update-every", type=int, default=update_every, help="weight update period (ntk, grad_norm)")
-    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which weightings to train")
+    choices = RUNS if causal else WEIGHTINGS
+    p.add_argument("--runs", nargs="+", choices=choices, default=list(WEIGHTINGS), help="which weightings to train")
+    if causal:
+        p.add_argument("--causal-chunks", type=int, default=32, help="time chunks of the +causal runs")
+        p.add_argument("--causal-epsilon", type=float, default=1.0, help="ε of the +causal runs")
     p.add_argument("--report-every", type=int, default=500, help="log and print the error every n steps")
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--seed", type=int, default=0)
@@ -204,13 +218,14 @@ def compare(
     results = {}
     for run in args.runs:
         pl.seed_everything(args.seed, verbose=False)
+        args.causal = run.endswith(CAUSAL)  # what build() reads to make the PDE term causal
         model, data = build(args)
         model, seconds = train(name, run, model, data, args)
         results[run] = (model.relative_l2_error(), seconds, model.term_weights)
-    print(f"\n{'run':<28} {'rel. L2 error':>14} {'time [s]':>9}   final weights")
+    print(f"\n{'run':<37} {'rel. L2 error':>14} {'time [s]':>9}   final weights")
     for run, (err, seconds, weights) in results.items():
         w = ", ".join(f"{k}={v:.4g}" for k, v in weights.items())
-        print(f"{LABELS[run]:<28} {err:14.3e} {seconds:9.1f}   {w}")
+        print(f"{LABELS[run]:<37} {err:14.3e} {seconds:9.1f}   {w}")
     print(f"\nTensorBoard logs: tensorboard --logdir {args.logdir}/{name}")
     return results
 
