@@ -134,9 +134,13 @@ class AllenCahn1D(GridPINN):
         causal_chunks: int = 0,
         causal_epsilon: float = 1.0,
     ) -> None:
-        causal = {"pde": CausalWeighting(time_column=1, num_chunks=causal_chunks, epsilon=causal_epsilon)}
+        causal = (
+            {"pde": CausalWeighting(time_column=1, num_chunks=causal_chunks, epsilon=causal_epsilon)}
+            if causal_chunks
+            else None
+        )
         terms = ["ic", "periodic", "pde", "flux"] if features is None else ["ic", "pde"]
-        super().__init__(terms=terms, causal=causal if causal_chunks else None)
+        super().__init__(terms=terms, causal=causal)
         self.save_hyperparameters()
         if features is None:
             self.net = tanh_mlp(width, depth, outputs=2)

@@ -117,8 +117,12 @@ class Burgers1D(GridPINN):
         causal_chunks: int = 0,
         causal_epsilon: float = 1.0,
     ) -> None:
-        causal = {"pde": CausalWeighting(time_column=1, num_chunks=causal_chunks, epsilon=causal_epsilon)}
-        super().__init__(terms=["ic", "bc", "pde"], causal=causal if causal_chunks else None)
+        causal = (
+            {"pde": CausalWeighting(time_column=1, num_chunks=causal_chunks, epsilon=causal_epsilon)}
+            if causal_chunks
+            else None
+        )
+        super().__init__(terms=["ic", "bc", "pde"], causal=causal)
         self.save_hyperparameters()
         if features is None:
             self.net = tanh_mlp(width, depth)

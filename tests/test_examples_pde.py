@@ -5,7 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import reference_traces
 from test_examples import EXAMPLES, load
+
+from lightning_ntk import estimate_ntk_traces
 
 
 class Exact(torch.nn.Module):
@@ -131,3 +134,36 @@ def test_every_weighting_runs_and_reports(name, tmp_path, capsys):
     for run in results:
         assert list((tmp_path / name / run).glob("events.out.tfevents.*"))
     assert (EXAMPLES / "configs" / f"{name}_ntk.yaml").is_file()
+
+
+FEATURES = [[], ["fourier"], ["rwf"], ["modified"], ["fourier", "rwf", "modified"]]
+
+
+@pytest.mark.parametrize("features", FEATURES, ids=lambda f: "+".join(f) or "none")
+@pytest.mark.parametrize("name", ["allen_cahn_1d", "burgers_1d"])
+def test_the_jax_pi_networks_take_the_gram_path_exactly(name, features):
+    # Allen–Cahn's network always has the periodic embedding of x; Burgers' never.
+    ex = load(name)
+    torch.manual_seed(0)
+    model_class = ex.AllenCahn1D if name == "allen_cahn_1d" else ex.Burgers1D
+    model = model_class(width=6, depth=2, features=features, fourier_scale=2.0).double()
+    batch = {k: v.double() for k, v in ex.sample_points(torch.Generator().manual_seed(1), 4, 3, 6).items()}
+    estimate = estimate_ntk_traces(model, batch, "exact")
+    assert set(estimate.info["paths"].values()) == {"gram"}
+    want = reference_traces(model, batch)
+    for term, trace in estimate.traces.items():
+        assert float(trace) == pytest.approx(float(want[term]), rel=1e-10), term
+
+
+@pytest.mark.parametrize("name", ["burgers_1d", "allen_cahn_1d"])
+def test_causal_runs_with_the_jax_pi_network_run_and_report(name, tmp_path, capsys):
+    ex = load(name)
+    runs = ["ntk+causal", "ntk_fd+causal", "grad_norm+causal"]
+    args = ["--steps", "3", "--update-every", "2", "--report-every", "2", "--logdir", str(tmp_path), "--width", "8"]
+    results = ex.compare_main(
+        [*args, "--depth", "2", "--causal-chunks", "4", "--features", "fourier", "rwf", "modified", "--runs", *runs]
+    )
+    assert set(results) == set(runs)
+    assert all(math.isfinite(err) for err, _, _ in results.values())
+    out = capsys.readouterr().out
+    assert "NTK weights (exact) + causal" in out and "causal pde: min w=" in out
