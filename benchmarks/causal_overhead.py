@@ -16,32 +16,18 @@ training step of the module without causal terms:
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import warnings
 
 import torch
-from _problem import median_time
+from _problem import median_time, train_step_fn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 from allen_cahn_1d import AllenCahn1D, sample_points
 
 from lightning_ntk.causal import CausalResiduals
 from lightning_ntk.estimators import exact_traces, finite_difference_traces
-
-
-def step_fn(model: AllenCahn1D, batch):
-    model = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=0.0)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss, _ = model.weighted_loss(batch)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def main(argv=None) -> None:
@@ -63,8 +49,8 @@ def main(argv=None) -> None:
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(2)
     rows = {
-        "training step": median_time(step_fn(plain, batch), args.repeats, cpu),
-        "training step, causal PDE term": median_time(step_fn(causal, batch), args.repeats, cpu),
+        "training step": median_time(train_step_fn(plain, batch), args.repeats, cpu),
+        "training step, causal PDE term": median_time(train_step_fn(causal, batch), args.repeats, cpu),
         "exact traces": median_time(lambda: exact_traces(plain, batch), args.repeats, cpu),
         "exact traces, causal (freeze + traces)": median_time(
             lambda: exact_traces(view.freeze(batch), batch), args.repeats, cpu

@@ -42,10 +42,12 @@ from pinn_runner import (
     GridPINN,
     InitialBoundaryInteriorData,
     add_common_args,
+    add_time_dependent_args,
     cli_or_compare,
     compare,
     lightning_cli,
     tanh_mlp,
+    time_dependent_options,
 )
 
 EPS = 1e-4
@@ -199,37 +201,14 @@ class AllenCahnData(InitialBoundaryInteriorData):
 
 
 def build(args: argparse.Namespace) -> tuple[AllenCahn1D, AllenCahnData]:
-    model = AllenCahn1D(
-        args.width,
-        args.depth,
-        args.lr,
-        decay_steps=args.decay_steps,
-        features=args.features,
-        fourier_scale=args.fourier_scale,
-        causal_chunks=args.causal_chunks if getattr(args, "causal", False) else 0,
-        causal_epsilon=args.causal_epsilon,
-    )
-    return model, AllenCahnData(args.initial, args.boundary, args.interior, seed=args.seed)
+    data = AllenCahnData(args.initial, args.boundary, args.interior, seed=args.seed)
+    return AllenCahn1D(**time_dependent_options(args)), data
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, steps=5000, update_every=100, causal=True)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--depth", type=int, default=4, help="hidden layers")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--decay-steps", type=int, default=1000, help="lr × 0.9 every this many steps")
-    p.add_argument(
-        "--features",
-        nargs="*",
-        choices=["fourier", "rwf", "modified"],
-        default=None,
-        help="JAX-PI's formulation with these network parts (none given: a plain tanh MLP with it)",
-    )
-    p.add_argument("--fourier-scale", type=float, default=1.0)
-    p.add_argument("--initial", type=int, default=128, help="initial points per step")
-    p.add_argument("--boundary", type=int, default=64, help="periodic-boundary points per step (two-field)")
-    p.add_argument("--interior", type=int, default=256, help="PDE points per step")
+    add_time_dependent_args(p, width=64, depth=4)
     return p.parse_args(argv)
 
 

@@ -43,11 +43,13 @@ from pinn_runner import (
     GridPINN,
     InitialBoundaryInteriorData,
     add_common_args,
+    add_time_dependent_args,
     cli_or_compare,
     compare,
     grid_2d,
     lightning_cli,
     tanh_mlp,
+    time_dependent_options,
 )
 
 NU = 0.01 / math.pi
@@ -169,33 +171,14 @@ class BurgersData(InitialBoundaryInteriorData):
 
 
 def build(args: argparse.Namespace) -> tuple[Burgers1D, BurgersData]:
-    model = Burgers1D(
-        args.width,
-        args.depth,
-        args.lr,
-        decay_steps=args.decay_steps,
-        features=args.features,
-        fourier_scale=args.fourier_scale,
-        causal_chunks=args.causal_chunks if getattr(args, "causal", False) else 0,
-        causal_epsilon=args.causal_epsilon,
-    )
-    return model, BurgersData(args.initial, args.boundary, args.interior, seed=args.seed)
+    data = BurgersData(args.initial, args.boundary, args.interior, seed=args.seed)
+    return Burgers1D(**time_dependent_options(args)), data
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, steps=3000, update_every=100, causal=True)
-    p.add_argument("--width", type=int, default=50)
-    p.add_argument("--depth", type=int, default=4, help="hidden layers")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--decay-steps", type=int, default=1000, help="lr × 0.9 every this many steps")
-    p.add_argument(
-        "--features", nargs="*", choices=["fourier", "rwf", "modified"], default=None, help="network parts (JAX-PI)"
-    )
-    p.add_argument("--fourier-scale", type=float, default=1.0)
-    p.add_argument("--initial", type=int, default=128, help="initial points per step")
-    p.add_argument("--boundary", type=int, default=64, help="boundary points per step")
-    p.add_argument("--interior", type=int, default=256, help="PDE points per step")
+    add_time_dependent_args(p, width=50, depth=4)
     p.add_argument("--long", action="store_true", help="20,000 steps, weights every 1,000 (a GPU job)")
     args = p.parse_args(argv)
     if args.long:

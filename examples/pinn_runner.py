@@ -165,6 +165,39 @@ def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int, c
     p.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
 
 
+def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) -> None:
+    """Options of the time-dependent examples: network size and parts, optimizer, points per step."""
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--depth", type=int, default=depth, help="hidden layers")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--decay-steps", type=int, default=1000, help="lr × 0.9 every this many steps")
+    p.add_argument(
+        "--features",
+        nargs="*",
+        choices=["fourier", "rwf", "modified"],
+        default=None,
+        help="JAX-PI's network with these parts (see networks.py); not given: the tanh MLP",
+    )
+    p.add_argument("--fourier-scale", type=float, default=1.0)
+    p.add_argument("--initial", type=int, default=128, help="initial points per step")
+    p.add_argument("--boundary", type=int, default=64, help="boundary points per step")
+    p.add_argument("--interior", type=int, default=256, help="PDE points per step")
+
+
+def time_dependent_options(args: argparse.Namespace) -> dict:
+    """The model's keyword arguments from :func:`add_time_dependent_args` and the run's ``+causal``."""
+    return {
+        "width": args.width,
+        "depth": args.depth,
+        "lr": args.lr,
+        "decay_steps": args.decay_steps,
+        "features": args.features,
+        "fourier_scale": args.fourier_scale,
+        "causal_chunks": args.causal_chunks if getattr(args, "causal", False) else 0,
+        "causal_epsilon": args.causal_epsilon,
+    }
+
+
 def tanh_mlp(width: int, depth: int, inputs: int = 2, outputs: int = 1) -> nn.Sequential:
     """``depth`` hidden tanh layers of ``width`` units: the network of most examples."""
     layers: list[nn.Module] = [nn.Linear(inputs, width), nn.Tanh()]
