@@ -45,15 +45,19 @@ LABELS = {
 LABELS.update({w + CAUSAL: f"{LABELS[w]} + causal" for w in WEIGHTINGS})
 
 
-def weighting_callbacks(run: str, update_every: int, seed: int) -> list[pl.Callback]:
-    """The callbacks of one run (see the module docstring); ``+causal`` changes the module, not these."""
+def weighting_callbacks(run: str, update_every: int, seed: int, ntk_mode: str = "trace") -> list[pl.Callback]:
+    """The callbacks of one run (see the module docstring); ``+causal`` changes the module, not these.
+    ``ntk_mode``: the :class:`WeightRule` mode of the NTK runs."""
     run = run.removesuffix(CAUSAL)
     if run == "plain":
         return []
     if run == "ntk":
-        return [NTKWeightingCallback(update_every, seed=seed)]
+        return [NTKWeightingCallback(update_every, weight_rule=WeightRule(mode=ntk_mode), seed=seed)]
     if run == "ntk_fd":
-        return [NTKWeightingCallback(1, estimator="fd", trace_averager=TraceAverager(0.99), seed=seed)]
+        rule = WeightRule(mode=ntk_mode)
+        return [
+            NTKWeightingCallback(1, estimator="fd", weight_rule=rule, trace_averager=TraceAverager(0.99), seed=seed)
+        ]
     if run == "grad_norm":
         return [NTKWeightingCallback(update_every, estimator="grad_norm", weight_rule=WeightRule(ema=0.9), seed=seed)]
     raise ValueError(f"Unknown run {run!r}; choose from {RUNS}.")
@@ -160,6 +164,12 @@ def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int, c
         p.add_argument("--causal-chunks", type=int, default=32, help="time chunks of the +causal runs")
         p.add_argument("--causal-epsilon", type=float, default=1.0, help="ε of the +causal runs")
     p.add_argument("--report-every", type=int, default=500, help="log and print the error every n steps")
+    p.add_argument(
+        "--ntk-mode",
+        choices=["trace", "mean_trace"],
+        default="trace",
+        help="WeightRule mode of the NTK runs (mean_trace: JAX-PI's, per-point mean traces)",
+    )
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
@@ -235,7 +245,8 @@ def train(
     name: str, run: str, model: GridPINN, data: pl.LightningDataModule, args: argparse.Namespace
 ) -> tuple[GridPINN, float]:
     """Trains ``model`` with the weighting of ``run``; returns it and the wall time in seconds."""
-    callbacks = [ErrorLogger(args.report_every, run), *weighting_callbacks(run, args.update_every, args.seed)]
+    weighting = weighting_callbacks(run, args.update_every, args.seed, args.ntk_mode)
+    callbacks = [ErrorLogger(args.report_every, run), *weighting]
     trainer = make_trainer(args.steps, callbacks, args.logdir, name, run, args.accelerator)
     start = time.perf_counter()
     trainer.fit(model, data)
