@@ -203,12 +203,12 @@ def gram_squared_norms(
                     j = slot.get(id(use.output))
                     if j is None or grads[j] is None:
                         continue
-                    key = UseKey(term, c, i)
+                    use_key = UseKey(term, c, i)
                     if seeded is not None:
-                        chosen[key] = _choose_layout(use, grads[j], seeded[j], weights, n)
-                    if key not in chosen:  # a use whose gradient was zero when layouts were confirmed
+                        chosen[use_key] = _choose_layout(use, grads[j], seeded[j], weights, n)
+                    if use_key not in chosen:  # a use whose gradient was zero when layouts were confirmed
                         raise GramUnsupported("the parameter uses changed since the layout was confirmed")
-                    confirmed[i] = (grads[j], chosen[key])
+                    confirmed[i] = (grads[j], chosen[use_key])
                 total = total + _component_norms(uses, confirmed, params, n)
         except GramUnsupported as err:
             unsupported[term] = str(err)

@@ -1,0 +1,151 @@
+"""What warm exact traces cost, against a plain training step of the same network: time, aten ops,
+host synchronisations and backward passes.
+
+Three cases, each in one process on the same weights and points, residuals in the ordinary autograd
+style (``requires_grad_`` + ``torch.autograd.grad(create_graph=True)``):
+
+- ``1d-256``: 1-D Poisson ``u_xx`` + a boundary term, 3×256 tanh, N=4,096 points per term;
+- ``1d-64``: the same at 3×64, N=1,024;
+- ``2d-2out``: a 2-D two-output gradient flow (Q-tensor type: ``p_t = L Δp − a p − 2c(p²+q²)p``, the
+  same for ``q``), 4×128 tanh on periodic inputs, 1,024 pde + 256 ic points, residuals of shape (N, 2).
+
+Rows per case: the plain step (weighted loss, backward, Adam) and warm exact traces and ``fd``
+(first calls done before timing), as medians of CPU time, with the ratio to the step; aten ops
+dispatched, host synchronisations and backward passes (``torch.autograd.grad`` calls made by the
+package) per warm call, counted under a ``TorchDispatchMode``.
+
+    OMP_NUM_THREADS=1 python benchmarks/exact_cost.py               # every case, 1 thread
+    python benchmarks/exact_cost.py --cases 2d-2out --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+import torch
+from _problem import AutogradPoisson, make_batch
+from torch import nn
+
+from lightning_ntk import PINNModule
+from lightning_ntk.counting import BackwardCounter, OpCounter
+from lightning_ntk.estimators.exact import exact_traces
+from lightning_ntk.estimators.finite_difference import finite_difference_traces
+
+class QTensor2d(PINNModule):
+    """``p_t = L Δp − a p − 2c (p² + q²) p`` and the same for ``q`` on the periodic unit square.
+
+    Inputs ``(t, x, y)``; x and y enter through ``cos, sin(2π·)``; outputs ``(p, q)``; terms ``ic``
+    (the state at t = 0) and ``pde``, both of shape (N, 2).
+    """
+
+    def __init__(self, width: int = 128, depth: int = 4, L: float = 1e-3, a: float = -1.0, c: float = 1.0) -> None:
+        super().__init__(terms=["ic", "pde"])
+        layers: list[nn.Module] = [nn.Linear(5, width), nn.Tanh()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        self.net = nn.Sequential(*layers, nn.Linear(width, 2))
+        self.L, self.a, self.c = L, a, c
+
+    def field(self, txy: torch.Tensor) -> torch.Tensor:
+        t, x, y = txy[:, :1], txy[:, 1:2], txy[:, 2:3]
+        k = 2 * math.pi
+        return self.net(torch.cat([t, torch.cos(k * x), torch.sin(k * x), torch.cos(k * y), torch.sin(k * y)], 1))
+
+    def residuals(self, batch):
+        xy0, target0, txy = batch
+        u0 = self.field(torch.cat([torch.zeros_like(xy0[:, :1]), xy0], 1))
+        txy = txy.clone().requires_grad_(True)
+        u = self.field(txy)
+        rows = []
+        for c in range(2):
+            g = torch.autograd.grad(u[:, c].sum(), txy, create_graph=True)[0]
+            u_xx = torch.autograd.grad(g[:, 1].sum(), txy, create_graph=True)[0][:, 1]
+            u_yy = torch.autograd.grad(g[:, 2].sum(), txy, create_graph=True)[0][:, 2]
+            rows.append(g[:, 0] - self.L * (u_xx + u_yy) + self.a * u[:, c])
+        bulk = 2 * self.c * (u.square().sum(1, keepdim=True)) * u
+        return {"ic": u0 - target0, "pde": torch.stack(rows, 1) + bulk}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def qtensor_batch(n_pde: int = 1024, n_ic: int = 256, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    xy0 = torch.rand(n_ic, 2, generator=g)
+    k = 2 * math.pi
+    target = torch.stack([torch.cos(k * xy0[:, 0]) * torch.sin(k * xy0[:, 1]), torch.sin(k * xy0[:, 0])], 1)
+    return xy0, 0.5 * target, torch.rand(n_pde, 3, generator=g)
+
+
+def cases() -> dict[str, tuple[PINNModule, object]]:
+    torch.manual_seed(0)
+    return {
+        "1d-256": (AutogradPoisson(256, 3), make_batch(4096, torch.device("cpu"))),
+        "1d-64": (AutogradPoisson(64, 3), make_batch(1024, torch.device("cpu"))),
+        "2d-2out": (QTensor2d(128, 4), qtensor_batch()),
+    }
+
+
+def train_step(model: PINNModule, batch):
+    model = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.weighted_loss(batch)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def cpu_median(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def count(fn) -> tuple[OpCounter, int]:
+    """Ops of one warm call of ``fn``, and the ``torch.autograd.grad`` calls the package made in it."""
+    fn()
+    with OpCounter() as ops, BackwardCounter("lightning_ntk") as backwards:
+        fn()
+    return ops, backwards.calls
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=list(cases()))
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU seconds, medians of {args.repeats}")
+    print(f"{'case':<9}{'computation':<16}{'median [s]':>11}{'× step':>8}{'aten ops':>10}{'× step':>8}{'syncs':>7}"
+          f"{'backwards':>11}")
+    for name, (model, batch) in cases().items():
+        if name not in args.cases:
+            continue
+        step = train_step(model, batch)
+        generator = torch.Generator().manual_seed(0)
+        calls = {
+            "training step": step,
+            "exact traces": lambda m=model, b=batch: exact_traces(m, b),
+            "fd (1 probe)": lambda m=model, b=batch: finite_difference_traces(m, b, generator=generator),
+        }
+        t_step = cpu_median(step, args.repeats)
+        ops_step = count(step)[0].total
+        for what, fn in calls.items():
+            t = t_step if fn is step else cpu_median(fn, args.repeats)
+            counter, grads = count(fn)
+            print(f"{name:<9}{what:<16}{t:11.4f}{t / t_step:8.2f}{counter.total:10d}{counter.total / ops_step:8.2f}"
+                  f"{counter.syncs:7d}{grads:11d}")
+
+
+if __name__ == "__main__":
+    main()
