@@ -25,6 +25,7 @@ import copy
 import math
 import statistics
 import time
+
 import torch
 from _problem import AutogradPoisson, make_batch
 from torch import nn
@@ -33,6 +34,7 @@ from lightning_ntk import PINNModule
 from lightning_ntk.counting import BackwardCounter, OpCounter
 from lightning_ntk.estimators.exact import exact_traces
 from lightning_ntk.estimators.finite_difference import finite_difference_traces
+
 
 class QTensor2d(PINNModule):
     """``p_t = L Δp − a p − 2c (p² + q²) p`` and the same for ``q`` on the periodic unit square.
@@ -126,8 +128,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU seconds, medians of {args.repeats}")
-    print(f"{'case':<9}{'computation':<16}{'median [s]':>11}{'× step':>8}{'aten ops':>10}{'× step':>8}{'syncs':>7}"
-          f"{'backwards':>11}")
+    print(
+        f"{'case':<9}{'computation':<16}{'median [s]':>11}{'× step':>8}{'aten ops':>10}{'× step':>8}{'syncs':>7}"
+        f"{'backwards':>11}"
+    )
     for name, (model, batch) in cases().items():
         if name not in args.cases:
             continue
@@ -136,15 +140,17 @@ def main(argv=None) -> None:
         calls = {
             "training step": step,
             "exact traces": lambda m=model, b=batch: exact_traces(m, b),
-            "fd (1 probe)": lambda m=model, b=batch: finite_difference_traces(m, b, generator=generator),
+            "fd (1 probe)": lambda m=model, b=batch, g=generator: finite_difference_traces(m, b, generator=g),
         }
         t_step = cpu_median(step, args.repeats)
         ops_step = count(step)[0].total
         for what, fn in calls.items():
             t = t_step if fn is step else cpu_median(fn, args.repeats)
             counter, grads = count(fn)
-            print(f"{name:<9}{what:<16}{t:11.4f}{t / t_step:8.2f}{counter.total:10d}{counter.total / ops_step:8.2f}"
-                  f"{counter.syncs:7d}{grads:11d}")
+            print(
+                f"{name:<9}{what:<16}{t:11.4f}{t / t_step:8.2f}{counter.total:10d}{counter.total / ops_step:8.2f}"
+                f"{counter.syncs:7d}{grads:11d}"
+            )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_the_second_call_finds_its_layouts_and_runs_only_the_backwards_it_needs(
     entries = memory_of(model).gram_layouts
     assert list(entries) == [batch_signature(batch)]
     confirmed = entries[batch_signature(batch)]
-    est, ops, backwards = warm_call(model, batch)
+    est, _, backwards = warm_call(model, batch)
     assert memory_of(model).gram_layouts == {batch_signature(batch): confirmed}
     assert memory_of(model).gram_layouts[batch_signature(batch)] is confirmed
     assert set(est.info["paths"].values()) == {"gram"}
