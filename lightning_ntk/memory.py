@@ -23,7 +23,27 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ModuleMemory", "first_time", "forget", "memory_of"]
+__all__ = ["ExactPathEntry", "ModuleMemory", "first_time", "forget", "memory_of"]
+
+
+@dataclass
+class ExactPathEntry:
+    """What exact traces decided for one module and batch layout.
+
+    Attributes:
+        refused: Why the Gram recording fails for every term (then every term takes a per-point
+            path), or ``None``.
+        off_gram: The terms that take a per-point path, each with the reason (rows that mix points, a
+            failed cross-check).
+        layouts: The Gram path's confirmed layouts (:class:`~lightning_ntk.jacobian.gram.LayoutEntry`);
+            ``None`` until a batch with finite residuals confirmed them.
+        checked: Whether the Gram norms were cross-checked against a per-point path.
+    """
+
+    refused: str | None = None
+    off_gram: dict[str, str] = field(default_factory=dict)
+    layouts: Any = None
+    checked: bool = False
 
 
 @dataclass
@@ -31,15 +51,13 @@ class ModuleMemory:
     """Everything decided once for one module, per batch signature.
 
     Attributes:
-        gram_verdicts: ``{term: reason}`` for the terms the Gram path does not cover (``{}``: it covers
-            them all), or one reason for every term when the shared recording itself fails.
-        gram_layouts: The Gram path's confirmed layouts (:class:`~lightning_ntk.jacobian.gram.ConfirmedLayouts`).
+        exact: One :class:`ExactPathEntry` per batch signature (a large batch taken in slices has one
+            for the whole batch and one for each slice layout).
         point_layouts: Point count of every term for subsampling, or ``None`` when the residuals are
             not pointwise.
     """
 
-    gram_verdicts: dict[tuple, dict[str, str] | str] = field(default_factory=dict)
-    gram_layouts: dict[tuple, Any] = field(default_factory=dict)
+    exact: dict[tuple, ExactPathEntry] = field(default_factory=dict)
     point_layouts: dict[tuple, dict[str, int] | None] = field(default_factory=dict)
 
 

@@ -29,26 +29,27 @@ def test_the_second_call_finds_its_layouts_and_runs_only_the_backwards_it_needs(
     batch = poisson_batch(n_r=12)
     with BackwardCounter("lightning_ntk") as first:
         exact_traces(model, batch)
-    entries = memory_of(model).gram_layouts
+    entries = memory_of(model).exact
     assert list(entries) == [batch_signature(batch)]
-    confirmed = entries[batch_signature(batch)]
+    confirmed = entries[batch_signature(batch)].layouts
+    assert confirmed is not None and entries[batch_signature(batch)].checked
     est, _, backwards = warm_call(model, batch)
-    assert memory_of(model).gram_layouts == {batch_signature(batch): confirmed}
-    assert memory_of(model).gram_layouts[batch_signature(batch)] is confirmed
+    assert list(entries) == [batch_signature(batch)]
+    assert entries[batch_signature(batch)].layouts is confirmed
     assert set(est.info["paths"].values()) == {"gram"}
-    # Two scalar terms: one backward of each term's rows; the first call also ran the seeded
-    # confirmation backward per term and the cross-check's per-point backwards.
-    assert backwards == 2
+    # Two scalar terms on their own points: one backward of the sum of both terms' rows; the first
+    # call also ran a plain and a seeded backward per term and the cross-check's per-point backwards.
+    assert backwards == 1
     assert first.calls > backwards
 
 
 def test_a_new_batch_of_the_same_layout_reuses_the_layouts():
     model = AutogradPoisson(width=8).double()
     exact_traces(model, poisson_batch(n_r=12, seed=0))
-    confirmed = memory_of(model).gram_layouts[batch_signature(poisson_batch(n_r=12))]
+    confirmed = memory_of(model).exact[batch_signature(poisson_batch(n_r=12))].layouts
     _, ops, backwards = warm_call(model, poisson_batch(n_r=12, seed=1))
-    assert memory_of(model).gram_layouts[batch_signature(poisson_batch(n_r=12))] is confirmed
-    assert backwards == 2
+    assert memory_of(model).exact[batch_signature(poisson_batch(n_r=12))].layouts is confirmed
+    assert backwards == 1
     assert ops.syncs == 0
 
 

@@ -402,7 +402,7 @@ def test_a_block_must_hold_all_of_a_terms_gradient():
     batch = make_batch(2, seed=13, n_bc=7, n_res=3)
     # The layout check itself rejects it (not only the later comparison on three points).
     params = dict(model.named_parameters())
-    result = gram_squared_norms(batch, params, model.residuals, {}, ("key",))
+    result = gram_squared_norms(batch, params, model.residuals)
     assert list(result.unsupported) == ["pde"] and "do not map to the points" in result.unsupported["pde"]
     assert list(result.norms) == ["bc"]  # the other term is still covered
     with pytest.warns(UserWarning, match="Gram path"):
@@ -559,20 +559,29 @@ def test_a_failed_check_is_remembered_per_module_and_batch_layout():
         per_point_squared_norms(model, batch)
     from lightning_ntk.memory import memory_of
 
-    assert all("bc" in v for v in memory_of(model).gram_verdicts.values())
+    assert all("bc" in v.off_gram for v in memory_of(model).exact.values())
     assert per_point_squared_norms(model, batch).paths["bc"] != "gram"  # decided once, remembered
+
+
+def decided(model):
+    from lightning_ntk.memory import memory_of
+
+    return {
+        key: (e.refused, dict(e.off_gram), e.layouts, e.checked)
+        for key, e in memory_of(model).exact.items()
+        if (e.refused, e.off_gram, e.layouts, e.checked) != (None, {}, None, False)
+    }
 
 
 @pytest.mark.parametrize("confirmed_first", [False, True], ids=["first call", "layout already confirmed"])
 def test_a_non_finite_point_gives_nan_at_that_point_only_and_leaves_the_path_undecided(confirmed_first):
-    from lightning_ntk.memory import memory_of
 
     torch.manual_seed(11)
     model = Problem(sequential(1, 1), "autograd_laplacian").double()
     batch = make_batch(1, seed=11)
     if confirmed_first:
         assert_gram_exact(model, batch)
-    verdicts = dict(memory_of(model).gram_verdicts)
+    verdicts = decided(model)
     bad = {"bc": batch["bc"], "res": batch["res"].clone()}
     bad["res"][2] = float("nan")
     got = per_point_squared_norms(model, bad)
@@ -584,7 +593,7 @@ def test_a_non_finite_point_gives_nan_at_that_point_only_and_leaves_the_path_und
     want = reference_point_norms(model, {"bc": batch["bc"], "res": batch["res"][keep]})
     torch.testing.assert_close(got.norms["pde"][keep], want["pde"], rtol=1e-10, atol=0)
     torch.testing.assert_close(got.norms["bc"], want["bc"], rtol=1e-10, atol=0)
-    assert dict(memory_of(model).gram_verdicts) == verdicts  # nothing decided on a non-finite batch
+    assert decided(model) == verdicts  # nothing decided on a non-finite batch
     assert_gram_exact(model, batch)  # the same layout with finite values: still the Gram path
 
 

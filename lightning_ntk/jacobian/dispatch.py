@@ -2,10 +2,11 @@
 tried fastest first, each term on the first path that applies to it.
 
 ``"gram"`` (:mod:`~lightning_ntk.jacobian.gram`)
-    Gram identities over the parameter uses recorded in one residual evaluation: about one to two
-    training steps for residuals in any style (autograd, :mod:`lightning_ntk.derivatives`,
-    ``torch.func``, :class:`~lightning_ntk.taylor.TaylorMLP`). Checked once per module and batch
-    layout against the next path on three points per term.
+    Gram identities over the parameter uses recorded in one residual evaluation and one backward
+    per output component (``benchmarks/exact_cost.py``: 0.6–1.1 training steps for scalar residuals,
+    ~1.2 for a two-output 2-D PINN) for residuals in any style (autograd,
+    :mod:`lightning_ntk.derivatives`, ``torch.func``, :class:`~lightning_ntk.taylor.TaylorMLP`).
+    Cross-checked once per module and batch layout against a per-point path on three points per term.
 ``"vmap"`` (:mod:`~lightning_ntk.jacobian.vmap`)
     ``torch.func.vmap`` over points of ``jacrev``: residuals that run under ``torch.func``.
 ``"loop"`` (:mod:`~lightning_ntk.jacobian.loop`)
@@ -15,14 +16,18 @@ tried fastest first, each term on the first path that applies to it.
 
 How the batch splits into points is inferred (:class:`~lightning_ntk.points.PointSplit`) and every
 path's per-point values are checked against the full-batch residual, so a wrong inference costs
-time, never a wrong trace.
+time, never a wrong trace. A residual that fails on a batch the package cut (a term that slices the
+point tensor, say) makes that path step aside; ``rows`` evaluates only the batch it was given.
+
+What is decided per module and batch layout is one :class:`~lightning_ntk.memory.ExactPathEntry`.
+``docs/architecture.md`` follows a batch from the callback to the Gram products.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +38,7 @@ from lightning_ntk.jacobian.gram import GramResult, GramUnsupported, gram_square
 from lightning_ntk.jacobian.loop import loop_norms
 from lightning_ntk.jacobian.rows import rows_norms
 from lightning_ntk.jacobian.vmap import vmap_norms
-from lightning_ntk.memory import first_time, memory_of
+from lightning_ntk.memory import ExactPathEntry, first_time, memory_of
 from lightning_ntk.points import PointSplit, batch_signature, close, subsample_batch
 
 __all__ = ["PATHS", "per_point_squared_norms"]
@@ -122,26 +127,45 @@ def per_point_squared_norms(
         check_batch(module, batch)
         if torch.is_inference_mode_enabled():
             evaluate_residuals(module, batch, terms)  # raises the clear inference-mode error
-    gram: PointNorms | None = None
-    reasons: dict[str, str] = {}
-    if order[0] == "gram":
-        gram, reasons = _gram(module, batch, terms, chunk_size, reference)
-        order = order[1:]
-        if gram is not None and not reasons:
-            return _pick(gram, indices)
-        if not order:  # the caller allowed the Gram path alone
-            why = "; ".join(r if t == "*" else f"{t}: {r}" for t, r in reasons.items())
-            raise PathUnavailable(f"The 'gram' path does not apply: {why}.")
-    rest = _per_point_paths(
-        module, batch, order, chunk_size, terms, reference, indices, reasons, only=None if gram is None else reasons
-    )
-    if gram is None:
+    request = _Request(module, batch, terms, chunk_size, reference)
+    if order[0] != "gram":
+        result, taken = _per_point_norms(request, order, indices)
+        _warn_once(module, [t for t in taken if t[2]], others_on_gram=False)
+        return result
+    gram = _gram_step(request)
+    if gram.norms is not None and not gram.off_gram:
+        return _pick(gram.norms, indices)
+    if len(order) == 1:  # the caller allowed the Gram path alone
+        why = gram.refused or "; ".join(f"{t}: {r}" for t, r in gram.off_gram.items())
+        raise PathUnavailable(f"The 'gram' path does not apply: {why}.")
+    only = None if gram.norms is None else set(gram.off_gram)
+    rest, taken = _per_point_norms(request, order[1:], indices, only)
+    # Why the Gram path does not apply is what the user can act on; the per-point paths' own
+    # failures matter only when the Gram path was not asked for.
+    taken = [(group, path, gram.refused or "; ".join(dict.fromkeys(gram.off_gram[t] for t in group)) or misses)
+             for group, path, misses in taken]  # fmt: skip
+    _warn_once(module, taken, others_on_gram=gram.norms is not None)
+    if gram.norms is None:
         return rest
-    gram = _pick(gram, indices)
-    names = list(gram.num_rows)  # every term, in order
-    merged = {**gram.norms, **rest.norms}
-    paths = {**gram.paths, **rest.paths}
-    return PointNorms({n: merged[n] for n in names}, gram.num_rows, {n: paths[n] for n in names})
+    gram_norms = _pick(gram.norms, indices)
+    names = list(gram_norms.num_rows)  # every term, in order
+    merged = {**gram_norms.norms, **rest.norms}
+    paths = {**gram_norms.paths, **rest.paths}
+    return PointNorms({n: merged[n] for n in names}, gram_norms.num_rows, {n: paths[n] for n in names})
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What every path is asked: the module, the batch and how to evaluate it."""
+
+    module: nn.Module
+    batch: object
+    terms: Sequence[str] | None
+    chunk_size: int | None
+    reference: Mapping[str, Tensor] | None
+
+    def evaluate(self, batch: object) -> dict[str, Tensor]:
+        return evaluate_residuals(self.module, batch, self.terms)
 
 
 def _pick(result: PointNorms, indices: Mapping[int, Tensor] | None) -> PointNorms:
@@ -154,53 +178,48 @@ def _pick(result: PointNorms, indices: Mapping[int, Tensor] | None) -> PointNorm
     return PointNorms(picked, result.num_rows, result.paths)
 
 
-def _gram(
-    module: nn.Module,
-    batch: object,
-    terms: Sequence[str] | None,
-    chunk_size: int | None,
-    reference: Mapping[str, Tensor] | None,
-) -> tuple[PointNorms | None, dict[str, str]]:
-    """Gram-path norms of the terms it applies to (``None``: no term), and why it does not apply to
-    the others (``{"*": reason}`` when it applies to no term)."""
-    signature = batch_signature(batch)
-    verdicts = memory_of(module).gram_verdicts
-    known = verdicts.get(signature)
-    if isinstance(known, str):
-        return None, {"*": known}
-    failed = dict(known or {})
-    params = trainable_parameters(module)
+# ------------------------------------------------------------------ the Gram step
 
-    def evaluate(b: object) -> dict[str, Tensor]:
-        return evaluate_residuals(module, b, terms)
 
+@dataclass
+class _GramStep:
+    """The Gram path's norms for the terms it covers (``None``: none), the terms it does not cover
+    with the reason, or one reason for all (``refused``)."""
+
+    norms: PointNorms | None
+    off_gram: dict[str, str] = field(default_factory=dict)
+    refused: str | None = None
+
+
+def _gram_step(request: _Request) -> _GramStep:
+    """The Gram path on the whole batch, cross-checked the first time per module and batch layout."""
+    entries = memory_of(request.module).exact
+    signature = batch_signature(request.batch)
+    entry = entries.setdefault(signature, ExactPathEntry())
+    if entry.refused is not None:
+        return _GramStep(None, refused=entry.refused)
+    params = trainable_parameters(request.module)
     try:
-        result = _gram_in_slices(module, batch, params, evaluate, reference, frozenset(failed))
+        result = _gram_in_slices(request, params, frozenset(entry.off_gram))
     except GramUnsupported as err:
-        verdicts[signature] = f"the Gram path does not apply: {err}"
-        return None, {"*": verdicts[signature]}
+        entry.refused = f"the Gram path does not apply: {err}"
+        return _GramStep(None, refused=entry.refused)
     except Exception as err:  # an error the recording causes (a tensor subclass, say) must not escape
         message = first_sentence(f"{type(err).__name__}: {err}")
-        verdicts[signature] = f"the residual failed under the Gram recording: {message}"
-        return None, {"*": verdicts[signature]}
-    failed.update({t: f"the Gram path does not apply: {why}" for t, why in result.unsupported.items()})
-    norms = {t: v for t, v in result.norms.items() if t not in failed}
+        entry.refused = f"the residual failed under the Gram recording: {message}"
+        return _GramStep(None, refused=entry.refused)
+    off_gram = dict(entry.off_gram)
+    off_gram.update({t: f"the Gram path does not apply: {why}" for t, why in result.unsupported.items()})
+    norms = {t: v for t, v in result.norms.items() if t not in off_gram}
     # Only the first call per layout reads values on the host: a warm call never waits for the device.
-    if known is None and all(bool(torch.isfinite(v).all()) for v in norms.values()):
-        failed.update(_cross_check(module, batch, norms, chunk_size, terms, reference))
-        verdicts[signature] = dict(failed)
-    norms = {t: v for t, v in norms.items() if t not in failed}
-    return PointNorms(norms=norms, num_rows=result.num_rows, paths=dict.fromkeys(norms, "gram")), failed
+    if not entry.checked and all(bool(torch.isfinite(v).all()) for v in norms.values()):
+        off_gram.update(_cross_check(request, norms))
+        entry.off_gram, entry.checked = dict(off_gram), True
+        norms = {t: v for t, v in norms.items() if t not in off_gram}
+    return _GramStep(PointNorms(norms, result.num_rows, dict.fromkeys(norms, "gram")), off_gram)
 
 
-def _cross_check(
-    module: nn.Module,
-    batch: object,
-    norms: Mapping[str, Tensor],
-    chunk_size: int | None,
-    terms: Sequence[str] | None,
-    reference: Mapping[str, Tensor] | None,
-) -> dict[str, str]:
+def _cross_check(request: _Request, norms: Mapping[str, Tensor]) -> dict[str, str]:
     """The terms whose Gram norms disagree with a per-point path on three points, with the reason.
 
     The recorded uses cannot show everything (say, a parameter used inside a custom
@@ -210,9 +229,7 @@ def _cross_check(
         return {}
     sizes = {v.shape[0] for v in norms.values()}
     probe = {n: torch.unique(torch.tensor([0, n // 2, n - 1])) for n in sizes}
-    check = _per_point_paths(
-        module, batch, PATHS[1:], chunk_size, terms, reference, probe, {}, only=set(norms), quiet=True
-    )
+    check, _ = _per_point_norms(request, PATHS[1:], probe, only=set(norms))
     failed = {}
     for name, values in check.norms.items():
         want = norms[name][probe[norms[name].shape[0]].to(norms[name].device)]
@@ -224,65 +241,94 @@ def _cross_check(
     return failed
 
 
-def _gram_in_slices(
-    module: nn.Module,
-    batch: object,
-    params: dict[str, Tensor],
-    evaluate: Callable[[object], dict[str, Tensor]],
-    reference: Mapping[str, Tensor] | None,
-    skip: frozenset[str],
-) -> GramResult:
-    def run(b: object) -> GramResult:
-        return gram_squared_norms(b, params, evaluate, memory_of(module).gram_layouts, batch_signature(b), skip)
+def _gram_in_slices(request: _Request, params: dict[str, Tensor], skip: frozenset[str]) -> GramResult:
+    """The Gram path on the batch, or on slices of at most ``_GRAM_MAX_POINTS`` points of each large
+    group (every other group cut to one point); a residual that fails on such a cut batch is taken whole."""
+    entries = memory_of(request.module).exact
 
+    def run(b: object) -> GramResult:
+        entry = entries.setdefault(batch_signature(b), ExactPathEntry())
+        result = gram_squared_norms(b, params, request.evaluate, entry.layouts, skip)
+        entry.layouts = result.layouts
+        return result
+
+    batch = request.batch
     leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor) and t.ndim > 0]
     if all(t.shape[0] <= _GRAM_MAX_POINTS for t in leaves):
         return run(batch)
-    # Large groups: slice by slice, with every other group cut to one point.
+    reference = request.reference
     if reference is None:
         with torch.enable_grad():
-            reference = evaluate(batch)
+            reference = request.evaluate(batch)
     sizes = {name: r.shape[0] for name, r in reference.items()}
     rows = {name: r.numel() for name, r in reference.items()}
     del reference
     one = torch.arange(1)
     norms: dict[str, list[Tensor]] = {name: [] for name in sizes}
     unsupported: dict[str, str] = {}
-    for size in sorted(set(sizes.values())):
-        group = [name for name, s in sizes.items() if s == size]
-        for start in range(0, size, _GRAM_MAX_POINTS):
-            cut = {s: one for s in set(sizes.values()) if s != size}
-            cut[size] = torch.arange(start, min(start + _GRAM_MAX_POINTS, size))
-            part = run(subsample_batch(batch, cut))
-            unsupported.update({n: r for n, r in part.unsupported.items() if n in group})
-            for name in group:
-                if name in part.norms:
-                    norms[name].append(part.norms[name])
+    try:
+        for size in sorted(set(sizes.values())):
+            group = [name for name, s in sizes.items() if s == size]
+            for start in range(0, size, _GRAM_MAX_POINTS):
+                cut = {s: one for s in set(sizes.values()) if s != size}
+                cut[size] = torch.arange(start, min(start + _GRAM_MAX_POINTS, size))
+                part = run(subsample_batch(batch, cut))
+                unsupported.update({n: r for n, r in part.unsupported.items() if n in group})
+                for name in group:
+                    if name in part.norms:
+                        norms[name].append(part.norms[name])
+    except GramUnsupported:
+        raise
+    except Exception:  # the residual does not survive the cut (a term slices the point tensor): whole
+        return run(batch)
     whole = {name: torch.cat(v) for name, v in norms.items() if name not in unsupported and name not in skip}
+    if any(v.shape[0] != sizes[name] for name, v in whole.items()):
+        return run(batch)  # the cut changed how many rows a term has: its points are not the batch's rows
     return GramResult(whole, rows, unsupported)
 
 
-def _per_point_paths(
-    module: nn.Module,
-    batch: object,
-    order: Sequence[str],
-    chunk_size: int | None,
-    terms: Sequence[str] | None,
-    reference: Mapping[str, Tensor] | None,
-    indices: Mapping[int, Tensor] | None,
-    reasons: Mapping[str, str],
-    only: Collection[str] | None = None,
-    quiet: bool = False,
-) -> PointNorms:
-    """Norms of the terms in ``only`` (default: all) by the first per-point path in ``order`` that applies.
+# ------------------------------------------------------------------ the per-point paths
 
-    ``reasons``: why the Gram path does not apply, per term (``"*"``: to every term), for the warning.
-    """
-    params = trainable_parameters(module)
-    if reference is None:
-        reference = evaluate_residuals(module, batch, terms)
+
+@dataclass(frozen=True)
+class _PointPath:
+    """A per-point path: ``compute(request, split, terms, reference, params, chunk, index, shrink_others)``
+    gives the norms of one point group or :class:`~lightning_ntk.jacobian.common.Skipped`."""
+
+    name: str
+    compute: Callable[..., dict[str, Tensor] | Skipped]
+
+
+def _vmap(request, split, group, reference, params, chunk, index, shrink):
+    return vmap_norms(request.module, split, group, reference, params, chunk, index, shrink)
+
+
+def _loop(request, split, group, reference, params, chunk, index, shrink):
+    return loop_norms(request.module, split, group, reference, params, index, shrink)
+
+
+def _rows(request, split, group, reference, params, chunk, index, shrink):
+    return rows_norms(reference, group, params, index)
+
+
+# In the order they are tried; ``rows`` needs no split of the batch and always applies.
+_POINT_PATHS = {p.name: p for p in (_PointPath("vmap", _vmap), _PointPath("loop", _loop), _PointPath("rows", _rows))}
+
+
+def _per_point_norms(
+    request: _Request,
+    order: Sequence[str],
+    indices: Mapping[int, Tensor] | None,
+    only: Collection[str] | None = None,
+) -> tuple[PointNorms, list[tuple[list[str], str, str]]]:
+    """Norms of the terms in ``only`` (default: all) by the first per-point path in ``order`` that
+    applies, group by group; and ``(terms, path, why the paths before it did not apply)`` per group
+    (``""``: the first applied)."""
+    params = trainable_parameters(request.module)
+    if request.reference is None:
+        reference = request.evaluate(request.batch)
     else:
-        reference = check_residuals(reference, terms)
+        reference = check_residuals(request.reference, request.terms)
     names = [name for name in reference if only is None or name in only]
     num_rows = {name: reference[name].numel() for name in names}
     groups: dict[int, list[str]] = {}
@@ -290,55 +336,32 @@ def _per_point_paths(
         groups.setdefault(reference[name].shape[0], []).append(name)
     num_params = sum(p.numel() for p in params.values())
     first = next(iter(params.values()))
-
     norms: dict[str, Tensor] = {}
     paths: dict[str, str] = {}
     taken: list[tuple[list[str], str, str]] = []
     all_sizes = {r.shape[0] for r in reference.values()}
     for size, group in groups.items():
-        split = PointSplit(batch, size, all_sizes - {size})
+        split = PointSplit(request.batch, size, all_sizes - {size})
         index = None if indices is None else indices.get(size)
         rows_per_point = max(num_rows[n] // size for n in group)
-        chunk = chunk_size or default_chunk_size(num_params, rows_per_point, first.element_size(), first.device)
-        attempts: dict[str, Callable[[bool], dict[str, Tensor]]] = {
-            "vmap": functools.partial(vmap_norms, module, split, group, reference, params, chunk, index),
-            "loop": functools.partial(loop_norms, module, split, group, reference, params, index),
-        }
-        why = list(dict.fromkeys(r for t in group if (r := reasons.get(t, reasons.get("*")))))
-        if not split.splittable:
-            why.append("no tensor in the batch has one row per point")
-        tried = [p for p in order if p in attempts] if split.splittable else []
-        result, path, misses = _first_that_applies(attempts, tried)
-        if result is None:
-            if "rows" not in order:
-                raise PathUnavailable(
-                    f"No exact path in {list(order)} applies to term(s) {group}: {'; '.join(why + misses)}."
-                )
-            result, path = rows_norms(reference, group, params, index), "rows"
-        if why or misses:
-            # Why the Gram path does not apply is what the user can act on; the per-point paths'
-            # own failures matter only when the Gram path was not asked for.
-            taken.append((group, path, "; ".join(why or misses)))
+        chunk = request.chunk_size or default_chunk_size(num_params, rows_per_point, first.element_size(), first.device)
+        misses = [] if split.splittable else ["no tensor in the batch has one row per point"]
+        result, path = None, None
+        for name in order:
+            if name != "rows" and not split.splittable:
+                continue
+            for shrink in (True, False):  # other groups' points cut to one row first, then left whole
+                result = _POINT_PATHS[name].compute(request, split, group, reference, params, chunk, index, shrink)
+                if not isinstance(result, Skipped) or not result.retry:
+                    break
+            if not isinstance(result, Skipped):
+                path = name
+                break
+            misses.append(result.reason)
+        if path is None:
+            raise PathUnavailable(f"No exact path in {list(order)} applies to term(s) {group}: {'; '.join(misses)}.")
+        taken.append((group, path, "; ".join(misses)))
         for name in group:
             norms[name] = result[name]
             paths[name] = path
-    if not quiet:
-        _warn_once(module, taken, others_on_gram=only is not None and "*" not in reasons)
-    return PointNorms(norms={n: norms[n] for n in names}, num_rows=num_rows, paths=paths)
-
-
-def _first_that_applies(
-    attempts: Mapping[str, Callable[[bool], dict[str, Tensor] | Skipped]], tried: list[str]
-) -> tuple[dict[str, Tensor] | None, str | None, list[str]]:
-    """The result and name of the first per-point path in ``tried`` that applies (``None, None`` if
-    none does), and why the paths before it do not."""
-    misses = []
-    for path in tried:
-        for shrink in (True, False):  # other groups' points cut to one row first, then left whole
-            result = attempts[path](shrink)
-            if not isinstance(result, Skipped):
-                return result, path, misses
-            if not result.retry:
-                break
-        misses.append(result.reason)
-    return None, None, misses
+    return PointNorms(norms={n: norms[n] for n in names}, num_rows=num_rows, paths=paths), taken

@@ -1,0 +1,241 @@
+"""Exact per-point squared Jacobian norms from Gram identities over recorded parameter uses.
+
+Every use ``k`` of a weight matrix ``W`` in the computation of the residuals — the forward matmuls,
+and the matmuls that the double backward of ``torch.autograd.grad(..., create_graph=True)`` or a
+forward-mode ``jvp`` runs with ``W`` or ``Wᵀ`` — is a product whose rows (or batch entries) belong
+to points. For a residual whose row ``n`` depends on point ``n`` only, the gradient of ``r_n`` is a
+sum of rank-one terms, one per row ``k`` of point ``n`` over all uses,
+
+    ∂r_n/∂W = Σ_k u_{n,k} ⊗ v_{n,k}   ⇒   ‖∂r_n/∂W‖² = Σ_{k,k'} (u_{n,k}·u_{n,k'}) (v_{n,k}·v_{n,k'}),
+
+where one factor is the other operand's row and the other is the gradient of ``Σ_n r_n`` with
+respect to that row of the product's output. A parameter broadcast over points in an elementwise op
+(a bias, an adaptive activation slope) contributes ``Σ_k g_{n,k} ⊙ ∂y/∂p`` reduced to its shape.
+
+One call, in three steps, each in its own module:
+
+1. :mod:`~.recording` — evaluate the residuals once under a ``TorchDispatchMode`` that records every
+   use of a trainable parameter (:func:`~.recording.record_uses`).
+2. :mod:`~.layouts` — where the points sit in each use's output, confirmed once per module and batch
+   layout by a seeded second backward and kept as one :class:`~.layouts.LayoutEntry`.
+3. :mod:`~.accumulation` — the Gram products, per parameter, for all uses and output components.
+
+Between 1 and 3 run the backward passes: on a warm call one per output component for every group of
+terms whose uses are disjoint (each term evaluating the network on its own points: one group), so a
+scalar PINN with any number of terms pays one backward, a two-field one two.
+
+Invariants (each checked where it is named):
+
+1. Row ``n`` of a term depends on point ``n`` only, or the whole batch is the term's one point.
+   Confirmed per use by the seeded backward (:func:`~.layouts.choose_layout`), and per term once per
+   module and batch layout by the dispatcher's cross-check against a per-point path on three points
+   (:mod:`lightning_ntk.jacobian.dispatch`); a term that fails either takes a per-point path alone,
+   the others stay here.
+2. Every parameter use is recorded: the recorder follows each tensor aliasing a parameter by an index
+   map (views, copies, scalings) and raises :class:`GramUnsupported` — for every term, since the
+   recording is shared — on a use it cannot model. Uses it cannot see (inside a custom
+   ``autograd.Function``) are caught by the cross-check of invariant 1.
+3. Index maps live on the CPU and are read only while a layout is confirmed; what a warm call needs
+   of them (:class:`~.layouts.UsePlan`) is kept on the device. A warm call reads nothing on the host.
+4. A :class:`~.layouts.LayoutEntry` is kept per module and batch signature together with the
+   fingerprint of the uses (parameter, kind, output shape, operand geometry); another fingerprint
+   confirms everything again.
+5. Terms share a backward only if no recorded use has a gradient from two of them, so the summed
+   backward gives each use exactly its own term's gradient.
+6. Only a batch whose residuals are all finite confirms layouts; a non-finite point poisons its own
+   rows, so its norm is NaN and every other point's and term's is unaffected.
+7. Norms accumulate in the parameters' dtype (factors recorded under autocast are promoted).
+8. An output of a product with a parameter that is modified in place invalidates the recording.
+9. Nothing is written to ``param.grad``; results carry no graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_ntk.jacobian.gram.accumulation import plan_use, term_norms
+from lightning_ntk.jacobian.gram.layouts import LayoutEntry, UseKey, UsePlan, choose_layout
+from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, fingerprint, record_uses
+
+__all__ = ["GramResult", "GramUnsupported", "LayoutEntry", "gram_squared_norms"]
+
+# Gradients of one backward, aligned with the recorded uses' outputs (None: not reached).
+Grads = tuple[Tensor | None, ...]
+
+
+@dataclass
+class GramResult:
+    """What one Gram pass gives: norms of the terms it covers, and why it does not cover the others.
+
+    Attributes:
+        norms: term → per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows), parameters' dtype.
+        num_rows: term → residual entries, for every term.
+        unsupported: term → the reason the identities do not cover it (rows that mix points, say).
+        layouts: What this call confirmed or reused, to keep for the next call with this batch
+            layout (``None``: nothing to keep, as after a batch with non-finite residuals).
+        backwards: Backward passes this call ran.
+    """
+
+    norms: dict[str, Tensor]
+    num_rows: dict[str, int]
+    unsupported: dict[str, str]
+    layouts: LayoutEntry | None = None
+    backwards: int = 0
+
+
+@torch.enable_grad()  # the sums over points must join the graph even when the caller runs under no_grad
+def gram_squared_norms(
+    batch: object,
+    params: Mapping[str, Tensor],
+    residuals_fn: Callable[[object], Mapping[str, Tensor]],
+    known: LayoutEntry | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> GramResult:
+    """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, term by term.
+
+    A term whose rows the identities do not cover (its rows mix points) is reported in
+    ``unsupported`` and the other terms are still computed. Non-finite residual rows give non-finite
+    norms at those points only; layouts chosen on such a batch are not kept.
+
+    Args:
+        batch: What ``residuals_fn`` takes.
+        params: The trainable parameters by name.
+        residuals_fn: Evaluates and checks the residuals.
+        known: What an earlier call on a batch of this layout confirmed (:attr:`GramResult.layouts`).
+        skip: Terms not to compute (known to need another path).
+
+    Raises:
+        GramUnsupported: The residual uses a parameter in a way the identities do not cover, for
+            every term (the recording is shared).
+    """
+    residuals, uses = record_uses(params, residuals_fn, batch)
+    rows = {term: r.numel() for term, r in residuals.items()}
+    flat = {term: r.reshape(r.shape[0], -1) for term, r in residuals.items()}
+    outputs = _Outputs(uses)
+    entry = known if known is not None and known.fingerprint == fingerprint(uses) else None
+    if entry is None:
+        entry, grads, backwards = _confirm(uses, flat, outputs, params, skip)
+        # Rows that are not finite confirm nothing about the layout there: such an entry is not kept.
+        keep = entry if all(bool(torch.isfinite(r).all()) for r in residuals.values()) else None
+    else:
+        grads, backwards = _grads_by_group(entry, uses, flat, outputs, skip)
+        keep = entry
+    norms: dict[str, Tensor] = {}
+    unsupported = dict(entry.unsupported)
+    for term, per_component in grads.items():
+        confirmed: dict[int, dict[int, tuple[Tensor, UsePlan]]] = {}
+        try:
+            for c, g in enumerate(per_component):
+                confirmed[c] = {}
+                for i, j in outputs.slot.items():
+                    plan = entry.plans.get(UseKey(term, c, i))
+                    if plan is not None:
+                        if g[j] is None:
+                            raise GramUnsupported("the parameter uses changed since the layout was confirmed")
+                        confirmed[c][i] = (g[j], plan)
+            norms[term] = term_norms(uses, confirmed, params, flat[term].shape[0]).detach()
+        except GramUnsupported as err:
+            unsupported[term] = str(err)
+    return GramResult(norms, rows, unsupported, keep, backwards)
+
+
+class _Outputs:
+    """The recorded uses' outputs that autograd can reach, once each, and each use's position."""
+
+    def __init__(self, uses: list[Use]) -> None:
+        self.tensors: list[Tensor] = []
+        self.slot: dict[int, int] = {}  # use index → position in tensors
+        positions: dict[int, int] = {}
+        for i, use in enumerate(uses):
+            if not use.output.requires_grad:
+                continue
+            j = positions.setdefault(id(use.output), len(self.tensors))
+            if j == len(self.tensors):
+                self.tensors.append(use.output)
+            self.slot[i] = j
+
+
+def _confirm(
+    uses: list[Use], flat: Mapping[str, Tensor], outputs: _Outputs, params: Mapping[str, Tensor], skip: frozenset[str]
+) -> tuple[LayoutEntry, dict[str, list[Grads]], int]:
+    """Layouts and plans of every use, term by term and component by component (two backwards each:
+    plain and seeded), and the groups of terms that may share a backward from now on."""
+    entry = LayoutEntry(fingerprint(uses))
+    seeds = torch.Generator(device="cpu").manual_seed(0)
+    grads: dict[str, list[Grads]] = {}
+    touched: dict[str, set[int]] = {}
+    backwards = 0
+    for term, rows in flat.items():
+        if term in skip:
+            continue
+        n = rows.shape[0]
+        weights = (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(rows)
+        plans: dict[UseKey, UsePlan] = {}
+        per_component: list[Grads] = []
+        try:
+            for c in range(rows.shape[1]):
+                g = _backward(rows[:, c].sum(), outputs.tensors)
+                seeded = _backward((rows[:, c] * weights).sum(), outputs.tensors)
+                backwards += 2
+                for i, j in outputs.slot.items():
+                    if g[j] is not None:
+                        layout = choose_layout(uses[i], g[j], seeded[j], weights, n)
+                        plans[UseKey(term, c, i)] = plan_use(uses[i], layout, n, params)
+                per_component.append(g)
+        except GramUnsupported as err:
+            entry.unsupported[term] = str(err)
+            continue
+        entry.plans.update(plans)
+        grads[term] = per_component
+        touched[term] = {key.use for key in plans}
+    entry.groups = _disjoint_groups(touched)
+    return entry, grads, backwards
+
+
+def _disjoint_groups(touched: Mapping[str, set[int]]) -> list[list[str]]:
+    """Terms in groups whose recorded uses do not overlap (first fit, in term order)."""
+    groups: list[tuple[list[str], set[int]]] = []
+    for term, mine in touched.items():
+        for names, seen in groups:
+            if not mine & seen:
+                names.append(term)
+                seen |= mine
+                break
+        else:
+            groups.append(([term], set(mine)))
+    return [names for names, _ in groups]
+
+
+def _grads_by_group(
+    entry: LayoutEntry, uses: list[Use], flat: Mapping[str, Tensor], outputs: _Outputs, skip: frozenset[str]
+) -> tuple[dict[str, list[Grads]], int]:
+    """Each term's gradients per component from one backward per group and component: the sum of the
+    group's rows of component ``c`` (invariant 5 keeps them apart)."""
+    grads: dict[str, list[Grads]] = {}
+    backwards = 0
+    for group in entry.groups:
+        terms = [t for t in group if t not in skip]
+        if not terms:
+            continue
+        for c in range(max(flat[t].shape[1] for t in terms)):
+            total = sum(flat[t][:, c].sum() for t in terms if c < flat[t].shape[1])
+            g = _backward(total, outputs.tensors)
+            backwards += 1
+            if any(g[j] is not None and not any(UseKey(t, c, i) in entry.plans for t in terms)
+                   for i, j in outputs.slot.items()):  # fmt: skip
+                # A use reached now that reached none of these terms when the layouts were confirmed.
+                g = (None,) * len(g)
+            for t in terms:
+                if c < flat[t].shape[1]:
+                    grads.setdefault(t, []).append(g)
+    return grads, backwards
+
+
+def _backward(output: Tensor, inputs: list[Tensor]) -> Grads:
+    if not inputs or not output.requires_grad:
+        return (None,) * len(inputs)
+    return torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)

@@ -1,0 +1,246 @@
+"""Per-point squared norms from the recorded factors: the per-layer Gram identities.
+
+For a weight ``W`` with uses ``k``, the gradient of row ``n`` is ``∂r_n/∂W = Σ_k x_{n,k} ⊗ y_{n,k}``
+(``x`` over the rows of ``W``, ``y`` over its columns; one of them is the other operand's row, the
+other the gradient of ``Σ_n r_n`` with respect to that row of the product's output), so
+
+    ‖∂r_n/∂W‖² = Σ_{k,k'} (x_{n,k}·x_{n,k'}) (y_{n,k}·y_{n,k'}) = Σ ((X_n X_nᵀ) ⊙ (Y_n Y_nᵀ))
+
+with ``X_n``, ``Y_n`` the factors of all uses stacked: two batched products per weight, whatever the
+number of uses, and one more batch dimension for the output components of a point. Where forming
+``∂r_n/∂W`` itself is cheaper (thin layers) or a use is elementwise (a bias: a dense per-point
+gradient), the gradient is formed and squared.
+
+:func:`plan_use` works out once per module and batch layout what a use needs on every call
+(orientation, index maps on the device); :func:`term_norms` does the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_ntk.jacobian.gram.layouts import Layout, UsePlan
+from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, UseKind
+
+__all__ = ["plan_use", "term_norms"]
+
+# A parameter whose uses need dense per-point gradients (elementwise uses) may take at most this
+# many bytes of them; beyond, the caller falls back (or chunks the points).
+_DENSE_BYTES = 1 << 29
+
+
+# ------------------------------------------------------------------ once per module and batch layout
+
+
+def plan_use(use: Use, layout: Layout, n: int, params: Mapping[str, Tensor]) -> UsePlan:
+    """Everything ``use`` needs on every call, from its index maps (read here, once, on the CPU)."""
+    p = params[use.name]
+    if use.kind is UseKind.ELEMENTWISE:
+        index = layout.points_first(use.index.expand(use.output.shape), n)[0].reshape(-1)
+        if n * p.numel() * use.output.element_size() > _DENSE_BYTES:
+            raise GramUnsupported("too many points for the dense per-point gradient of an elementwise parameter use")
+        return UsePlan(layout, flat_index=index.to(p.device))
+    index = use.index.transpose(-1, -2) if use.kind is UseKind.LEFT else use.index
+    plan = UsePlan(_right_layout(use, layout), same=_orientation(index, tuple(p.shape), use.view_of_base))
+    if use.factor is not None:
+        _plan_factor(plan, use, p)
+    return plan
+
+
+def _right_layout(use: Use, layout: Layout) -> Layout:
+    """The layout in the frame where every product is ``Y = L @ P`` (``P @ R`` is ``Rᵀ @ Pᵀ``)."""
+    if use.kind is not UseKind.LEFT:
+        return layout
+    ndim = use.output.ndim
+    axis = layout.axis if layout.axis < ndim - 2 else ndim - 2
+    return Layout(axis, layout.split, layout.offset)
+
+
+def _orientation(index: Tensor, shape: tuple[int, ...], view_of_base: bool) -> bool:
+    """For a product operand with index map ``(.., K, O)``: True if it is ``W``, False if ``Wᵀ``."""
+    if len(shape) != 2:
+        raise GramUnsupported("a parameter with other than two dimensions is used in a matrix product")
+    # Fast answer from the geometry of a view of the parameter's own arange (a copy's strides say
+    # nothing about its values): W itself or Wᵀ, broadcast (stride 0) over any batch dims.
+    lead = index.ndim - 2
+    if (
+        view_of_base
+        and index.storage_offset() == 0
+        and all(index.stride(i) == 0 or index.shape[i] == 1 for i in range(lead))
+    ):
+        geometry = (tuple(index.shape[lead:]), index.stride()[lead:])
+        if geometry == (shape, (shape[1], 1)):
+            return True
+        if geometry == ((shape[1], shape[0]), (1, shape[1])):
+            return False
+    flat = index.reshape(-1, *index.shape[-2:])
+    grid = torch.arange(shape[0] * shape[1]).view(shape)
+    if not bool((flat == flat[:1]).all()):
+        raise GramUnsupported("a parameter operand of a batched product differs between batch entries")
+    first = flat[0]
+    if first.shape == grid.shape and torch.equal(first, grid):
+        return True
+    if first.shape == grid.T.shape and torch.equal(first, grid.T):
+        return False
+    raise GramUnsupported("a slice or reshaped view of a weight is used in a matrix product")
+
+
+def _plan_factor(plan: UsePlan, use: Use, v: Tensor) -> None:
+    """For ``Q = exp(S) ⊙ V``: whether ``S`` scales rows or columns of ``V``, and the index maps."""
+    frame = use.index.reshape(-1, *use.index.shape[-2:])[0].reshape(-1)
+    s_index = use.factor.index.reshape(-1, *use.factor.index.shape[-2:])[0].reshape(-1)
+    index = torch.empty(v.numel(), dtype=torch.long)
+    index[frame] = s_index
+    index = index.view(v.shape)
+    if bool((index == index[:, :1]).all()):
+        plan.factor_along, rows = 0, index[:, 0]  # one factor per row of V
+    elif bool((index == index[:1, :]).all()):
+        plan.factor_along, rows = 1, index[0, :]  # one factor per column of V
+    else:
+        raise GramUnsupported("a weight exp(S) ⊙ V whose factor varies along both axes of V")
+    plan.factor_frame, plan.factor_index = frame.to(v.device), rows.to(v.device)
+
+
+# ------------------------------------------------------------------ every call
+
+
+def term_norms(
+    uses: list[Use],
+    confirmed: Mapping[int, Mapping[int, tuple[Tensor, UsePlan]]],
+    params: Mapping[str, Tensor],
+    n: int,
+) -> Tensor:
+    """``Σ_c Σ_params ‖∂r_n[c]/∂p‖²`` of one term from its uses' gradients and plans.
+
+    ``confirmed``: component ``c`` → use index → (gradient of ``Σ_n r_n[c]`` at the use's output, plan).
+    """
+    accs: dict[str, _Accumulator] = {}
+    for c, per_use in confirmed.items():
+        for i, (grad, plan) in per_use.items():
+            use = uses[i]
+            p = params[use.name]
+            acc = accs.setdefault(use.name, _Accumulator(tuple(p.shape), p.dtype))
+            if use.kind is UseKind.ELEMENTWISE:
+                _add_elementwise_use(acc, c, use, grad, plan, n, p.numel())
+                continue
+            _add_matrix_use(acc, c, use, grad, plan, n)
+            if use.factor is not None:
+                s = params[use.factor.name]
+                s_acc = accs.setdefault(use.factor.name, _Accumulator(tuple(s.shape), s.dtype))
+                _factorize_last(acc, s_acc, c, use, plan, p, s.numel(), n)
+    first = next(iter(params.values()))
+    total = first.new_zeros(n)
+    for acc in accs.values():
+        total = total + acc.squared_norms(n)
+    return total
+
+
+@dataclass
+class _Accumulator:
+    """Per-point gradient pieces of one parameter, per output component: rank-one factors (``x`` over
+    the parameter's rows, ``y`` over its columns) and a dense part."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the parameter's: factors recorded in lower precision (autocast) are promoted
+    xs: dict[int, list[Tensor]] = field(default_factory=dict)
+    ys: dict[int, list[Tensor]] = field(default_factory=dict)
+    dense: dict[int, Tensor] = field(default_factory=dict)
+
+    def add_factors(self, c: int, x: Tensor, y: Tensor) -> None:
+        self.xs.setdefault(c, []).append(x)
+        self.ys.setdefault(c, []).append(y)
+
+    def add_dense(self, c: int, values: Tensor) -> None:
+        self.dense[c] = values if c not in self.dense else self.dense[c] + values
+
+    def squared_norms(self, n: int) -> Tensor:
+        if not self.xs:
+            return sum(d.square().sum(1) for d in self.dense.values())
+        components = sorted(set(self.xs) | set(self.dense))
+        a, b = self.xs[components[0]][0].shape[2], self.ys[components[0]][0].shape[2]
+        rows = max(sum(x.shape[1] for x in xs) for xs in self.xs.values())
+        if self.dense or a * b <= rows * (a + b):  # forming ∂r_n/∂W is cheaper (thin layers)
+            total = None
+            for c in components:
+                full = self.dense.get(c)
+                if c in self.xs:
+                    x, y = torch.cat(self.xs[c], 1), torch.cat(self.ys[c], 1)
+                    outer = torch.bmm(x.transpose(1, 2), y).reshape(n, -1)
+                    full = outer if full is None else full + outer
+                norms = full.square().sum(1)
+                total = norms if total is None else total + norms
+            return total
+        # One Gram product per side for all uses and components: (C·N, R, a) and (C·N, R, b).
+        shapes = {tuple(x.shape[1] for x in self.xs[c]) for c in components}
+        if len(shapes) == 1:
+            x = torch.cat([torch.cat(self.xs[c], 1) for c in components])
+            y = torch.cat([torch.cat(self.ys[c], 1) for c in components])
+            grams = (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(y, y.transpose(1, 2))).sum((1, 2))
+            return grams.view(len(components), n).sum(0)
+        total = None
+        for c in components:
+            x, y = torch.cat(self.xs[c], 1), torch.cat(self.ys[c], 1)
+            norms = (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(y, y.transpose(1, 2))).sum((1, 2))
+            total = norms if total is None else total + norms
+        return total
+
+
+def _add_matrix_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: UsePlan, n: int) -> None:
+    other = use.other
+    if use.kind is UseKind.LEFT:  # Y = P R  ⇔  Yᵀ = Rᵀ Pᵀ: the right case on transposes
+        other, grad = other.transpose(-1, -2), grad.transpose(-1, -2)
+    layout = plan.layout
+    other = other.expand(*grad.shape[:-1], other.shape[-1])
+    rows_other = layout.points_first(other, n).reshape(n, -1, other.shape[-1]).to(acc.dtype)
+    rows_grad = layout.points_first(grad, n).reshape(n, -1, grad.shape[-1]).to(acc.dtype)
+    if use.scale != 1.0:
+        rows_other = rows_other * use.scale
+    if plan.same:  # ∂/∂P = l ⊗ g with P ≅ W
+        acc.add_factors(c, rows_other, rows_grad)
+    else:
+        acc.add_factors(c, rows_grad, rows_other)
+
+
+def _factorize_last(
+    acc: _Accumulator, s_acc: _Accumulator, c: int, use: Use, plan: UsePlan, v: Tensor, s_numel: int, n: int
+) -> None:
+    """Turn the factors just added for ``Q = exp(S) ⊙ V`` into those of ``V`` and ``S``.
+
+    With ``∂r_n/∂Q = Σ_k u_k ⊗ w_k`` (``u`` over the rows of ``V``, ``w`` over its columns) and ``F =
+    exp(S[index])`` constant along one axis of ``V`` (a scale per row or per column, as in random weight
+    factorization), the chain rule gives
+
+        ∂r_n/∂V = F ⊙ ∂r_n/∂Q          (scale ``u`` by the row factor, or ``w`` by the column factor),
+        ∂r_n/∂S = Σ_{entries with that s} (∂r_n/∂Q) ⊙ Q = Σ_k u_k ⊙ (Q w_k)   (rows; columns likewise),
+
+    so ``V`` keeps rank-one factors and ``S`` gets a dense per-point gradient of ``S``'s size. The same
+    holds for any weight ``diag(f(s)) V`` or ``V diag(f(s))`` with ``f`` elementwise (``∂Q/∂s = f'(s) V``);
+    ``exp`` is the one recognized.
+    """
+    values = use.factor.values.reshape(-1, *use.factor.values.shape[-2:])[0].reshape(-1)
+    factor = values.new_empty(v.numel())
+    factor[plan.factor_frame] = values
+    factor = factor.view(v.shape)
+    q = (factor * v.detach()).to(acc.dtype)
+    u, w = acc.xs[c][-1], acc.ys[c][-1]
+    if plan.factor_along == 0:
+        scale = factor[:, 0].to(acc.dtype)
+        grad_s = (u * (w @ q.T)).sum(1)  # Σ_k u_k ⊙ (Q w_k), (N, rows of V)
+        acc.xs[c][-1] = u * scale
+    else:
+        scale = factor[0, :].to(acc.dtype)
+        grad_s = (w * (u @ q)).sum(1)  # Σ_k w_k ⊙ (Qᵀ u_k), (N, columns of V)
+        acc.ys[c][-1] = w * scale
+    s_acc.add_dense(c, grad_s.new_zeros(n, s_numel).index_add_(1, plan.factor_index, grad_s))
+
+
+def _add_elementwise_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: UsePlan, n: int, numel: int) -> None:
+    contribution = grad if use.other is None else grad * use.other
+    contribution = contribution.expand(grad.shape)
+    per_point = plan.layout.points_first(contribution, n).reshape(n, -1).to(acc.dtype)
+    dense = per_point.new_zeros(n, numel).index_add_(1, plan.flat_index, per_point)
+    acc.add_dense(c, dense if use.scale == 1.0 else dense * use.scale)
