@@ -137,7 +137,7 @@ def gram_squared_norms(
                         if g[j] is None:
                             raise GramUnsupported("the parameter uses changed since the layout was confirmed")
                         confirmed[c][i] = (g[j], plan)
-            norms[term] = term_norms(uses, confirmed, params, flat[term].shape[0]).detach()
+            norms[term] = term_norms(uses, confirmed, params, flat[term].shape[0], entry.workspace)
         except GramUnsupported as err:
             unsupported[term] = str(err)
     return GramResult(norms, rows, unsupported, keep, backwards)

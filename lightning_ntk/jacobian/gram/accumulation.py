@@ -108,29 +108,39 @@ def _plan_factor(plan: UsePlan, use: Use, v: Tensor) -> None:
 # ------------------------------------------------------------------ every call
 
 
+@torch.no_grad()
 def term_norms(
     uses: list[Use],
     confirmed: Mapping[int, Mapping[int, tuple[Tensor, UsePlan]]],
     params: Mapping[str, Tensor],
     n: int,
+    workspace: dict[tuple, Tensor] | None = None,
 ) -> Tensor:
     """``Σ_c Σ_params ‖∂r_n[c]/∂p‖²`` of one term from its uses' gradients and plans.
 
-    ``confirmed``: component ``c`` → use index → (gradient of ``Σ_n r_n[c]`` at the use's output, plan).
+    Args:
+        uses: The recorded uses.
+        confirmed: Component ``c`` → use index → (gradient of ``Σ_n r_n[c]`` at the use's output, plan).
+        params: The trainable parameters by name.
+        n: The term's point count.
+        workspace: Buffers for the stacked factors and their Gram products, kept from call to call
+            (same shapes for the same layout), so that a warm call writes into memory it already has
+            instead of faulting in fresh pages for every large temporary; ``None``: fresh buffers.
     """
     accs: dict[str, _Accumulator] = {}
     for c, per_use in confirmed.items():
         for i, (grad, plan) in per_use.items():
             use = uses[i]
             p = params[use.name]
-            acc = accs.setdefault(use.name, _Accumulator(tuple(p.shape), p.dtype))
+            acc = accs.setdefault(use.name, _Accumulator(use.name, tuple(p.shape), p.dtype, workspace))
             if use.kind is UseKind.ELEMENTWISE:
                 _add_elementwise_use(acc, c, use, grad, plan, n, p.numel())
                 continue
             _add_matrix_use(acc, c, use, grad, plan, n)
             if use.factor is not None:
                 s = params[use.factor.name]
-                s_acc = accs.setdefault(use.factor.name, _Accumulator(tuple(s.shape), s.dtype))
+                s_acc = _Accumulator(use.factor.name, tuple(s.shape), s.dtype, workspace)
+                s_acc = accs.setdefault(use.factor.name, s_acc)
                 _factorize_last(acc, s_acc, c, use, plan, p, s.numel(), n)
     first = next(iter(params.values()))
     total = first.new_zeros(n)
@@ -144,8 +154,10 @@ class _Accumulator:
     """Per-point gradient pieces of one parameter, per output component: rank-one factors (``x`` over
     the parameter's rows, ``y`` over its columns) and a dense part."""
 
+    name: str
     shape: tuple[int, ...]
     dtype: torch.dtype  # the parameter's: factors recorded in lower precision (autocast) are promoted
+    workspace: dict[tuple, Tensor] | None
     xs: dict[int, list[Tensor]] = field(default_factory=dict)
     ys: dict[int, list[Tensor]] = field(default_factory=dict)
     dense: dict[int, Tensor] = field(default_factory=dict)
@@ -156,6 +168,24 @@ class _Accumulator:
 
     def add_dense(self, c: int, values: Tensor) -> None:
         self.dense[c] = values if c not in self.dense else self.dense[c] + values
+
+    def buffer(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        if self.workspace is None:
+            return like.new_empty(shape)
+        key = (self.name, role, shape, like.dtype, like.device)
+        buf = self.workspace.get(key)
+        if buf is None:
+            buf = self.workspace[key] = like.new_empty(shape)
+        return buf
+
+    def stacked(self, role: str, factors: dict[int, list[Tensor]], components: list[int], n: int) -> Tensor:
+        """``(C·N, R, ·)``: every use's factors side by side, the components one below the other."""
+        first = factors[components[0]][0]
+        rows = sum(f.shape[1] for f in factors[components[0]])
+        out = self.buffer(role, (len(components) * n, rows, first.shape[2]), first)
+        for k, c in enumerate(components):
+            torch.cat(factors[c], 1, out=out[k * n : (k + 1) * n])
+        return out
 
     def squared_norms(self, n: int) -> Tensor:
         if not self.xs:
@@ -168,23 +198,22 @@ class _Accumulator:
             for c in components:
                 full = self.dense.get(c)
                 if c in self.xs:
-                    x, y = torch.cat(self.xs[c], 1), torch.cat(self.ys[c], 1)
-                    outer = torch.bmm(x.transpose(1, 2), y).reshape(n, -1)
+                    x, y = self.stacked("x", self.xs, [c], n), self.stacked("y", self.ys, [c], n)
+                    outer = torch.bmm(x.transpose(1, 2), y, out=self.buffer("outer", (n, a, b), x)).view(n, -1)
                     full = outer if full is None else full + outer
                 norms = full.square().sum(1)
                 total = norms if total is None else total + norms
             return total
         # One Gram product per side for all uses and components: (C·N, R, a) and (C·N, R, b).
         shapes = {tuple(x.shape[1] for x in self.xs[c]) for c in components}
-        if len(shapes) == 1:
-            x = torch.cat([torch.cat(self.xs[c], 1) for c in components])
-            y = torch.cat([torch.cat(self.ys[c], 1) for c in components])
-            grams = (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(y, y.transpose(1, 2))).sum((1, 2))
-            return grams.view(len(components), n).sum(0)
+        groups = [components] if len(shapes) == 1 else [[c] for c in components]
         total = None
-        for c in components:
-            x, y = torch.cat(self.xs[c], 1), torch.cat(self.ys[c], 1)
-            norms = (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(y, y.transpose(1, 2))).sum((1, 2))
+        for group in groups:
+            x, y = self.stacked("x", self.xs, group, n), self.stacked("y", self.ys, group, n)
+            r = x.shape[1]
+            gram_x = torch.bmm(x, x.transpose(1, 2), out=self.buffer("gram_x", (x.shape[0], r, r), x))
+            gram_y = torch.bmm(y, y.transpose(1, 2), out=self.buffer("gram_y", (x.shape[0], r, r), y))
+            norms = gram_x.mul_(gram_y).sum((1, 2)).view(len(group), n).sum(0)
             total = norms if total is None else total + norms
         return total
 

@@ -177,9 +177,12 @@ class LayoutEntry:
         groups: Terms whose recorded uses are disjoint, so that one backward of the sum of their rows
             (per output component) gives each its own gradients.
         unsupported: Terms the identities do not cover, with the reason (their rows mix points).
+        workspace: Buffers of the accumulation, reused by every call with this layout
+            (:func:`~lightning_ntk.jacobian.gram.accumulation.term_norms`).
     """
 
     fingerprint: tuple
     plans: dict[UseKey, UsePlan] = field(default_factory=dict)
     groups: list[list[str]] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
+    workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
