@@ -118,13 +118,16 @@ def first_sentence(text: str) -> str:
 
 
 def reports_skips(
-    path: str, *, other_errors_skip: bool
+    path: str, *, retry_other_errors: bool
 ) -> Callable[[Callable[..., dict]], Callable[..., dict | Skipped]]:
-    """Turn a path function that raises :class:`NotPointwise` into one that returns :class:`Skipped`.
+    """Turn a path function into one that returns :class:`Skipped` instead of raising.
 
-    ``other_errors_skip``: any other error also means the path does not apply (``torch.func``
-    refusing a residual; then cutting other points does not help, so no retry), instead of being the
-    residual's own error, which propagates.
+    A path evaluates the residual on batches the package cut from the caller's, which the full batch
+    has already survived: any error there means the path does not apply (a term that slices the
+    point tensor, ``torch.func`` refusing the residual), never the residual's own error.
+    :class:`NotPointwise` may pass with the other groups' points left whole, so it is retried;
+    ``retry_other_errors`` says whether other errors are retried too (not for ``torch.func``'s refusal,
+    which cutting fewer points does not cure).
     """
 
     def decorate(fn: Callable[..., dict]) -> Callable[..., dict | Skipped]:
@@ -135,9 +138,8 @@ def reports_skips(
             except NotPointwise as err:
                 return Skipped(f"{path}: {err}", retry=True)
             except Exception as err:
-                if not other_errors_skip:
-                    raise
-                return Skipped(f"{path}: " + first_sentence(f"{type(err).__name__}: {err}"))
+                reason = first_sentence(f"{type(err).__name__}: {err}")
+                return Skipped(f"{path}: the residual fails on a batch of single points ({reason})", retry_other_errors)
 
         return wrapper
 

@@ -18,7 +18,7 @@ from lightning_ntk.points import PointSplit
 __all__ = ["loop_norms"]
 
 
-@reports_skips("loop", other_errors_skip=False)
+@reports_skips("loop", retry_other_errors=True)
 def loop_norms(
     module: nn.Module,
     split: PointSplit,
@@ -29,8 +29,8 @@ def loop_norms(
     shrink_others: bool,
 ) -> dict[str, Tensor]:
     """Per-point squared norms of the terms of one point group, one point at a time (or
-    :class:`~lightning_ntk.jacobian.common.Skipped`: the residual is not pointwise). Other errors are
-    the residual's own and propagate."""
+    :class:`~lightning_ntk.jacobian.common.Skipped`: the residual is not pointwise, or fails on a
+    single point, as a term that slices the point tensor does)."""
     plist = list(params.values())
     norms: dict[str, list[Tensor]] = {name: [] for name in terms}
     leaves = [t for t, m in zip(split.leaves, split.mapped, strict=True) if m]

@@ -19,7 +19,7 @@ from lightning_ntk.points import PointSplit
 __all__ = ["vmap_norms"]
 
 
-@reports_skips("vmap", other_errors_skip=True)
+@reports_skips("vmap", retry_other_errors=False)
 def vmap_norms(
     module: nn.Module,
     split: PointSplit,
