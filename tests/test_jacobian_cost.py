@@ -7,11 +7,15 @@ written beside each.
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from conftest import AutogradPoisson, TwoFieldModel, poisson_batch
+from conftest import AutogradPoisson, TwoFieldModel, poisson_batch, reference_traces
+from torch import nn
 
 from lightning_ntk.counting import BackwardCounter, OpCounter
 from lightning_ntk.estimators.exact import exact_traces
+from lightning_ntk.estimators.finite_difference import finite_difference_traces
 from lightning_ntk.memory import memory_of
 from lightning_ntk.points import batch_signature
 
@@ -60,3 +64,89 @@ def test_warm_exact_calls_read_nothing_on_the_host():
     ]:
         _, ops, _ = warm_call(model, batch)
         assert ops.syncs == 0, {op: n for op, n in ops.ops.items() if n and op in ("_local_scalar_dense", "equal")}
+
+
+def reference_network(width: int = 16, n: int = 64):
+    """The benchmark's 3-layer tanh PINN in the autograd style (``benchmarks/exact_cost.py`` runs it
+    at 3×256, N=4,096: the op counts depend on the graph, not on width or N)."""
+    torch.manual_seed(0)
+    model = AutogradPoisson(width=width)
+    model.net = nn.Sequential(
+        nn.Linear(1, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    return model, (torch.rand(n, 1, generator=g), torch.rand(n, 1, generator=g))
+
+
+def plain_step_ops(model, batch) -> int:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.weighted_loss(batch)
+        loss.backward()
+        opt.step()
+
+    step()
+    with OpCounter() as ops:
+        step()
+    return ops.total
+
+
+def test_warm_exact_traces_stay_within_their_aten_op_budget():
+    model, batch = reference_network()
+    _, ops, backwards = warm_call(model, batch)
+    step = plain_step_ops(copy.deepcopy(model), batch)
+    assert step == 380  # measured on torch 2.13 (the same at 3×256, N=4,096): one plain step's launches
+    assert ops.total <= 1.5 * step, ops.total  # measured 504 (1.33 steps' worth; 1,203 before the cache hit)
+    assert ops.syncs == 0
+    assert backwards == 1
+
+
+def test_warm_fd_stays_within_its_aten_op_budget_and_reads_nothing_on_the_host():
+    model, batch = reference_network()
+    generator = torch.Generator().manual_seed(0)
+    finite_difference_traces(model, batch, generator=generator)
+    with OpCounter() as ops, BackwardCounter("lightning_ntk") as backwards:
+        finite_difference_traces(model, batch, generator=generator)
+    assert ops.total <= 300, ops.total  # measured 289 (0.75 plain steps)
+    assert ops.syncs == 0
+    assert backwards.calls == 0  # forward evaluations only
+
+
+def test_a_two_output_residual_pays_one_backward_per_component_for_all_its_terms():
+    model = TwoFieldModel().double()
+    batch = (torch.rand(5, 2, dtype=torch.float64), torch.rand(9, 2, dtype=torch.float64))
+    est, ops, backwards = warm_call(model, batch)
+    assert set(est.info["paths"].values()) == {"gram"}
+    assert backwards == 2  # two terms of two components each: 4 before terms shared a backward
+    assert ops.syncs == 0
+    want = reference_traces(model, batch)
+    for name in want:
+        torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
+
+
+def test_terms_that_share_network_evaluations_do_not_share_a_backward():
+    """One evaluation on the points of both terms (rows split afterwards): the uses overlap, so each
+    term gets a backward of its own, and the norms stay exact."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1))
+
+        def residuals(self, batch):
+            x_b, x_r = batch
+            u = self.net(torch.cat([x_b, x_r]))
+            return {"bc": u[: x_b.shape[0]], "pde": u[x_b.shape[0] :] - torch.sin(x_r)}
+
+    torch.manual_seed(0)
+    model = Shared().double()
+    batch = poisson_batch(n_r=7)
+    est, _, backwards = warm_call(model, batch)
+    assert set(est.info["paths"].values()) == {"gram"}
+    assert backwards == 2
+    want = reference_traces(model, batch)
+    for name in want:
+        torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
