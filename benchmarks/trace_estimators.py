@@ -1,7 +1,7 @@
 """Time and accuracy of every NTK trace estimator against the exact traces.
 
 Problem: 1-D Poisson-type residual (u_xx − f) and boundary-type term (u), N points per term, tanh
-MLP `depth` × `width` (default 3 × 256). For each N: the exact traces (torch.func path), the
+MLP `depth` × `width` (default 3 × 256). For each N: the exact traces (default path, Gram), the
 per-point autograd loop (ordinary-style residual re-evaluated per point, the package's fallback;
 timed on `--loop-points` points and scaled linearly to N), the naive loop (one
 ``torch.autograd.grad`` per residual row through the full-batch graph; timed on 32 rows per term
@@ -135,7 +135,8 @@ def main(argv=None) -> None:
         print(f"one training step: {step:.4f} s")
         head = ("estimator", "probes", "time [s]", "/exact", "/step", "err bc", "err pde", "stderr pde")
         print("{:<22}{:>7}{:>10}{:>8}{:>8}{:>9}{:>9}{:>11}".format(*head))
-        print(f"{'exact (vmap)':<22}{'':>7}{t_exact:10.3f}{1.0:8.3f}{t_exact / step:8.1f}{0.0:9.1%}{0.0:9.1%}{'':>11}")
+        label = f"exact ({'/'.join(sorted(set(exact_est.info['paths'].values())))})"
+        print(f"{label:<22}{'':>7}{t_exact:10.3f}{1.0:8.3f}{t_exact / step:8.1f}{0.0:9.1%}{0.0:9.1%}{'':>11}")
         print(f"{'per-point loop (est.)':<22}{'':>7}{t_loop:10.3f}{t_loop / t_exact:8.3f}{t_loop / step:8.1f}")
         print(f"{'naive row loop (est.)':<22}{'':>7}{t_rows:10.3f}{t_rows / t_exact:8.3f}{t_rows / step:8.1f}")
         if jax_result is not None:
