@@ -21,13 +21,12 @@ package) per warm call, counted under a ``TorchDispatchMode``.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import time
 
 import torch
-from _problem import AutogradPoisson, make_batch
+from _problem import AutogradPoisson, make_batch, train_step_fn
 from torch import nn
 
 from lightning_ntk import PINNModule
@@ -91,19 +90,6 @@ def cases() -> dict[str, tuple[PINNModule, object]]:
     }
 
 
-def train_step(model: PINNModule, batch):
-    model = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss, _ = model.weighted_loss(batch)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def cpu_median(fn, repeats: int) -> float:
     fn()
     times = []
@@ -135,7 +121,7 @@ def main(argv=None) -> None:
     for name, (model, batch) in cases().items():
         if name not in args.cases:
             continue
-        step = train_step(model, batch)
+        step = train_step_fn(model, batch)
         generator = torch.Generator().manual_seed(0)
         calls = {
             "training step": step,
