@@ -31,7 +31,7 @@ from lightning_ntk.estimators import (
 from lightning_ntk.spectrum import Spectrum, block_spectra, ntk_eigenvalues, ntk_matrix
 from lightning_ntk.taylor import TaylorMLP
 from lightning_ntk.traces import estimate_ntk_traces, ntk_traces
-from lightning_ntk.weights import WeightRule, clamp_weights, ema_update, ntk_weights, trace_weights
+from lightning_ntk.weights import WeightRule, balancing_weights, clamp_weights, ema_update, ntk_weights, trace_weights
 
 if TYPE_CHECKING:
     from lightning_ntk.callback import NTKWeightingCallback
@@ -66,7 +66,7 @@ def __dir__() -> list[str]:
 # estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, GradNorm,
 # TraceEstimator), WeightRule, TraceAverager; causal weighting: CausalWeighting, CausalResiduals.
 # Traces: ntk_traces, estimate_ntk_traces, TraceEstimate, register_estimator. Spectra: ntk_matrix,
-# ntk_eigenvalues, block_spectra, Spectrum. Weight rules as functions: ntk_weights, trace_weights,
+# ntk_eigenvalues, block_spectra, Spectrum. Weight rules as functions: balancing_weights, trace_weights,
 # ema_update, clamp_weights. Networks and metrics: TaylorMLP, RelativeL2Error. Input derivatives:
 # the `derivatives` module.
 __all__ = [
@@ -89,6 +89,7 @@ __all__ = [
     "TraceEstimate",
     "TraceEstimator",
     "WeightRule",
+    "balancing_weights",
     "block_spectra",
     "clamp_weights",
     "derivatives",

@@ -24,7 +24,7 @@ from lightning_ntk.contract import evaluate_residuals, nonfinite_rows
 from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_layout
-from lightning_ntk.weights import WeightRule, check_traces
+from lightning_ntk.weights import WeightRule, check_values
 
 __all__ = ["NTKWeightingCallback"]
 
@@ -206,7 +206,7 @@ class NTKWeightingCallback(Callback):
         estimate = self._estimator_now()(self._measured(pl_module, batch), batch, self._generator)
         values, rows, variances = estimate.reduce(names, lambda t, op: trainer.strategy.reduce(t, reduce_op=op))
         try:
-            check_traces(values, names, estimate.quantity)
+            check_values(values, names, estimate.quantity)
         except (FloatingPointError, ValueError) as err:
             message = f"At optimizer step {trainer.global_step}: {self._explain(err, pl_module, batch, estimate)}"
             if self.on_nonfinite == "raise":
@@ -283,10 +283,15 @@ class NTKWeightingCallback(Callback):
                 logger.log_metrics({tags.RESIDUAL_TIME_AVERAGE: average}, step=trainer.global_step)
 
     @property
-    def last_traces(self) -> dict[str, float]:
+    def last_values(self) -> dict[str, float]:
         """Values used at the last update (traces, or gradient norms with ``estimator="grad_norm"``;
         averaged with ``trace_averager``), reduced over ranks."""
         return {} if self._latest is None else self._latest.as_dict(self._latest.values)
+
+    @property
+    def last_traces(self) -> dict[str, float]:
+        """:attr:`last_values` under the NTK name."""
+        return self.last_values
 
     @property
     def last_weights(self) -> dict[str, float]:

@@ -16,12 +16,25 @@ Weights are then optionally smoothed, ``w ← ema·w_old + (1 − ema)·λ``, an
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "WeightRule", "check_traces", "clamp_weights", "ema_update", "ntk_weights", "trace_weights"]
+__all__ = [
+    "MODES",
+    "WeightRule",
+    "balancing_weights",
+    "check_traces",
+    "check_values",
+    "clamp_weights",
+    "ema_update",
+    "ntk_weights",
+    "raise_for_values",
+    "trace_weights",
+]
 
 MODES = ("trace", "mean_trace")
 
@@ -37,28 +50,33 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def check_traces(traces: Tensor, names: Sequence[str], quantity: str = "NTK trace") -> None:
-    """Raise if a trace (or another per-term ``quantity``) is non-finite or not positive, naming every
-    such term and only those (one host sync).
+def check_values(values: Tensor, names: Sequence[str], quantity: str = "NTK trace") -> None:
+    """Raise if a per-term measurement (a trace, or the ``quantity`` named) is non-finite or not
+    positive, naming every such term and only those (one host sync).
 
     Raises:
-        FloatingPointError: Some traces are NaN or infinite (checked first).
-        ValueError: Some traces are zero or negative.
+        FloatingPointError: Some values are NaN or infinite (checked first).
+        ValueError: Some values are zero or negative.
     """
-    finite = torch.isfinite(traces)
-    positive = traces > 0
+    finite = torch.isfinite(values)
+    positive = values > 0
     if bool((finite & positive).all()):
         return
-    values = dict(zip(names, traces.tolist(), strict=True))
-    bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+    raise_for_values(values, names, quantity)
+
+
+def raise_for_values(values: Tensor, names: Sequence[str], quantity: str = "NTK trace") -> None:
+    """The error :func:`check_values` raises, for values known to be bad (one read of them)."""
+    read = dict(zip(names, values.tolist(), strict=True))
+    bad = [name for name in names if not math.isfinite(read[name])]
     if bad:
         raise FloatingPointError(
-            f"{quantity} of {_terms_with_values(bad, values)} not finite: the residual or its Jacobian is not. "
+            f"{quantity} of {_terms_with_values(bad, read)} not finite: the residual or its Jacobian is not. "
             "Check the residual for NaN/Inf (division by zero, log of a negative, an exploding network)."
         )
-    zero = [name for name, ok in zip(names, positive.tolist(), strict=True) if not ok]
+    zero = [name for name in names if not read[name] > 0]
     raise ValueError(
-        f"{quantity} of {_terms_with_values(zero, values)} not positive: the residual does not depend on the "
+        f"{quantity} of {_terms_with_values(zero, read)} not positive: the residual does not depend on the "
         "trainable parameters at these points (or, for a gradient norm, is already zero), so it has no weight. "
         "Check the residual."
     )
@@ -69,8 +87,9 @@ def _terms_with_values(names: Sequence[str], values: Mapping[str, float]) -> str
     return f"term {listed} is" if len(names) == 1 else f"terms {listed} are"
 
 
-def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = None) -> Tensor:
-    """Weights from a vector of traces ``(T,)``, in the same order.
+def balancing_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = None) -> Tensor:
+    """Weights that balance a vector of traces ``(T,)``, in the same order: ``λ_i = Σ_j T_j / T_i``
+    (``"trace"``), or the same of the per-row means ``T_i / N_i`` (``"mean_trace"``).
 
     Args:
         traces: Positive block traces ``Tr K_ii`` (or another per-term measurement, e.g. ``‖∇_θ L_i‖``).
@@ -78,7 +97,7 @@ def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = N
         num_rows: ``N_i`` for ``"mean_trace"``.
 
     Example:
-        >>> ntk_weights(torch.tensor([1.0, 99.0]))
+        >>> balancing_weights(torch.tensor([1.0, 99.0]))
         tensor([100.0000,   1.0101])
     """
     check_mode(mode)
@@ -124,11 +143,11 @@ def trace_weights(
     vec = torch.stack([torch.as_tensor(traces[n]) for n in names])
     if not vec.is_floating_point():
         vec = vec.to(torch.get_default_dtype())
-    check_traces(vec, names)
+    check_values(vec, names)
     rows = None
     if num_rows is not None:
         rows = torch.tensor([float(num_rows[n]) for n in names], dtype=vec.dtype, device=vec.device)
-    return dict(zip(names, ntk_weights(vec, mode, rows), strict=True))
+    return dict(zip(names, balancing_weights(vec, mode, rows), strict=True))
 
 
 def _check_fraction(value: object, name: str) -> float:
@@ -146,12 +165,12 @@ class WeightRule:
     """Turns block traces into loss weights: the rule (``mode``), smoothing across updates, clamps.
 
     ``rule(traces, num_rows, previous)`` returns ``clamp(ema·previous + (1 − ema)·λ(traces))``, with
-    ``λ`` from :func:`ntk_weights` and ``previous`` the weights in use (``None`` before the first
+    ``λ`` from :func:`balancing_weights` and ``previous`` the weights in use (``None`` before the first
     update: no smoothing then).
 
     Args:
         mode: ``"trace"`` (Wang, Yu & Perdikaris 2022) or ``"mean_trace"`` (the JAX-PI rule on mean
-            diagonals); see :func:`ntk_weights`. For gradient-norm weighting choose
+            diagonals); see :func:`balancing_weights`. For gradient-norm weighting choose
             ``estimator="grad_norm"`` in the callback and keep ``"trace"`` here.
         ema: Smoothing of the weights across updates in ``[0, 1)``; ``0`` overwrites.
         min_weight: Lower clamp, or ``None``.
@@ -180,7 +199,7 @@ class WeightRule:
         self.max_weight = max_weight
 
     def __call__(self, traces: Tensor, num_rows: Tensor | None = None, previous: Tensor | None = None) -> Tensor:
-        weights = ntk_weights(traces, self.mode, num_rows)
+        weights = balancing_weights(traces, self.mode, num_rows)
         if self.ema > 0.0 and previous is not None:
             weights = ema_update(previous, weights, self.ema)
         return clamp_weights(weights, self.min_weight, self.max_weight)
@@ -190,3 +209,20 @@ class WeightRule:
             f"WeightRule(mode={self.mode!r}, ema={self.ema!r}, min_weight={self.min_weight!r}, "
             f"max_weight={self.max_weight!r})"
         )
+
+
+def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = None) -> Tensor:
+    """Deprecated name of :func:`balancing_weights` (it shared its name with the buffer
+    :attr:`PINNModule.ntk_weights <lightning_ntk.PINNModule>`)."""
+    warnings.warn(
+        "`ntk_weights(...)` is renamed `balancing_weights(...)`; the old name will be removed.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return balancing_weights(traces, mode, num_rows)
+
+
+def check_traces(traces: Tensor, names: Sequence[str], quantity: str = "NTK trace") -> None:
+    """Deprecated name of :func:`check_values`."""
+    warnings.warn("`check_traces` is renamed `check_values`.", DeprecationWarning, stacklevel=2)
+    check_values(traces, names, quantity)

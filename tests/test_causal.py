@@ -121,7 +121,7 @@ def test_bad_options_fail_at_construction(kwargs, match):
 
 from lightning_ntk import estimate_ntk_traces, ntk_traces  # noqa: E402
 from lightning_ntk.causal import CausalResiduals, chunk_scales  # noqa: E402
-from lightning_ntk.grad_norm import loss_gradients  # noqa: E402
+from lightning_ntk.estimators.grad_norm import loss_gradients  # noqa: E402
 
 # Four chunks of [0, 1] holding 3, 1, 2 and 4 points.
 TIMES = [0.05, 0.1, 0.2, 0.3, 0.55, 0.7, 0.8, 0.85, 0.9, 0.99]

@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_ntk import NTKWeightingCallback, WeightRule
-from lightning_ntk.grad_norm import loss_gradients
+from lightning_ntk.estimators.grad_norm import loss_gradients
 
 
 class Linear(nn.Module):

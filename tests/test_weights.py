@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from lightning_ntk.weights import WeightRule, check_traces, clamp_weights, ema_update, ntk_weights, trace_weights
+from lightning_ntk.weights import (
+    WeightRule,
+    balancing_weights,
+    check_traces,
+    check_values,
+    clamp_weights,
+    ema_update,
+    ntk_weights,
+    trace_weights,
+)
 
 
 def test_trace_mode_upweights_the_smaller_trace():
@@ -14,27 +23,29 @@ def test_trace_mode_upweights_the_smaller_trace():
 
 def test_trace_mode_formula_three_terms():
     traces = torch.tensor([1.0, 3.0, 6.0], dtype=torch.float64)
-    torch.testing.assert_close(ntk_weights(traces), torch.tensor([10.0, 10 / 3, 10 / 6], dtype=torch.float64))
+    torch.testing.assert_close(balancing_weights(traces), torch.tensor([10.0, 10 / 3, 10 / 6], dtype=torch.float64))
 
 
 def test_mean_trace_mode_uses_mean_diagonals():
     traces = torch.tensor([4.0, 600.0], dtype=torch.float64)
     rows = torch.tensor([2.0, 100.0], dtype=torch.float64)
     # mean diagonals 2 and 6, their mean 4: λ = (2, 2/3)
-    torch.testing.assert_close(ntk_weights(traces, "mean_trace", rows), torch.tensor([2.0, 4 / 6], dtype=torch.float64))
+    torch.testing.assert_close(
+        balancing_weights(traces, "mean_trace", rows), torch.tensor([2.0, 4 / 6], dtype=torch.float64)
+    )
 
 
 def test_mean_trace_equals_trace_over_T_when_counts_are_equal():
     traces = torch.tensor([1.0, 5.0, 9.0], dtype=torch.float64)
     rows = torch.full((3,), 50.0, dtype=torch.float64)
-    torch.testing.assert_close(ntk_weights(traces, "mean_trace", rows), ntk_weights(traces) / 3)
+    torch.testing.assert_close(balancing_weights(traces, "mean_trace", rows), balancing_weights(traces) / 3)
 
 
 def test_mean_trace_needs_counts_and_modes_are_checked():
     with pytest.raises(ValueError, match="num_rows"):
-        ntk_weights(torch.ones(2), "mean_trace")
+        balancing_weights(torch.ones(2), "mean_trace")
     with pytest.raises(ValueError, match="Unknown weighting mode 'max'"):
-        ntk_weights(torch.ones(2), "max")
+        balancing_weights(torch.ones(2), "max")
 
 
 def test_ema():
@@ -64,14 +75,14 @@ def test_clamps():
 )
 def test_bad_traces_name_the_term(bad, kind, match):
     with pytest.raises(kind, match=f"term 'pde'.*{match}|{match}"):
-        check_traces(torch.tensor([1.0, bad]), ["bc", "pde"])
+        check_values(torch.tensor([1.0, bad]), ["bc", "pde"])
     with pytest.raises(kind, match="'pde'"):
         trace_weights({"bc": 1.0, "pde": bad})
 
 
 def test_only_the_bad_terms_are_named():
     with pytest.raises(FloatingPointError) as err:
-        check_traces(torch.tensor([1.0, float("nan"), 2.0, float("inf")]), ["ic", "bc", "pde", "data"])
+        check_values(torch.tensor([1.0, float("nan"), 2.0, float("inf")]), ["ic", "bc", "pde", "data"])
     assert "'bc' (nan), 'data' (inf) are not finite" in str(err.value)
     assert "'ic'" not in str(err.value) and "'pde'" not in str(err.value)
 
@@ -89,3 +100,12 @@ def test_weight_rule_is_the_rule_then_smoothing_then_clamps():
     # Without previous weights there is nothing to smooth towards.
     torch.testing.assert_close(WeightRule(ema=0.5)(traces), traces.sum() / traces, rtol=1e-12, atol=0)
     assert "mean_trace" in repr(rule)
+
+
+def test_old_names_warn_and_agree():
+    traces = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="balancing_weights"):
+        old = ntk_weights(traces)
+    torch.testing.assert_close(old, balancing_weights(traces))
+    with pytest.warns(DeprecationWarning, match="check_values"), pytest.raises(ValueError, match="'pde'"):
+        check_traces(torch.tensor([1.0, 0.0]), ["bc", "pde"])

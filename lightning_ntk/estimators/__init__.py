@@ -30,7 +30,13 @@ from lightning_ntk.estimators.finite_difference import (
     fd_step_size,
     finite_difference_traces,
 )
-from lightning_ntk.estimators.grad_norm import GradientNorms, GradNorm, grad_norm_estimate
+from lightning_ntk.estimators.grad_norm import (
+    GradientNorms,
+    GradNorm,
+    grad_norm_estimate,
+    loss_gradients,
+    loss_gradients_and_rows,
+)
 from lightning_ntk.estimators.hutchinson import Hutchinson, hutchinson_traces
 from lightning_ntk.estimators.hutchpp import HutchPlusPlus, hutchpp_traces
 from lightning_ntk.estimators.subsample import Subsample, subsample_traces
@@ -61,6 +67,8 @@ __all__ = [
     "grad_norm_estimate",
     "hutchinson_traces",
     "hutchpp_traces",
+    "loss_gradients",
+    "loss_gradients_and_rows",
     "register_estimator",
     "subsample_traces",
 ]

@@ -28,10 +28,12 @@ Reduce = Callable[[Tensor, str], Tensor]  # (tensor, "sum" | "mean") -> the same
 
 @dataclass(frozen=True)
 class TraceEstimate:
-    """Estimates of ``Tr K_ii`` (or, for ``measure="grad_norm"``, of ``‖∇_θ L_i‖``) for every term.
+    """One measured value per term: an estimate of ``Tr K_ii``, or for ``measure="grad_norm"`` the
+    loss-gradient norm ``‖∇_θ L_i‖``.
 
     Attributes:
-        traces: term → 0-dim tensor, on the module's device.
+        values: term → 0-dim tensor, on the module's device (``traces`` is the same dict, the name
+            that reads best where the measurement is known to be an NTK trace).
         stderr: term → standard error of the estimate (zero for exact estimators, NaN where unknown).
         num_rows: term → ``N_i``, the number of residual entries (rows of ``J_i``); used by
             ``mode="mean_trace"``.
@@ -41,12 +43,17 @@ class TraceEstimate:
             :data:`~lightning_ntk.tags.GRAD_NORM`).
     """
 
-    traces: dict[str, Tensor]
+    values: dict[str, Tensor]
     stderr: dict[str, Tensor]
     num_rows: dict[str, int]
     estimator: str
     info: dict[str, object] = field(default_factory=dict)
     measure: str = tags.TRACE
+
+    @property
+    def traces(self) -> dict[str, Tensor]:
+        """:attr:`values` under the NTK name (``Tr K_ii`` for every estimator except ``grad_norm``)."""
+        return self.values
 
     @property
     def quantity(self) -> str:
@@ -60,10 +67,10 @@ class TraceEstimate:
         block trace of the NTK of the global batch (the concatenation of the ranks' batches), so a DDP
         run weights its terms like a single device on the same points. One collective for everything.
         """
-        traces = torch.stack([self.traces[name].detach() for name in names])
-        rows = torch.tensor([float(self.num_rows[name]) for name in names], device=traces.device)
+        values = torch.stack([self.values[name].detach() for name in names])
+        rows = torch.tensor([float(self.num_rows[name]) for name in names], device=values.device)
         variances = torch.stack([self.stderr[name].detach() for name in names]).square()
-        packed = reduce(torch.cat([traces, rows.to(traces), variances.to(traces)]), "sum")
+        packed = reduce(torch.cat([values, rows.to(values), variances.to(values)]), "sum")
         return packed.split(len(names))
 
 
