@@ -29,6 +29,33 @@ from lightning_ntk.weights import WeightRule, check_values
 __all__ = ["NTKWeightingCallback"]
 
 
+def _to_host(flag: Tensor) -> tuple[Tensor, Any]:
+    """``flag`` copied to host memory without waiting for it (pinned memory on a GPU), and the CUDA
+    event after the copy: waiting on it waits for the update's kernels, not for later work."""
+    if flag.device.type != "cuda":
+        return flag.clone(), None
+    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+@dataclass
+class _PendingCheck:
+    """An update whose validity is read at the end of its step, with what undoing it needs."""
+
+    valid: tuple[Tensor, Any]
+    step: int
+    values: Tensor
+    estimate: TraceEstimate
+    module: PINNModule
+    batch: Any
+    averager_state: dict[str, Any] | None
+    latest: _Latest | None
+    last_estimate: TraceEstimate | None
+
+
 @dataclass(frozen=True)
 class _Latest:
     """What the last update measured and set, reduced over ranks, in term order."""
@@ -172,6 +199,7 @@ class NTKWeightingCallback(Callback):
         self._latest: _Latest | None = None
         self._reported_paths = False
         self._causal_view: CausalResiduals | None = None
+        self._check: _PendingCheck | None = None
         # Running sum of the weighted loss over steps, kept on the device (no sync per step).
         self._loss_sum: Tensor | None = None
         self._loss_steps = 0
@@ -201,33 +229,69 @@ class NTKWeightingCallback(Callback):
         self._last_update_step = step
 
     def update_weights(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> Tensor:
-        """Measure every term on ``batch``, combine over ranks, and set (or monitor) the weights."""
+        """Measure every term on ``batch``, combine over ranks, and set (or monitor) the weights.
+
+        Nothing here reads a device value on the host, so a GPU never waits for it (and a CUDA graph
+        can hold it): whether every value was finite and positive is decided on the device, the weights
+        stay the previous ones where it was not, and the flag is read before the same step's optimizer
+        step (:meth:`on_before_optimizer_step`, else at the end of the step), which raises or warns
+        naming the step and the term, with the parameters still those the values were measured at.
+        """
+        self._resolve_check()
         names = pl_module.terms
         estimate = self._estimator_now()(self._measured(pl_module, batch), batch, self._generator)
         values, rows, variances = estimate.reduce(names, lambda t, op: trainer.strategy.reduce(t, reduce_op=op))
-        try:
-            check_values(values, names, estimate.quantity)
-        except (FloatingPointError, ValueError) as err:
-            message = f"At optimizer step {trainer.global_step}: {self._explain(err, pl_module, batch, estimate)}"
-            if self.on_nonfinite == "raise":
-                raise type(err)(message) from err
-            # Every rank sees the same reduced values, so every rank skips together.
-            rank_zero_warn(f"{message} Keeping the previous weights (on_nonfinite='skip').")
-            return pl_module.ntk_weights.detach().clone()
+        valid = (torch.isfinite(values) & (values > 0)).all()
+        averager_state = None if self.trace_averager is None else dict(vars(self.trace_averager))
         if self.trace_averager is None:
             stderr = variances.sqrt()
         else:
             values, stderr = self.trace_averager.update(values, variances)
         previous = pl_module.ntk_weights if not self.monitor_only else self._monitored_weights
-        weights = self.weight_rule(values, rows, torch.ones_like(values) if previous is None else previous)
+        previous = torch.ones_like(values) if previous is None else previous.to(values)
+        weights = torch.where(valid, self.weight_rule(values, rows, previous), previous)
         if self.monitor_only:
             self._monitored_weights = weights.detach().clone()
         else:
             pl_module.set_term_weights(weights.to(pl_module.ntk_weights))
+        self._check = _PendingCheck(
+            valid=_to_host(valid),
+            step=trainer.global_step,
+            values=values,
+            estimate=estimate,
+            module=pl_module,
+            batch=batch,
+            averager_state=averager_state,
+            latest=self._latest,
+            last_estimate=self.last_estimate,
+        )
         self.last_estimate = estimate
         self._latest = _Latest(names, estimate.measure, values, stderr, weights)
         self._report(trainer, estimate)
         return weights
+
+    def _resolve_check(self) -> None:
+        """Read the last update's validity flag (by now long computed) and act on a bad one."""
+        check, self._check = self._check, None
+        if check is None:
+            return
+        flag, event = check.valid
+        if event is not None:
+            event.synchronize()
+        if bool(flag):
+            return
+        # Undo what the bad values touched: the averages, and what `last_*` report.
+        if check.averager_state is not None:
+            vars(self.trace_averager).update(check.averager_state)
+        self._latest, self.last_estimate = check.latest, check.last_estimate
+        try:
+            check_values(check.values, check.module.terms, check.estimate.quantity)
+        except (FloatingPointError, ValueError) as err:
+            message = f"At optimizer step {check.step}: {self._explain(err, check.module, check.batch, check.estimate)}"
+            if self.on_nonfinite == "raise":
+                raise type(err)(message) from err
+            # Every rank sees the same reduced values, so every rank skips together.
+            rank_zero_warn(f"{message} Keeping the previous weights (on_nonfinite='skip').")
 
     @staticmethod
     def _explain(err: Exception, pl_module: PINNModule, batch: Any, estimate: TraceEstimate) -> str:
@@ -267,10 +331,19 @@ class NTKWeightingCallback(Callback):
             self._last_logged_step = step
 
     @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Acts on a non-finite or non-positive value of this step's update before the parameters change."""
+        self._resolve_check()
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Accumulates the weighted loss for ``ntk/residual_time_avg`` and logs it at the log cadence."""
+        """Acts on a bad value of this step's update if no optimizer step did (see
+        :meth:`update_weights`), and accumulates the weighted loss for ``ntk/residual_time_avg``, logged at the log cadence."""
+        self._resolve_check()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, Tensor):
             return

@@ -68,10 +68,25 @@ class TraceEstimate:
         run weights its terms like a single device on the same points. One collective for everything.
         """
         values = torch.stack([self.values[name].detach() for name in names])
-        rows = torch.tensor([float(self.num_rows[name]) for name in names], device=values.device)
+        rows = row_counts(tuple(self.num_rows[name] for name in names), values)
         variances = torch.stack([self.stderr[name].detach() for name in names]).square()
-        packed = reduce(torch.cat([values, rows.to(values), variances.to(values)]), "sum")
+        packed = reduce(torch.cat([values, rows, variances.to(values)]), "sum")
         return packed.split(len(names))
+
+
+_ROW_COUNTS: dict[tuple, Tensor] = {}
+
+
+def row_counts(rows: tuple[int, ...], like: Tensor) -> Tensor:
+    """``rows`` as a tensor like ``like``, made once per (rows, device, dtype) and kept: a fresh one
+    would be a copy from pageable host memory at every update (a stall on a GPU, illegal in a graph)."""
+    key = (rows, like.device, like.dtype)
+    out = _ROW_COUNTS.get(key)
+    if out is None:
+        if len(_ROW_COUNTS) > 256:
+            _ROW_COUNTS.clear()
+        out = _ROW_COUNTS[key] = torch.tensor(rows, dtype=like.dtype).to(like.device)
+    return out
 
 
 Estimator = Callable[..., TraceEstimate]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_ntk import tags
 from lightning_ntk.contract import check_residuals, trainable_parameters
-from lightning_ntk.estimators.base import Reduce, TraceEstimate, TraceEstimator, register_estimator
+from lightning_ntk.estimators.base import Reduce, TraceEstimate, TraceEstimator, register_estimator, row_counts
 
 __all__ = ["GradNorm", "GradientNorms", "grad_norm_estimate", "loss_gradients", "loss_gradients_and_rows"]
 
@@ -81,7 +81,7 @@ class GradientNorms(TraceEstimate):
     def reduce(self, names: Sequence[str], reduce: Reduce) -> tuple[Tensor, Tensor, Tensor]:
         """Norms of the rank-averaged gradients, row counts summed over ranks, no variance (exact)."""
         stacked = torch.stack([self.gradients[name] for name in names])
-        rows = torch.tensor([float(self.num_rows[name]) for name in names], device=stacked.device).to(stacked)
+        rows = row_counts(tuple(self.num_rows[name] for name in names), stacked)
         gradients, rows = reduce(stacked, "mean"), reduce(rows, "sum")
         norms = torch.linalg.vector_norm(gradients, dim=1)
         return norms, rows, torch.zeros_like(norms)
