@@ -342,7 +342,8 @@ class NTKWeightingCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Acts on a bad value of this step's update if no optimizer step did (see
-        :meth:`update_weights`), and accumulates the weighted loss for ``ntk/residual_time_avg``, logged at the log cadence."""
+        :meth:`update_weights`), and accumulates the weighted loss for ``ntk/residual_time_avg``,
+        logged at the log cadence."""
         self._resolve_check()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, Tensor):
