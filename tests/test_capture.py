@@ -1,0 +1,81 @@
+"""CapturedCall's bookkeeping, run eagerly on the CPU: static buffers, copy-in, one entry per
+signature, invalidation when the parameter set changes, results equal to eager bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import AutogradPoisson, poisson_batch
+from torch import nn
+
+from lightning_ntk.capture import CapturedCall
+from lightning_ntk.estimators.exact import exact_traces
+
+
+def stacked_traces(model):
+    def fn(x_b, x_r):
+        est = exact_traces(model, (x_b, x_r))
+        return torch.stack([est.values[name] for name in model.terms])
+
+    return fn
+
+
+def test_results_equal_eager_bit_for_bit_after_parameter_updates_and_new_batches():
+    torch.manual_seed(0)
+    model = AutogradPoisson(width=8)
+    call = CapturedCall(stacked_traces(model), state=lambda: list(model.parameters()))
+    eager = stacked_traces(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for seed in range(4):
+        batch = poisson_batch(n_r=12, seed=seed, dtype=torch.float32)
+        torch.testing.assert_close(call(*batch), eager(*batch), rtol=0, atol=0)
+        opt.zero_grad()
+        model.weighted_loss(batch)[0].backward()
+        opt.step()  # in place: the same signature
+    assert len(call.signatures) == 1
+    assert next(iter(call.signatures.values())).calls == 4
+
+
+def test_the_function_reads_static_buffers_that_each_call_refills():
+    seen = []
+
+    def fn(x):
+        seen.append(x)
+        return x * 2
+
+    call = CapturedCall(fn)
+    a, b = torch.arange(3.0), torch.arange(3.0) + 10
+    torch.testing.assert_close(call(a), a * 2)
+    torch.testing.assert_close(call(b), b * 2)
+    assert seen[0] is seen[1] and seen[0] is not a and seen[1] is not b  # one static buffer, refilled
+    torch.testing.assert_close(seen[1], b, rtol=0, atol=0)
+
+
+def test_a_new_shape_or_a_new_parameter_set_is_a_new_signature():
+    net = nn.Linear(2, 1)
+    call = CapturedCall(lambda x: net(x).sum(), state=lambda: list(net.parameters()))
+    call(torch.ones(3, 2))
+    call(torch.ones(3, 2))
+    assert len(call.signatures) == 1
+    call(torch.ones(5, 2))
+    assert len(call.signatures) == 2
+    net.weight = nn.Parameter(torch.zeros(1, 2))  # a new tensor, not an in-place change
+    out = call(torch.ones(3, 2))
+    assert len(call.signatures) == 3
+    torch.testing.assert_close(out, net(torch.ones(3, 2)).sum())
+    call.clear()
+    assert not call.signatures
+
+
+def test_tuples_and_disabled_capture():
+    call = CapturedCall(lambda x, y: (x + y, x * y), enabled=False)
+    s, p = call(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(s, torch.tensor([4.0, 6.0]))
+    torch.testing.assert_close(p, torch.tensor([3.0, 8.0]))
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="warmup"):
+        CapturedCall(lambda x: x, warmup=0)
+    with pytest.raises(TypeError, match="tensors only"):
+        CapturedCall(lambda x: x)([1.0])
