@@ -15,13 +15,15 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.causal import CausalResiduals
 from lightning_ntk.contract import evaluate_residuals, nonfinite_rows
-from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
+from lightning_ntk.capture import CapturedCall
+from lightning_ntk.estimators import Exact, FiniteDifference, TraceEstimate, TraceEstimator, as_estimator
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_layout
 from lightning_ntk.weights import WeightRule, check_values
@@ -146,6 +148,10 @@ class NTKWeightingCallback(Callback):
             independent probes); ``None`` draws the seed from torch's global RNG at fit start.
         on_nonfinite: What to do when a trace is NaN, infinite or zero: ``"raise"`` (an error naming
             the term and the step) or ``"skip"`` (warn, keep the previous weights for this update).
+        capture: Replay the ``exact`` and ``fd`` trace computations from a CUDA graph per batch layout
+            (:class:`~lightning_ntk.capture.CapturedCall`; on a GPU a launch-bound computation becomes one
+            replay). The first replay is checked against an eager call, and a computation that cannot
+            be captured runs eagerly with one warning. On a CPU the same buffers are used eagerly.
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class NTKWeightingCallback(Callback):
         monitor_only: bool = False,
         seed: int | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        capture: bool = True,
     ) -> None:
         if isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int):
             raise MisconfigurationException(
@@ -180,6 +187,8 @@ class NTKWeightingCallback(Callback):
                 )
         if on_nonfinite not in ("raise", "skip"):
             raise MisconfigurationException(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        if not isinstance(capture, bool):
+            raise MisconfigurationException(f"`capture` must be True or False, got {capture!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise MisconfigurationException(f"`seed` must be an int or None, got {seed!r}.")
         self.update_every_n_steps = update_every_n_steps
@@ -188,6 +197,8 @@ class NTKWeightingCallback(Callback):
         self.monitor_only = monitor_only
         self.seed = seed
         self.on_nonfinite = on_nonfinite
+        self.capture = capture
+        self._captured: dict[tuple, tuple[CapturedCall, dict[str, TraceEstimate]]] = {}
         self.last_estimate: TraceEstimate | None = None
         # Optimizer step of the last update; -1 = none yet. Guards against updating on every
         # micro-batch of an accumulated step, and is what a resumed run continues from.
@@ -239,7 +250,7 @@ class NTKWeightingCallback(Callback):
         """
         self._resolve_check()
         names = pl_module.terms
-        estimate = self._estimator_now()(self._measured(pl_module, batch), batch, self._generator)
+        estimate = self._estimate(self._estimator_now(), pl_module, batch)
         values, rows, variances = estimate.reduce(names, lambda t, op: trainer.strategy.reduce(t, reduce_op=op))
         valid = (torch.isfinite(values) & (values > 0)).all()
         averager_state = None if self.trace_averager is None else dict(vars(self.trace_averager))
@@ -269,6 +280,43 @@ class NTKWeightingCallback(Callback):
         self._latest = _Latest(names, estimate.measure, values, stderr, weights)
         self._report(trainer, estimate)
         return weights
+
+    def _estimate(self, estimator: TraceEstimator, pl_module: PINNModule, batch: Any) -> TraceEstimate:
+        """The estimate of ``batch``, from a :class:`CapturedCall` where that applies."""
+        leaves, spec = tree_flatten(batch)
+        capturable = isinstance(estimator, (Exact, FiniteDifference)) and leaves
+        if not (self.capture and capturable and all(isinstance(t, Tensor) for t in leaves)):
+            return estimator(self._measured(pl_module, batch), batch, self._generator)
+        key = (id(estimator), id(pl_module), str(spec))
+        if key not in self._captured:
+            names = pl_module.terms
+            last: dict[str, TraceEstimate] = {}
+
+            def measure(*tensors: Tensor) -> tuple[Tensor, Tensor]:
+                inner = tree_unflatten(list(tensors), spec)
+                est = last["estimate"] = estimator(self._measured(pl_module, inner), inner, self._generator)
+                return torch.stack([est.values[n] for n in names]), torch.stack([est.stderr[n] for n in names])
+
+            generators = (lambda: [self._generator]) if estimator.randomized else list
+            call = CapturedCall(
+                measure,
+                state=lambda: [p for p in pl_module.parameters() if p.requires_grad],
+                generators=generators,
+                name=f"{type(estimator).__name__} traces",
+            )
+            self._captured[key] = (call, last)
+        call, last = self._captured[key]
+        values, stderr = call(*leaves)
+        meta = last["estimate"]  # what the last Python run of the estimator said besides the numbers
+        names = pl_module.terms
+        return TraceEstimate(
+            dict(zip(names, values.unbind(0), strict=True)),
+            dict(zip(names, stderr.unbind(0), strict=True)),
+            meta.num_rows,
+            meta.estimator,
+            meta.info,
+            meta.measure,
+        )
 
     def _resolve_check(self) -> None:
         """Read the last update's validity flag (by now long computed) and act on a bad one."""

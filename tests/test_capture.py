@@ -79,3 +79,42 @@ def test_bad_arguments_are_clear():
         CapturedCall(lambda x: x, warmup=0)
     with pytest.raises(TypeError, match="tensors only"):
         CapturedCall(lambda x: x)([1.0])
+
+
+@pytest.mark.parametrize("estimator", ["exact", "fd"])
+def test_the_callback_through_captured_calls_trains_bit_for_bit_like_eager(tmp_path, estimator):
+    """Different batches every step, weights recomputed every step: with ``capture=True`` (on the CPU
+    the same static buffers, eagerly) every weight and parameter equals the ``capture=False`` run."""
+    import copy
+
+    from conftest import HelperPoisson, quiet_trainer
+
+    from lightning_ntk import NTKWeightingCallback
+
+    class Record(NTKWeightingCallback):
+        def __init__(self, seen, **kw):
+            super().__init__(**kw)
+            self.seen = seen
+
+        def update_weights(self, trainer, pl_module, batch):
+            w = super().update_weights(trainer, pl_module, batch)
+            self.seen.append(w.clone())
+            return w
+
+    torch.manual_seed(0)
+    model = HelperPoisson()
+    batches = [poisson_batch(n_r=12, seed=s, dtype=torch.float32) for s in range(4)]
+    runs = {}
+    for capture in (True, False):
+        seen, m = [], copy.deepcopy(model)
+        cb = Record(seen, update_every_n_steps=1, estimator=estimator, seed=0, capture=capture)
+        quiet_trainer(tmp_path, max_steps=4, callbacks=[cb], logger=False).fit(
+            m, torch.utils.data.DataLoader(batches, batch_size=None)
+        )
+        runs[capture] = (seen, m, cb)
+    assert len(runs[True][2]._captured) == 1 and not runs[False][2]._captured
+    for a, b in zip(runs[True][0], runs[False][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len({tuple(w.tolist()) for w in runs[True][0]}) == 4  # every batch gave its own weights
+    for (name, a), b in zip(runs[True][1].state_dict().items(), runs[False][1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
