@@ -20,9 +20,9 @@ from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.averaging import TraceAverager
+from lightning_ntk.capture import CapturedCall
 from lightning_ntk.causal import CausalResiduals
 from lightning_ntk.contract import evaluate_residuals, nonfinite_rows
-from lightning_ntk.capture import CapturedCall
 from lightning_ntk.estimators import Exact, FiniteDifference, TraceEstimate, TraceEstimator, as_estimator
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_layout

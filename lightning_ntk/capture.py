@@ -143,7 +143,7 @@ class CapturedCall:
                 register(generator)
             with torch.cuda.graph(graph):
                 out = self.fn(*entry.inputs)
-        except Exception as err:  # noqa: BLE001 - any failure means: run eagerly, and say why
+        except Exception as err:
             return self._go_eager(entry, f"capture failed ({type(err).__name__}: {err})")
         entry.single = isinstance(out, Tensor)
         entry.outputs = (out,) if entry.single else tuple(out)
