@@ -248,7 +248,7 @@ class NTKWeightingCallback(Callback):
         step (:meth:`on_before_optimizer_step`, else at the end of the step), which raises or warns
         naming the step and the term, with the parameters still those the values were measured at.
         """
-        self._resolve_check()
+        self.resolve_pending_check()
         names = pl_module.terms
         estimate = self._estimate(self._estimator_now(), pl_module, batch)
         values, rows, variances = estimate.reduce(names, lambda t, op: trainer.strategy.reduce(t, reduce_op=op))
@@ -318,8 +318,10 @@ class NTKWeightingCallback(Callback):
             meta.measure,
         )
 
-    def _resolve_check(self) -> None:
-        """Read the last update's validity flag (by now long computed) and act on a bad one."""
+    def resolve_pending_check(self) -> None:
+        """Read the last update's validity flag (by now long computed) and act on a bad one: raise, or
+        warn with ``on_nonfinite="skip"``. Runs before the step's optimizer step (a module with
+        ``capture_step=True`` calls it before its replay); harmless to call again."""
         check, self._check = self._check, None
         if check is None:
             return
@@ -383,7 +385,7 @@ class NTKWeightingCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Acts on a non-finite or non-positive value of this step's update before the parameters change."""
-        self._resolve_check()
+        self.resolve_pending_check()
 
     @override
     def on_train_batch_end(
@@ -392,7 +394,7 @@ class NTKWeightingCallback(Callback):
         """Acts on a bad value of this step's update if no optimizer step did (see
         :meth:`update_weights`), and accumulates the weighted loss for ``ntk/residual_time_avg``,
         logged at the log cadence."""
-        self._resolve_check()
+        self.resolve_pending_check()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, Tensor):
             return

@@ -73,6 +73,9 @@ class CapturedCall:
         rtol: Tolerance of the check of the first replay against an eager call (float32: 1e-5).
         generators: CUDA generators ``fn`` draws from, registered with each graph so a replay draws
             fresh numbers and advances them as an eager call would.
+        snapshot: For an ``fn`` with side effects (a training step): saves the state it changes and
+            returns a function that puts it back in place. The warm-up calls and the checked replay
+            are undone with it, so the first call per signature changes the state exactly once.
         name: Named in warnings.
     """
 
@@ -85,12 +88,13 @@ class CapturedCall:
         warmup: int = 2,
         rtol: float = 1e-5,
         generators: Callable[[], Sequence[torch.Generator]] = list,
+        snapshot: Callable[[], Callable[[], None]] | None = None,
         name: str = "computation",
     ) -> None:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"`warmup` must be a positive int (eager calls before capture), got {warmup!r}.")
         self.fn, self.state, self.enabled, self.warmup, self.rtol = fn, state, enabled, warmup, rtol
-        self.generators, self.name = generators, name
+        self.generators, self.snapshot, self.name = generators, snapshot, name
         self.signatures: dict[Signature, _Entry] = {}
         self.warned: set[str] = set()
 
@@ -129,12 +133,15 @@ class CapturedCall:
 
     def _capture(self, entry: _Entry, inputs: Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
         try:
+            restore = self.snapshot() if self.snapshot is not None else None
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     self.fn(*entry.inputs)
             torch.cuda.current_stream().wait_stream(side)
+            if restore is not None:
+                restore()
             graph = torch.cuda.CUDAGraph()
             for generator in self.generators():
                 register = getattr(graph, "register_generator_state", None)
@@ -150,8 +157,11 @@ class CapturedCall:
         entry.graph = graph
         # The check replays and then runs eagerly from the same generator states: the same draws.
         states = [g.get_state() for g in self.generators()]
+        restore = self.snapshot() if self.snapshot is not None else None
         graph.replay()
         replayed = self._result(entry)
+        if restore is not None:
+            restore()
         for g, state in zip(self.generators(), states, strict=True):
             g.set_state(state)
         _copy_in(entry.inputs, inputs)

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-def causal_weights(chunk_losses: Tensor, epsilon: float) -> Tensor:
+def causal_weights(chunk_losses: Tensor, epsilon: float | Tensor) -> Tensor:
     """``w_k = exp(−ε Σ_{j<k} L_j)`` for chunk losses ``(M,)``, detached (no gradient flows through w).
 
     Example:
@@ -145,12 +145,33 @@ class CausalWeighting:
         self.t_range = (float(t_range[0]), float(t_range[1]))
         self.schedule = schedule
         self.advance_at = float(advance_at)
-        self.stage = 0
+        self._stage = 0
+        # ε as a device scalar, refilled in place when the stage moves: a replayed CUDA graph reads it
+        # where a Python float would have been frozen into the graph.
+        self._epsilon_on_device: Tensor | None = None
         self.last_weights: Tensor | None = None
+
+    @property
+    def stage(self) -> int:
+        """Index of the current ``ε`` in ``schedule``."""
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: int) -> None:
+        self._stage = int(value)
+        if self._epsilon_on_device is not None:
+            self._epsilon_on_device.fill_(self.epsilon)
 
     @property
     def epsilon(self) -> float:
         return self.schedule[self.stage]
+
+    def epsilon_like(self, like: Tensor) -> Tensor:
+        """The current ``ε`` as a 0-dim tensor on ``like``'s device and dtype, kept from call to call."""
+        eps = self._epsilon_on_device
+        if eps is None or eps.device != like.device or eps.dtype != like.dtype:
+            eps = self._epsilon_on_device = torch.tensor(self.epsilon, dtype=like.dtype).to(like.device)
+        return eps
 
     def chunks(self, points: Tensor) -> Tensor:
         """The chunk of every point (row) of ``points``."""
@@ -169,7 +190,8 @@ class CausalWeighting:
                 "row n of both must be point n."
             )
         chunks = self.chunks(points)
-        return chunks, causal_weights(chunk_losses(residual.detach(), chunks, self.num_chunks), self.epsilon)
+        losses = chunk_losses(residual.detach(), chunks, self.num_chunks)
+        return chunks, causal_weights(losses, self.epsilon_like(losses))
 
     def apply(self, residual: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
         """``(√s_n · r_n, w)``: the scaled residual (its mean square is the causal loss; its NTK the causal

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_ntk import tags
+from lightning_ntk.captured_step import CapturedTrainingStep
 from lightning_ntk.causal import CausalWeighting
 from lightning_ntk.contract import check_residuals, check_terms
 from lightning_ntk.tensorboard import add_chunk_profile
@@ -52,6 +53,12 @@ class PINNModule(pl.LightningModule):
         terms: Names of the loss terms, e.g. ``["bc", "pde"]``.
         init_weights: Starting weight of some or all terms (default 1.0 each).
         causal: ``{term: CausalWeighting(...)}`` for the time-dependent terms to weight causally.
+        capture_step: Replay the whole training step (zero_grad, residuals, weighted loss, backward,
+            optimizer step) from one CUDA graph per batch layout, with manual optimization
+            (:mod:`lightning_ntk.captured_step`): on a GPU, a launch-bound step becomes one replay.
+            Term weights, causal ``ε`` and the learning rate stay device tensors updated between
+            replays; what cannot be replayed is refused when fitting starts. On a CPU the step runs
+            eagerly and trains exactly like ``capture_step=False``.
 
     Example::
 
@@ -76,8 +83,14 @@ class PINNModule(pl.LightningModule):
         terms: Sequence[str],
         init_weights: Mapping[str, float] | None = None,
         causal: Mapping[str, CausalWeighting] | None = None,
+        capture_step: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(capture_step, bool):
+            raise TypeError(f"`capture_step` must be True or False, got {capture_step!r}.")
+        self.capture_step = capture_step
+        self.automatic_optimization = not capture_step
+        self._captured_step = CapturedTrainingStep(self) if capture_step else None
         self._terms = check_terms(terms)
         self.register_buffer("ntk_weights", torch.ones(len(self._terms)), persistent=True)
         if init_weights is not None:
@@ -182,7 +195,19 @@ class PINNModule(pl.LightningModule):
         return total, losses, causal_weights
 
     @override
+    def on_fit_start(self) -> None:
+        if self._captured_step is not None:
+            self._captured_step.check()
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        if self._captured_step is not None:
+            self._captured_step.on_train_epoch_end()
+
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self._captured_step is not None:
+            return self._captured_step(batch)
         total, losses, causal_weights = self._weighted_loss(batch)
         self.log_dict({tags.scalar(tags.LOSS, name): loss.detach() for name, loss in losses.items()})
         self.log(tags.scalar(tags.LOSS, "total"), total.detach(), prog_bar=True)
