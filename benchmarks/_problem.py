@@ -32,8 +32,8 @@ def source(x: torch.Tensor) -> torch.Tensor:
 class FastPoisson(PINNModule):
     """u_xx - f on residual points and u on boundary-type points, N of each."""
 
-    def __init__(self, width: int = 256, depth: int = 3, lr: float = 1e-3, d: int = 1) -> None:
-        super().__init__(terms=["bc", "pde"])
+    def __init__(self, width: int = 256, depth: int = 3, lr: float = 1e-3, d: int = 1, **module_options) -> None:
+        super().__init__(terms=["bc", "pde"], **module_options)
         self.net = mlp(width, depth, d)
         self.lr = lr
         self.d = d

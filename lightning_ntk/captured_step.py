@@ -32,7 +32,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_ntk import tags
 from lightning_ntk.capture import CapturedCall
 
 if TYPE_CHECKING:
@@ -118,12 +117,8 @@ class CapturedTrainingStep:
         outputs = call(*leaves)
         lightning_optimizer._on_after_step()
         total, losses, causal = outputs[0], outputs[1], outputs[2:]
-        module.log_dict(
-            {tags.scalar(tags.LOSS, n): loss for n, loss in zip(module.terms, losses.unbind(0), strict=True)}
-        )
-        module.log(tags.scalar(tags.LOSS, "total"), total, prog_bar=True)
-        if causal:
-            module._log_causal(dict(zip(module.causal, causal, strict=True)))
+        losses = dict(zip(module.terms, losses.unbind(0), strict=True))
+        module._log_step(total, losses, dict(zip(module.causal, causal, strict=True)))
         self._step_schedulers()
         return total
 

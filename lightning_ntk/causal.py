@@ -149,16 +149,24 @@ class CausalWeighting:
         # ε as a device scalar, refilled in place when the stage moves: a replayed CUDA graph reads it
         # where a Python float would have been frozen into the graph.
         self._epsilon_on_device: Tensor | None = None
+        # Where :meth:`advance_on_device` moved the stage without reading it: the host copy is stale
+        # until ``stage`` is next read.
+        self._stage_on_device: Tensor | None = None
+        self._schedule_on_device: Tensor | None = None
         self.last_weights: Tensor | None = None
 
     @property
     def stage(self) -> int:
         """Index of the current ``ε`` in ``schedule``."""
+        if self._stage_on_device is not None:
+            self._stage = int(self._stage_on_device)
         return self._stage
 
     @stage.setter
     def stage(self, value: int) -> None:
         self._stage = int(value)
+        if self._stage_on_device is not None:
+            self._stage_on_device.fill_(self._stage)
         if self._epsilon_on_device is not None:
             self._epsilon_on_device.fill_(self.epsilon)
 
@@ -208,6 +216,26 @@ class CausalWeighting:
         """:func:`causal_trace` of per-point NTK norms with the weights of ``residual`` on ``points``."""
         chunks, weights = self.weights(residual, points)
         return causal_trace(point_norms, chunks, weights)
+
+    def advance_on_device(self) -> None:
+        """:meth:`advance` decided and done on the device of ``last_weights``, with no host read.
+
+        The stage and the device ``ε`` (:meth:`epsilon_like`) move in place; ``stage`` and ``epsilon``
+        read the stage back when asked (at logging or checkpoint time, not every step).
+        """
+        weights, eps = self.last_weights, self._epsilon_on_device
+        if weights is None or len(self.schedule) == 1:
+            return
+        if eps is None or eps.device != weights.device:
+            eps = self.epsilon_like(weights)
+        if self._stage_on_device is None or self._stage_on_device.device != eps.device:
+            self._stage_on_device = torch.tensor(self.stage).to(eps.device)
+        if self._schedule_on_device is None or self._schedule_on_device.device != eps.device:
+            self._schedule_on_device = torch.tensor(self.schedule, dtype=eps.dtype).to(eps.device)
+        schedule = self._schedule_on_device.to(eps.dtype)
+        moved = (weights.min() > self.advance_at) & (self._stage_on_device < len(self.schedule) - 1)
+        self._stage_on_device.add_(moved.to(self._stage_on_device.dtype))
+        eps.copy_(schedule.index_select(0, self._stage_on_device.view(1)).view(()))
 
     def advance(self) -> bool:
         """Move to the next ``ε`` if every chunk's weight exceeds ``advance_at``; whether it moved."""

@@ -3,6 +3,7 @@
 import copy
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import quiet_trainer, reference_point_norms, repeat_loader
@@ -10,8 +11,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_ntk import CausalWeighting, NTKWeightingCallback, PINNModule, TraceAverager, trace_weights
+from lightning_ntk import CausalWeighting, NTKWeightingCallback, PINNModule, TraceAverager, tags, trace_weights
 from lightning_ntk.causal import CausalResiduals
+from lightning_ntk.counting import OpCounter
 
 TIMES = [0.05, 0.1, 0.2, 0.3, 0.55, 0.7, 0.8, 0.85, 0.9, 0.99]  # 3, 1, 2, 4 points in 4 chunks
 EPS = 3.0
@@ -20,9 +22,9 @@ EPS = 3.0
 class Heat(PINNModule):
     """``u_t − 0.1 u_x + u − cos 4t`` with an initial condition; the PDE term causal in t (column 1)."""
 
-    def __init__(self, causal=True, schedule=None, advance_at=0.99):
+    def __init__(self, causal=True, schedule=None, advance_at=0.99, capture_step=False):
         cw = CausalWeighting(time_column=1, num_chunks=4, epsilon=EPS, epsilon_schedule=schedule, advance_at=advance_at)
-        super().__init__(terms=["ic", "pde"], causal={"pde": cw} if causal else None)
+        super().__init__(terms=["ic", "pde"], causal={"pde": cw} if causal else None, capture_step=capture_step)
         self.net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1)).double()
 
     def residuals(self, batch):
@@ -192,3 +194,105 @@ def test_misconfigured_causal_terms_fail_early(tmp_path):
         )
     with pytest.raises(NotImplementedError, match="residual_points"):  # without the callback: at the first step
         quiet_trainer(tmp_path, max_steps=1, logger=False).fit(NoPoints(), repeat_loader(heat_batch(), 2))
+
+
+class RecordingLogger(pl.loggers.Logger):
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    name = "recording"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class StepLosses(pl.Callback):
+    """The losses and minimum causal weight of each step, computed before the step from the same batch."""
+
+    def __init__(self):
+        self.seen: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        total, losses, causal = module._weighted_loss(batch)
+        seen = {tags.scalar(tags.LOSS, n): float(v.detach()) for n, v in losses.items()}
+        seen[tags.scalar(tags.LOSS, "total")] = float(total.detach())
+        seen[tags.scalar(tags.CAUSAL_MIN_WEIGHT, "pde")] = float(causal["pde"].min())
+        self.seen.append(seen)
+
+
+@pytest.mark.parametrize("capture_step", [False, True])
+def test_the_logger_gets_every_term_loss_at_its_cadence_and_only_the_total_is_logged_in_between(tmp_path, capture_step):
+    model = Heat(schedule=[1.0, 2.0], capture_step=capture_step)
+    calls: list[int] = []
+    log = model.log
+
+    def counting_log(*args, **kwargs):
+        calls[-1] += 1
+        return log(*args, **kwargs)
+
+    model.log = counting_log
+
+    class StepStart(pl.Callback):
+        def on_train_batch_start(self, *args):
+            calls.append(0)
+
+    logger, seen = RecordingLogger(), StepLosses()
+    batch = heat_batch()
+    trainer = pl.Trainer(
+        max_steps=6,
+        log_every_n_steps=3,
+        logger=logger,
+        callbacks=[StepStart(), seen],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, torch.utils.data.DataLoader([batch] * 6, batch_size=None))
+    steps = [step for step, _ in logger.records]
+    assert steps == [2, 5]  # Lightning writes on steps 3 and 6 (0-based 2 and 5)
+    for step, metrics in logger.records:
+        want = seen.seen[step]
+        for key, value in want.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-12), (step, key)
+        assert tags.scalar(tags.CAUSAL_EPSILON, "pde") in metrics
+    assert calls == [1, 1, 5, 1, 1, 5]  # the total; at the cadence also 2 term losses, min weight and ε
+    assert trainer.progress_bar_metrics == {}  # no progress bar: no per-step host read of the total
+
+
+@pytest.mark.parametrize("capture_step", [False, True])
+def test_a_causal_training_step_reads_nothing_on_the_host_between_logger_writes(tmp_path, capture_step):
+    class HeatSGD(Heat):  # CPU Adam reads its step count on the host (on CUDA it is made capturable)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    # ε must still move: the schedule advances on the device (advance_at is low enough to move at once).
+    model = HeatSGD(schedule=[0.5, 1.0, 2.0], advance_at=0.01, capture_step=capture_step)
+    syncs: list[int] = []
+    step = model.training_step
+
+    def counted_step(*args, **kwargs):
+        with OpCounter() as ops:
+            out = step(*args, **kwargs)
+        syncs.append(ops.syncs)
+        return out
+
+    model.training_step = counted_step
+    trainer = pl.Trainer(
+        max_steps=6,
+        log_every_n_steps=3,
+        logger=RecordingLogger(),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, torch.utils.data.DataLoader([heat_batch()] * 6, batch_size=None))
+    assert [s for i, s in enumerate(syncs) if i % 3 != 2] == [0, 0, 0, 0]
+    assert model.causal["pde"].stage == 2  # moved twice, then held at the last ε
+    assert model.causal["pde"].epsilon_like(torch.zeros((), dtype=torch.float64)).item() == 2.0
