@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs lint format bench clean
+.PHONY: demo test docs lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The prepared GPU check (benchmarks/gpu.py, < 5 minutes): on a machine with CUDA, torch and lightning
+# installed (no .venv needed); writes gpu_table.md.
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu.py --out gpu_table.md
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache docs/_build docs/auto_examples docs/sg_execution_times.rst

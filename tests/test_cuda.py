@@ -85,3 +85,56 @@ def test_callback_on_gpu_keeps_state_on_device_and_traces_in_float32(tmp_path, p
     # (Lightning moves the module back to the CPU when fit ends, so the devices are read during fit.)
     assert ntk.seen == [("cuda", "cuda", torch.float32)] * 3
     assert model.term_weights["bc"] > 1.0
+
+
+def test_captured_exact_traces_replay_a_graph_that_follows_parameter_updates():
+    from test_capture import stacked_traces
+
+    from lightning_ntk.capture import CapturedCall
+
+    torch.manual_seed(0)
+    model = AutogradPoisson(width=16).to(CUDA)
+    call = CapturedCall(stacked_traces(model), state=lambda: list(model.parameters()))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for seed in range(3):
+        batch = to(poisson_batch(n_r=64, seed=seed, dtype=torch.float32), CUDA)
+        torch.testing.assert_close(call(*batch), stacked_traces(model)(*batch), rtol=1e-5, atol=0)
+        opt.zero_grad()
+        model.weighted_loss(batch)[0].backward()
+        opt.step()
+    (entry,) = call.signatures.values()
+    assert entry.graph is not None and entry.eager_reason is None, entry.eager_reason
+
+
+@pytest.mark.parametrize("estimator", ["exact", "fd"])
+def test_callback_capture_on_cuda_gives_the_eager_weights(tmp_path, estimator):
+    runs = []
+    for capture in (False, True):
+        torch.manual_seed(0)
+        model = AutogradPoisson(width=16)
+        ntk = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator, capture=capture, seed=0)
+        trainer = quiet_trainer(tmp_path / str(capture), accelerator="gpu", max_steps=4, callbacks=[ntk])
+        trainer.fit(model, repeat_loader(poisson_batch(n_r=64, dtype=torch.float32), 4))
+        runs.append((model, ntk))
+    (eager, _), (captured, ntk) = runs
+    torch.testing.assert_close(captured.ntk_weights, eager.ntk_weights, rtol=1e-4, atol=0)
+    graphs = [e.graph for call, _ in ntk._captured.values() for e in call.signatures.values()]
+    assert graphs and all(g is not None for g in graphs)
+
+
+def test_capture_step_on_cuda_trains_like_the_ordinary_module(tmp_path):
+    from test_captured_step import Heat, batches
+
+    runs = []
+    for capture_step in (False, True):
+        torch.manual_seed(0)
+        model = Heat(capture_step=capture_step)
+        trainer = quiet_trainer(tmp_path / str(capture_step), accelerator="gpu", max_steps=6)
+        trainer.fit(model, torch.utils.data.DataLoader(batches(6), batch_size=None))
+        runs.append(model)
+    eager, captured = runs
+    for a, b in zip(eager.parameters(), captured.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)  # capturable Adam: the same math in float64
+    assert captured.causal["pde"].stage == eager.causal["pde"].stage
+    (call,) = captured._captured_step.calls.values()
+    assert all(e.graph is not None for e in call.signatures.values())
