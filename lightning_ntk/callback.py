@@ -197,6 +197,7 @@ class NTKWeightingCallback(Callback):
         self.monitor_only = monitor_only
         self.seed = seed
         self.on_nonfinite = on_nonfinite
+        self._warned_diverged = False
         self.capture = capture
         self._captured: dict[tuple, tuple[CapturedCall, dict[str, TraceEstimate]]] = {}
         self.last_estimate: TraceEstimate | None = None
@@ -337,22 +338,39 @@ class NTKWeightingCallback(Callback):
         try:
             check_values(check.values, check.module.terms, check.estimate.quantity)
         except (FloatingPointError, ValueError) as err:
+            diverged = _nonfinite_parameters(check.module)
             message = f"At optimizer step {check.step}: {self._explain(err, check.module, check.batch, check.estimate)}"
             if self.on_nonfinite == "raise":
                 raise type(err)(message) from err
+            if diverged and self._warned_diverged:
+                return  # said once: the weights cannot come back while the model stays non-finite
+            self._warned_diverged = bool(diverged)
+            more = " Later steps skip without a warning while the parameters stay non-finite." if diverged else ""
             # Every rank sees the same reduced values, so every rank skips together.
-            rank_zero_warn(f"{message} Keeping the previous weights (on_nonfinite='skip').")
+            rank_zero_warn(f"{message} Keeping the previous weights (on_nonfinite='skip').{more}")
 
     @staticmethod
     def _explain(err: Exception, pl_module: PINNModule, batch: Any, estimate: TraceEstimate) -> str:
-        """The check's message, led by where this rank's residuals first go non-finite, if they do."""
+        """The check's message, led by what is non-finite first: the parameters, or this rank's residuals."""
         if not isinstance(err, FloatingPointError):
             return str(err)
+        diverged = _nonfinite_parameters(pl_module)
+        if diverged:
+            total = sum(1 for p in pl_module.parameters() if p.requires_grad)
+            return (
+                f"the parameters of the model are not finite ({len(diverged)} of {total} tensors, first "
+                f"{diverged[0]!r}): training diverged before this update, so no weight can repair it, and "
+                f"every {estimate.quantity} is NaN. Lower the learning rate, clip gradients, or resume from an "
+                "earlier checkpoint."
+            )
         rows = nonfinite_rows(evaluate_residuals(pl_module, batch, pl_module.terms))
         if not rows:
             return f"{err} (The residuals on this rank are finite: the Jacobian or another rank's points are not.)"
         where = "; ".join(f"the residual of term {name!r} is {words}" for name, words in rows.items())
-        return f"{where}, so its {estimate.quantity} is not finite. {err}"
+        return (
+            f"{where}, so its {estimate.quantity} is not finite. Check the residual for NaN/Inf (division by "
+            "zero, log of a negative, an exploding network, points outside the domain)."
+        )
 
     def _measured(self, pl_module: PINNModule, batch: Any) -> PINNModule | CausalResiduals:
         """What the estimator measures: the module, or with causal terms the view of it whose causal
@@ -485,3 +503,8 @@ class NTKWeightingCallback(Callback):
             value = getattr(self, attr)
             if value is not None:
                 setattr(self, attr, value.to(device))
+
+
+def _nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters holding NaN or Inf (read on the host: failure path only)."""
+    return [name for name, p in module.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]

@@ -284,7 +284,7 @@ class CausalResiduals(nn.Module):
     Example::
 
         view = CausalResiduals(model, {"pde": CausalWeighting(time_column=1)}, points=lambda b: {"pde": b["pde"]})
-        traces = ntk_traces(view.freeze(batch), batch, "exact").traces
+        traces = ntk_traces(view.freeze(batch), batch, "exact")
     """
 
     def __init__(

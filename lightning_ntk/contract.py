@@ -190,7 +190,7 @@ def nonfinite_rows(residuals: Mapping[str, Tensor]) -> dict[str, str]:
     Example:
         >>> r = {"bc": torch.zeros(3), "pde": torch.tensor([[0.0], [float("nan")], [float("inf")]])}
         >>> nonfinite_rows(r)
-        {'pde': 'nan at row 1 (1 of its 2 non-finite rows; 3 rows in all)'}
+        {'pde': 'nan at row 1, one of 2 non-finite rows (3 rows in all)'}
     """
     out = {}
     for name, r in residuals.items():
@@ -199,6 +199,6 @@ def nonfinite_rows(residuals: Mapping[str, Tensor]) -> dict[str, str]:
         if bad_rows.numel():
             row = int(bad_rows[0])
             value = flat[row][~torch.isfinite(flat[row])][0].item()
-            count = f"1 of its {bad_rows.numel()} non-finite rows; {flat.shape[0]} rows in all"
-            out[name] = f"{value} at row {row} ({count})"
+            which = "the only non-finite row" if bad_rows.numel() == 1 else f"one of {bad_rows.numel()} non-finite rows"
+            out[name] = f"{value} at row {row}, {which} ({flat.shape[0]} rows in all)"
     return out

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_ntk.estimators import TraceEstimate, TraceEstimator, as_estimator
+from lightning_ntk.weights import _terms_with_values
 
 __all__ = ["estimate_ntk_traces", "ntk_traces"]
 
@@ -33,9 +36,24 @@ def estimate_ntk_traces(
 
     Returns:
         A :class:`~lightning_ntk.estimators.TraceEstimate`. Nothing is written to ``param.grad``,
-        the results carry no autograd graph, and the module's train/eval mode is unchanged.
+        the results carry no autograd graph, and the module's train/eval mode is unchanged. A value
+        that is NaN or infinite is returned as it is, with a warning that names its term (this reads
+        the values on the host; ``NTKWeightingCallback`` checks on the device instead).
     """
-    return as_estimator(estimator, **options)(module, batch, generator)
+    estimate = as_estimator(estimator, **options)(module, batch, generator)
+    values = estimate.values
+    if values:
+        stacked = torch.stack([v.detach().reshape(()) for v in values.values()])
+        if not bool(torch.isfinite(stacked).all()):
+            read = dict(zip(values, stacked.tolist(), strict=True))
+            bad = [name for name, v in read.items() if not math.isfinite(v)]
+            terms = _terms_with_values(bad, read)
+            warnings.warn(
+                f"lightning_ntk: the {estimate.quantity} of {terms} not finite: the residual or its Jacobian holds "
+                "NaN/Inf on this batch (lightning_ntk.contract.nonfinite_rows finds the rows).",
+                stacklevel=2,
+            )
+    return estimate
 
 
 def ntk_traces(

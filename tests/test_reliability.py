@@ -11,7 +11,14 @@ from conftest import AutogradPoisson, HelperPoisson, poisson_batch, quiet_traine
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_ntk import NTKWeightingCallback, TraceAverager, WeightRule, ntk_traces, trace_weights
+from lightning_ntk import (
+    NTKWeightingCallback,
+    TraceAverager,
+    WeightRule,
+    estimate_ntk_traces,
+    ntk_traces,
+    trace_weights,
+)
 
 # ---------------------------------------------------------------- resume equals uninterrupted
 
@@ -311,3 +318,45 @@ def test_load_from_checkpoint_with_renamed_terms_fails_clearly(tmp_path):
 
     with pytest.raises(ValueError, match=r"written for terms \['bc', 'pde'\]"):
         Renamed.load_from_checkpoint(path)
+
+
+def test_the_nonfinite_message_names_the_row_once_and_says_not_finite_once(tmp_path):
+    model = HelperPoisson()
+    good = poisson_batch(dtype=torch.float32)
+    bad = (good[0], good[1].clone())
+    bad[1][:] = float("nan")  # every residual row of 'pde' is NaN
+    ntk = NTKWeightingCallback(update_every_n_steps=1, on_nonfinite="skip")
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk], logger=False)
+    with pytest.warns(UserWarning) as seen:
+        trainer.fit(model, torch.utils.data.DataLoader([good, bad], batch_size=None))
+    (message,) = [str(w.message) for w in seen if "At optimizer step" in str(w.message)]
+    n = bad[1].shape[0]
+    assert f"nan at row 0, one of {n} non-finite rows ({n} rows in all)" in message, message
+    assert message.count("not finite") == 1, message
+
+
+def test_skipping_says_once_that_the_model_itself_is_not_finite(tmp_path):
+    class Diverge(Callback):  # the parameters go NaN after step 1, as in a diverged run
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    module.net[0].weight.fill_(float("nan"))
+
+    model = HelperPoisson()
+    ntk = NTKWeightingCallback(update_every_n_steps=1, on_nonfinite="skip")
+    trainer = quiet_trainer(tmp_path, max_steps=6, callbacks=[Diverge(), ntk], logger=False)
+    with pytest.warns(UserWarning) as seen:
+        trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 6))
+    messages = [str(w.message) for w in seen if "At optimizer step" in str(w.message)]
+    assert len(messages) == 1, messages  # steps 3, 4, 5 all fail; it is said once
+    assert "parameters of the model are not finite" in messages[0] and "'net.0.weight'" in messages[0]
+
+
+def test_estimate_ntk_traces_warns_naming_the_term_with_a_nonfinite_trace():
+    model = HelperPoisson()
+    x_b, x_r = poisson_batch(dtype=torch.float32)
+    x_r = x_r.clone()
+    x_r[2] = float("nan")
+    with pytest.warns(UserWarning, match=r"term 'pde'.* not finite"):
+        est = estimate_ntk_traces(model, (x_b, x_r))
+    assert not torch.isfinite(est.traces["pde"]) and torch.isfinite(est.traces["bc"])
