@@ -28,6 +28,7 @@ their own: the exact path, the sketches, ``fd`` and ``‖∇_θ mean_k(w_k L_k)�
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -154,6 +155,7 @@ class CausalWeighting:
         self._stage_on_device: Tensor | None = None
         self._schedule_on_device: Tensor | None = None
         self.last_weights: Tensor | None = None
+        self._range_checked = False
 
     @property
     def stage(self) -> int:
@@ -188,7 +190,41 @@ class CausalWeighting:
                 f"Causal weighting reads time from column {self.time_column} of the term's points, but they "
                 f"have shape {tuple(points.shape)}; return (N, d) points with d > {self.time_column}."
             )
-        return time_chunks(points[:, self.time_column], self.num_chunks, *self.t_range)
+        times = points[:, self.time_column]
+        chunks = time_chunks(times, self.num_chunks, *self.t_range)
+        if not self._range_checked:  # once per object: it reads the times on the host
+            self._range_checked = True
+            self._warn_about_range(times.detach(), chunks)
+        return chunks
+
+    def _warn_about_range(self, times: Tensor, chunks: Tensor) -> None:
+        """Warn when points fall outside ``t_range`` (they are counted in the end chunks) or when most
+        chunks hold no point: both mean ``t_range`` does not describe the data."""
+        if times.numel() == 0:
+            return
+        lo, hi = float(times.min()), float(times.max())
+        t0, t1 = self.t_range
+        seen = f"the points' times lie in [{lo:.4g}, {hi:.4g}]"
+        fix = f"pass CausalWeighting(..., t_range=({min(lo, t0):.4g}, {max(hi, t1):.4g})) or the domain's time interval"
+        outside = int(((times < t0) | (times > t1)).sum())
+        if outside:
+            warnings.warn(
+                f"lightning_ntk: causal weighting of time column {self.time_column}: {outside} of "
+                f"{times.numel()} points lie outside t_range={self.t_range} ({seen}); they are counted in the "
+                f"first or last chunk. If the domain is wider, {fix}.",
+                stacklevel=4,
+            )
+        empty = int((torch.bincount(chunks, minlength=self.num_chunks) == 0).sum())
+        # Empty chunks from too few points are noise; empty chunks where the points stop short of
+        # the range mean the range is wrong.
+        if empty >= max(1, self.num_chunks // 4) and hi - lo < 0.75 * (t1 - t0):
+            warnings.warn(
+                f"lightning_ntk: causal weighting of time column {self.time_column}: {empty} of "
+                f"{self.num_chunks} chunks of t_range={self.t_range} hold no point ({seen}), so the causal "
+                f"weights cover only part of the range. If the domain is [{lo:.4g}, {hi:.4g}], pass "
+                f"t_range=({lo:.4g}, {hi:.4g}); with few points, use fewer chunks.",
+                stacklevel=4,
+            )
 
     def weights(self, residual: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
         """``(chunk of every point, w)`` for ``residual`` on ``points`` at the current ``ε`` (detached)."""

@@ -1,6 +1,7 @@
 """Causal weighting (lightning_ntk.causal) against hand computations on tiny problems."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -255,3 +256,32 @@ def test_the_view_needs_freeze_and_the_points_of_every_causal_term():
         bad.freeze(batch)
     with pytest.raises(ValueError, match="column 2"):
         CausalResiduals(model, {"pde": CausalWeighting(time_column=2)}).freeze(batch)
+
+
+def _times(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return torch.stack([torch.zeros_like(t), t], 1)
+
+
+def test_times_in_half_of_the_default_range_warn_once_naming_the_observed_range():
+    cw = CausalWeighting(time_column=1, num_chunks=32)
+    points = _times(torch.linspace(0, 0.5, 64).tolist())
+    with pytest.warns(UserWarning, match=r"15 of 32 chunks .* hold no point \(the points' times lie in \[0, 0.5\]\)"):
+        cw.chunks(points)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cw.chunks(points)  # once per object
+
+
+def test_times_outside_t_range_warn_that_they_go_to_the_end_chunks():
+    cw = CausalWeighting(time_column=1, num_chunks=4)
+    with pytest.warns(UserWarning, match=r"2 of 6 points lie outside t_range=\(0.0, 1.0\) .*\[-0.2, 1.5\]"):
+        chunks = cw.chunks(_times([-0.2, 0.1, 0.4, 0.6, 0.9, 1.5]))
+    assert chunks.tolist() == [0, 0, 1, 2, 3, 3]
+
+
+def test_times_that_fill_the_range_say_nothing():
+    cw = CausalWeighting(time_column=1, num_chunks=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cw.chunks(_times(torch.linspace(0, 1, 40).tolist()))

@@ -13,7 +13,7 @@ import torch
 from conftest import reference_point_norms
 from torch import nn
 
-from lightning_ntk import PINNModule
+from lightning_ntk import PINNModule, ntk_traces
 from lightning_ntk.estimators.exact import exact_traces
 from lightning_ntk.estimators.finite_difference import finite_difference_traces
 from lightning_ntk.jacobian import per_point_squared_norms
@@ -100,3 +100,47 @@ def test_fd_of_a_sliced_module_is_unbiased_for_the_exact_traces():
         est = finite_difference_traces(model, x, num_probes=400, generator=generator, points_per_probe=None)
     for name, value in exact.items():
         assert abs(float(est.traces[name] - value)) < 4 * float(est.stderr[name]), name
+
+
+class BuiltWeight(nn.Module):
+    """Two terms on their own points, both through a weight built from two parameters (``A.mv(v)``)."""
+
+    terms = ("a", "b")
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.A = nn.Parameter(torch.randn(3, 3, generator=g, dtype=torch.float64))
+        self.v = nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64))
+
+    def residuals(self, batch):
+        xa, xb = batch
+        w = self.A.mv(self.v)
+        xb = xb.clone().requires_grad_(True)
+        du = torch.autograd.grad(torch.tanh(xb @ w).sum(), xb, create_graph=True)[0]
+        return {"a": torch.tanh(xa @ w), "b": du[:, 0]}
+
+
+def test_the_fallback_warning_gives_its_reason_once():
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64))
+    with pytest.warns(UserWarning) as seen:
+        traces = ntk_traces(BuiltWeight(), batch)
+    (message,) = [str(w.message) for w in seen if "Exact NTK traces of BuiltWeight" in str(w.message)]
+    assert message.count("does not apply") == 1 and message.count("aten.mv") == 1, message
+    assert "['a', 'b']" in message
+    model = BuiltWeight()
+    for name, x in zip(("a", "b"), batch, strict=True):  # each point's squared norm by hand
+        want = sum(
+            sum(
+                gr.square().sum()
+                for gr in torch.autograd.grad(model.residuals(_one(batch, name, n))[name][0], [model.A, model.v])
+            )
+            for n in range(x.shape[0])
+        )
+        torch.testing.assert_close(traces[name], want, rtol=1e-10, atol=0)
+
+
+def _one(batch, name, n):
+    xa, xb = batch
+    return (xa[n : n + 1], xb) if name == "a" else (xa, xb[n : n + 1])
