@@ -3,6 +3,7 @@
 import copy
 import json
 import resource
+import warnings
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,43 @@ def test_estimate_ntk_traces_warns_naming_the_term_with_a_nonfinite_trace():
     with pytest.warns(UserWarning, match=r"term 'pde'.* not finite"):
         est = estimate_ntk_traces(model, (x_b, x_r))
     assert not torch.isfinite(est.traces["pde"]) and torch.isfinite(est.traces["bc"])
+
+
+def _guide_block(marker: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs/guides/ddp_and_checkpoints.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    (block,) = [b.split("```")[0] for b in blocks if marker in b]
+    return block
+
+
+@pytest.mark.parametrize("loader", ["guide's FreshPoints", "a DataLoader of distinct batches"])
+def test_resume_is_exact_with_the_guides_stateful_loader_and_not_with_a_plain_list(tmp_path, loader):
+    space = {"torch": torch}
+    exec(_guide_block("class FreshPoints"), space)
+
+    def make(g):
+        return (torch.tensor([[0.0], [1.0]], dtype=torch.float64), torch.rand(10, 1, generator=g, dtype=torch.float64))
+
+    def data():
+        if loader == "a DataLoader of distinct batches":
+            batches = [make(torch.Generator().manual_seed(k)) for k in range(8)]
+            return torch.utils.data.DataLoader(batches, batch_size=None)
+        return space["FreshPoints"](make, steps_per_epoch=8)
+
+    def fit(root, model, steps, ckpt_path=None):
+        trainer = quiet_trainer(root, max_steps=steps, callbacks=[NTKWeightingCallback(update_every_n_steps=2)])
+        trainer.fit(model, data(), ckpt_path=ckpt_path)
+        return trainer
+
+    torch.manual_seed(0)
+    init = HelperPoisson().double()
+    straight = copy.deepcopy(init)
+    fit(tmp_path / "a", straight, 6)
+    stopped = fit(tmp_path / "b", copy.deepcopy(init), 3)
+    stopped.save_checkpoint(tmp_path / "stop.ckpt")
+    resumed = HelperPoisson().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's "not resumable" notice for the DataLoader
+        fit(tmp_path / "b", resumed, 6, ckpt_path=tmp_path / "stop.ckpt")
+    same = all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters(), strict=True))
+    assert same == (loader == "guide's FreshPoints")
