@@ -31,6 +31,16 @@ def test_poisson_1d_runs_and_reports(tmp_path, capsys):
     assert (tmp_path / "poisson_1d" / "ntk").is_dir()
     for run in ("plain", "ntk"):
         assert (tmp_path / "poisson_1d" / run / "poisson_1d.png").is_file() == HAS_MATPLOTLIB
+    # The demo says why its final λ_bc is far from the one at initialization, with numbers that add up.
+    why = re.search(
+        r"Why λ_bc moved from ([0-9.e+]+) to ([0-9.e+]+): .* Tr K_pde = ([0-9.e+]+) .* Tr K_bc = ([0-9.e+]+)", out
+    )
+    assert why, out
+    start, end, pde, bc = (float(g) for g in why.groups())
+    final = float(re.search(r"NTK weights .* bc=([0-9.e+]+)", out).group(1))
+    assert end == pytest.approx((bc + pde) / bc, rel=1e-3) and end == pytest.approx(final, rel=1e-3)
+    initial = float(re.search(r"λ_bc = ([0-9.e+]+)", out).group(1))
+    assert start == pytest.approx(initial, rel=1e-2)
 
 
 @pytest.mark.parametrize("name", ["poisson_1d", "wave_1d"])

@@ -26,3 +26,7 @@ def test_readme_example_runs_as_written(heading, tmp_path):
     if heading == "## Quick start":
         error = float(re.search(r"relative L2 error: ([0-9.eE+-]+)", done.stdout).group(1))
         assert error < 0.05, done.stdout
+        # The weight the README's comment promises is the one it prints.
+        promised = float(re.search(r"\{'bc': ~([0-9.]+)", code_block(heading)).group(1))
+        printed = float(re.search(r"\{'bc': ([0-9.eE+-]+)", done.stdout).group(1))
+        assert printed == pytest.approx(promised, rel=0.3), (printed, promised)
