@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import AutogradPoisson, TwoFieldModel, poisson_batch, reference_traces
 from torch import nn
@@ -149,4 +150,33 @@ def test_terms_that_share_network_evaluations_do_not_share_a_backward():
     assert backwards == 2
     want = reference_traces(model, batch)
     for name in want:
+        torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
+
+
+class KOutputs(nn.Module):
+    """Two terms on their own points through one network with ``k`` outputs (residuals of shape (N, k))."""
+
+    terms = ("a", "b")
+
+    def __init__(self, k: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, k)).double()
+
+    def residuals(self, batch):
+        xa, xb = batch
+        return {"a": self.net(xa), "b": torch.tanh(self.net(xb))}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_each_output_component_costs_one_backward_for_all_terms(k):
+    # What the README's cost sentence rests on: backwards grow with output components, not with terms.
+    model = KOutputs(k)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.rand(5, 2, generator=g, dtype=torch.float64), torch.rand(7, 2, generator=g, dtype=torch.float64))
+    est, _, backwards = warm_call(model, batch)
+    assert set(est.info["paths"].values()) == {"gram"}
+    assert backwards == k
+    want = reference_traces(model, batch)
+    for name in model.terms:
         torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
