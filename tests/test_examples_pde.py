@@ -121,7 +121,7 @@ def test_allen_cahn_network_residuals_at_the_reference_state_vanish_for_the_ode_
     assert res["periodic"].shape == (8, 2)  # two rows per boundary point: u and v
 
 
-@pytest.mark.parametrize("name", ["helmholtz_2d", "burgers_1d", "allen_cahn_1d"])
+@pytest.mark.parametrize("name", ["helmholtz_2d", "burgers_1d", "allen_cahn_1d", "qtensor_2d"])
 def test_every_weighting_runs_and_reports(name, tmp_path, capsys):
     ex = load(name)
     results = ex.compare_main(["--steps", "4", "--update-every", "2", "--report-every", "2", "--logdir", str(tmp_path)])
@@ -155,7 +155,7 @@ def test_the_jax_pi_networks_take_the_gram_path_exactly(name, features):
         assert float(trace) == pytest.approx(float(want[term]), rel=1e-10), term
 
 
-@pytest.mark.parametrize("name", ["burgers_1d", "allen_cahn_1d"])
+@pytest.mark.parametrize("name", ["burgers_1d", "allen_cahn_1d", "qtensor_2d"])
 def test_causal_runs_with_the_jax_pi_network_run_and_report(name, tmp_path, capsys):
     ex = load(name)
     runs = ["ntk+causal", "ntk_fd+causal", "grad_norm+causal"]
@@ -167,3 +167,98 @@ def test_causal_runs_with_the_jax_pi_network_run_and_report(name, tmp_path, caps
     assert all(math.isfinite(err) for err, _, _ in results.values())
     out = capsys.readouterr().out
     assert "NTK weights (exact) + causal" in out and "causal pde: min w=" in out
+
+
+# ---------------------------------------------------------------- the Q-tensor gradient flow
+
+
+def _square(m: int):
+    s = torch.arange(m, dtype=torch.float64) / m
+    return torch.meshgrid(s, s, indexing="ij")
+
+
+def test_qtensor_etdrk4_matches_the_closed_form_without_the_cubic_term():
+    ex = load("qtensor_2d")
+    gx, gy = _square(32)
+    pq0 = ex.initial_state(gx, gy)  # every mode has |k| = 2π
+    states = ex.etdrk4_2d(pq0, 1.0, 1e-2, c=0.0, save_every=50)
+    for t, state in zip((0.0, 0.5, 1.0), states, strict=True):
+        rate = ex.L_ELASTIC * (2 * math.pi) ** 2 + ex.A
+        torch.testing.assert_close(state, pq0 * math.exp(-rate * t), rtol=0, atol=1e-12)
+    # A mode of another wave number decays at its own rate (the Laplacian's scaling is checked).
+    mode = torch.stack([torch.cos(6 * math.pi * gx) * torch.sin(4 * math.pi * gy), torch.zeros_like(gx)], -1)
+    last = ex.etdrk4_2d(mode, 0.5, 1e-2, c=0.0, save_every=50)[-1]
+    rate = ex.L_ELASTIC * (36 + 16) * math.pi**2 + ex.A
+    torch.testing.assert_close(last, mode * math.exp(-rate * 0.5), rtol=0, atol=1e-12)
+
+
+def test_qtensor_reference_is_converged_in_time_step_and_modes():
+    ex = load("qtensor_2d")
+    a = ex.etdrk4_2d(ex.initial_state(*_square(64)), 1.0, 2e-3, save_every=500)[-1]
+    b = ex.etdrk4_2d(ex.initial_state(*_square(64)), 1.0, 1e-3, save_every=1000)[-1]
+    c = ex.etdrk4_2d(ex.initial_state(*_square(128)), 1.0, 2e-3, save_every=500)[-1][::2, ::2]
+    assert float((a - b).abs().max()) < 1e-9
+    assert float((a - c).abs().max()) < 1e-9
+    assert float((a - ex.initial_state(*_square(64))).abs().max()) > 0.1  # it evolves
+
+
+def test_qtensor_reference_satisfies_the_pde():
+    ex = load("qtensor_2d")
+    m, dt = 64, 1e-4
+    states = ex.etdrk4_2d(ex.initial_state(*_square(m)), 0.3, dt)
+    prev, now, nxt = states[-3], states[-2], states[-1]
+    k = torch.fft.fftfreq(m, d=1.0 / m, dtype=torch.float64) * 2 * math.pi
+    k2 = (k[:, None] ** 2 + k[None, :] ** 2)[..., None]
+    lap = torch.fft.ifft2(-k2 * torch.fft.fft2(now, dim=(0, 1)), dim=(0, 1)).real
+    rhs = ex.L_ELASTIC * lap - ex.A * now - 2 * ex.C * now.square().sum(-1, keepdim=True) * now
+    d_t = (nxt - prev) / (2 * dt)
+    assert float((d_t - rhs).abs().max()) < 1e-6
+    assert float(d_t.abs().max()) > 0.1  # it changes: the check has teeth
+
+
+def test_qtensor_network_residuals_vanish_for_the_spatially_constant_solution():
+    # A state constant in space keeps its direction; its order r solves r' = −a r − 2c r³.
+    ex = load("qtensor_2d")
+    model = ex.QTensor2D(width=8, depth=1).double()
+    alpha, beta, r0, angle = -ex.A, 2 * ex.C, 0.3, 0.7
+
+    def fields(xyt):
+        e = torch.exp(2 * alpha * xyt[:, 2])
+        r = torch.sqrt(alpha * r0**2 * e / (alpha + beta * r0**2 * (e - 1))) + 0 * xyt[:, 0] * xyt[:, 1]
+        return torch.stack([r * math.cos(angle), r * math.sin(angle)], dim=1)
+
+    model.net = Exact(fields)
+    batch = {k: v.double() for k, v in ex.sample_points(torch.Generator().manual_seed(3), 6, 0, 10).items()}
+    res = model.residuals(batch)
+    assert res["pde"].shape == (10, 2) and res["ic"].shape == (6, 2)
+    assert float(res["pde"].abs().max()) < 1e-10
+    # The residual has teeth: the wrong sign of the cubic term would leave ≈ 4c r³ in every row.
+    wrong = res["pde"] - 4 * ex.C * fields(batch["pde"]).square().sum(1, keepdim=True) * fields(batch["pde"])
+    assert float(wrong.abs().max()) > 1e-3
+
+
+def test_qtensor_exact_traces_take_the_gram_path_and_equal_a_per_entry_loop():
+    ex = load("qtensor_2d")
+    torch.manual_seed(0)
+    model = ex.QTensor2D(width=6, depth=2).double()
+    batch = {k: v.double() for k, v in ex.sample_points(torch.Generator().manual_seed(1), 4, 0, 7).items()}
+    estimate = estimate_ntk_traces(model, batch, "exact")
+    assert set(estimate.info["paths"].values()) == {"gram"}
+    want = reference_traces(model, batch)
+    for term, trace in estimate.traces.items():
+        assert float(trace) == pytest.approx(float(want[term]), rel=1e-10), term
+
+
+def test_qtensor_network_residuals_vanish_for_the_closed_form_without_the_cubic_term(monkeypatch):
+    # With c = 0 the initial state's modes decay as exp(−(L|k|² + a) t): this checks the Laplacian
+    # and the time derivative of the residual, which a spatially constant state cannot.
+    ex = load("qtensor_2d")
+    monkeypatch.setattr(ex, "C", 0.0)
+    model = ex.QTensor2D(width=8, depth=1).double()
+    rate = ex.L_ELASTIC * (2 * math.pi) ** 2 + ex.A
+    model.net = Exact(lambda xyt: ex.initial_state(xyt[:, 0], xyt[:, 1]) * torch.exp(-rate * xyt[:, 2:3]))
+    batch = {k: v.double() for k, v in ex.sample_points(torch.Generator().manual_seed(4), 6, 0, 10).items()}
+    res = model.residuals(batch)
+    assert float(res["pde"].abs().max()) < 1e-10 and float(res["ic"].abs().max()) < 1e-12
+    monkeypatch.setattr(ex, "L_ELASTIC", 2 * ex.L_ELASTIC)  # a wrong elastic constant shows
+    assert float(model.residuals(batch)["pde"].abs().max()) > 1e-3
