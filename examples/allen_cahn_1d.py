@@ -201,7 +201,7 @@ class AllenCahnData(InitialBoundaryInteriorData):
 
 
 def build(args: argparse.Namespace) -> tuple[AllenCahn1D, AllenCahnData]:
-    data = AllenCahnData(args.initial, args.boundary, args.interior, seed=args.seed)
+    data = AllenCahnData(args.initial, args.boundary, args.interior, seed=args.seed, fixed=args.fixed_points)
     return AllenCahn1D(**time_dependent_options(args)), data
 
 

@@ -171,7 +171,7 @@ class BurgersData(InitialBoundaryInteriorData):
 
 
 def build(args: argparse.Namespace) -> tuple[Burgers1D, BurgersData]:
-    data = BurgersData(args.initial, args.boundary, args.interior, seed=args.seed)
+    data = BurgersData(args.initial, args.boundary, args.interior, seed=args.seed, fixed=args.fixed_points)
     return Burgers1D(**time_dependent_options(args)), data
 
 

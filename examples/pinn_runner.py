@@ -121,15 +121,19 @@ class ErrorLogger(pl.Callback):
 
 
 class FreshPoints(torch.utils.data.IterableDataset):
-    """An endless stream of batches ``sample(generator)``: fresh random points at every step."""
+    """An endless stream of batches ``sample(generator)``: fresh random points at every step, or with
+    ``fixed`` the first batch at every step (one fixed collocation set)."""
 
-    def __init__(self, sample: Callable[[torch.Generator], object], seed: int) -> None:
-        self.sample, self.seed = sample, seed
+    def __init__(self, sample: Callable[[torch.Generator], object], seed: int, fixed: bool = False) -> None:
+        self.sample, self.seed, self.fixed = sample, seed, fixed
 
     def __iter__(self) -> Iterator[object]:
         g = torch.Generator().manual_seed(self.seed)
+        batch = self.sample(g)
         while True:
-            yield self.sample(g)
+            yield batch
+            if not self.fixed:
+                batch = self.sample(g)
 
 
 class InitialBoundaryInteriorData(pl.LightningDataModule):
@@ -140,17 +144,21 @@ class InitialBoundaryInteriorData(pl.LightningDataModule):
         boundary: Boundary points per step.
         interior: Interior (collocation) points per step.
         seed: Seeds the point sampler.
+        fixed: Draw the points once and train on that set at every step.
     """
 
     sample: Callable[[torch.Generator, int, int, int], dict[str, torch.Tensor]]
 
-    def __init__(self, initial: int = 128, boundary: int = 64, interior: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self, initial: int = 128, boundary: int = 64, interior: int = 256, seed: int = 0, fixed: bool = False
+    ) -> None:
         super().__init__()
         self.initial, self.boundary, self.interior, self.seed = initial, boundary, interior, seed
+        self.fixed = fixed
 
     def train_dataloader(self):
         sample = type(self).sample
-        points = FreshPoints(lambda g: sample(g, self.initial, self.boundary, self.interior), self.seed)
+        points = FreshPoints(lambda g: sample(g, self.initial, self.boundary, self.interior), self.seed, self.fixed)
         return torch.utils.data.DataLoader(points, batch_size=None)
 
 
@@ -192,6 +200,7 @@ def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) 
     p.add_argument("--initial", type=int, default=128, help="initial points per step")
     p.add_argument("--boundary", type=int, default=64, help="boundary points per step")
     p.add_argument("--interior", type=int, default=256, help="PDE points per step")
+    p.add_argument("--fixed-points", action="store_true", help="one fixed point set for every step (default: fresh)")
 
 
 def time_dependent_options(args: argparse.Namespace) -> dict:

@@ -241,7 +241,7 @@ def save_director_figure(model: QTensor2D, path: str) -> str | None:
 
 
 def build(args: argparse.Namespace) -> tuple[QTensor2D, QTensorData]:
-    data = QTensorData(args.initial, 0, args.interior, seed=args.seed)
+    data = QTensorData(args.initial, 0, args.interior, seed=args.seed, fixed=args.fixed_points)
     return QTensor2D(**time_dependent_options(args)), data
 
 

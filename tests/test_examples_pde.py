@@ -262,3 +262,18 @@ def test_qtensor_network_residuals_vanish_for_the_closed_form_without_the_cubic_
     assert float(res["pde"].abs().max()) < 1e-10 and float(res["ic"].abs().max()) < 1e-12
     monkeypatch.setattr(ex, "L_ELASTIC", 2 * ex.L_ELASTIC)  # a wrong elastic constant shows
     assert float(model.residuals(batch)["pde"].abs().max()) > 1e-3
+
+
+def test_fixed_points_train_on_one_set_and_fresh_points_draw_the_same_sequence_as_before():
+    ex = load("burgers_1d")
+    fresh = iter(ex.BurgersData(4, 2, 6, seed=3).train_dataloader())
+    fixed = iter(ex.BurgersData(4, 2, 6, seed=3, fixed=True).train_dataloader())
+    g = torch.Generator().manual_seed(3)
+    by_hand = [ex.sample_points(g, 4, 2, 6) for _ in range(3)]  # what the stream drew before `fixed`
+    f0 = next(fixed)
+    for want in by_hand:
+        got = next(fresh)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        again = next(fixed)
+        assert all(torch.equal(again[k], f0[k]) for k in f0)
+    assert all(torch.equal(f0[k], by_hand[0][k]) for k in f0)
