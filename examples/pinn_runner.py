@@ -307,6 +307,23 @@ def cli_or_compare(cli: Callable[[], object], compare_main: Callable[[], object]
 
 def save_figure(model: GridPINN, path: str) -> str | None:
     """Prediction, reference and |error| of every field on the grid; ``None`` without matplotlib."""
+    shape, extent, labels, fields = model.figure
+    with torch.no_grad():
+        pred = model.u(model.grid).reshape(len(model.grid), -1).cpu()
+    ref = model.reference.reshape(len(model.grid), -1).cpu()
+    rows = [(field, pred[:, k].reshape(shape), ref[:, k].reshape(shape)) for k, field in enumerate(fields)]
+    return save_panels(rows, extent, labels, f"relative L² error {model.relative_l2_error():.3e}", path)
+
+
+def save_panels(
+    rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+    extent: tuple[float, float, float, float],
+    labels: tuple[str, str],
+    title: str,
+    path: str,
+) -> str | None:
+    """One row of prediction, reference and |error| images per ``(field, prediction, reference)``
+    (2-D arrays indexed ``[x, y]``); ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -314,18 +331,14 @@ def save_figure(model: GridPINN, path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    shape, extent, (xlabel, ylabel), fields = model.figure
-    with torch.no_grad():
-        pred = model.u(model.grid).reshape(len(model.grid), -1).cpu()
-    ref = model.reference.reshape(len(model.grid), -1).cpu()
-    fig, axes = plt.subplots(len(fields), 3, figsize=(12, 3.4 * len(fields)), squeeze=False)
-    for row, field in enumerate(fields):
-        panels = (pred[:, row], ref[:, row], (pred[:, row] - ref[:, row]).abs())
-        for ax, data, title in zip(axes[row], panels, ("prediction", "reference", "|error|"), strict=True):
-            im = ax.imshow(data.reshape(shape).T.numpy(), origin="lower", extent=extent, aspect="auto")
-            ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{field}: {title}")
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.4 * len(rows)), squeeze=False)
+    for row, (field, pred, ref) in enumerate(rows):
+        panels = (pred, ref, (pred - ref).abs())
+        for ax, data, kind in zip(axes[row], panels, ("prediction", "reference", "|error|"), strict=True):
+            im = ax.imshow(data.T.numpy(), origin="lower", extent=extent, aspect="auto")
+            ax.set(xlabel=labels[0], ylabel=labels[1], title=f"{field}: {kind}")
             fig.colorbar(im, ax=ax)
-    fig.suptitle(f"relative L² error {model.relative_l2_error():.3e}")
+    fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=100)

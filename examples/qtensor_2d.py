@@ -51,6 +51,7 @@ from pinn_runner import (
     cli_or_compare,
     compare,
     lightning_cli,
+    save_panels,
     time_dependent_options,
 )
 
@@ -211,33 +212,22 @@ class QTensorData(InitialBoundaryInteriorData):
 
 def save_director_figure(model: QTensor2D, path: str) -> str | None:
     """p, q and the director angle at t = 1, predicted and reference; ``None`` without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     last = model.grid[:, 2] == model.grid[:, 2].max()
     with torch.no_grad():
         pred = model.u(model.grid[last]).cpu().reshape(32, 32, 2)
     ref = model.reference[last].cpu().reshape(32, 32, 2)
     angle = lambda v: 0.5 * torch.atan2(v[..., 1], v[..., 0])  # noqa: E731
-    panels = [("p", pred[..., 0], ref[..., 0]), ("q", pred[..., 1], ref[..., 1]), ("θ", angle(pred), angle(ref))]
-    fig, axes = plt.subplots(3, 3, figsize=(12, 10))
-    for row, (field, p, r) in enumerate(panels):
-        for ax, data, title in zip(
-            axes[row], (p, r, (p - r).abs()), ("prediction", "reference", "|error|"), strict=True
-        ):
-            im = ax.imshow(data.T.numpy(), origin="lower", extent=(0, 1, 0, 1))
-            ax.set(xlabel="x", ylabel="y", title=f"{field} at t = {T_END:g}: {title}")
-            fig.colorbar(im, ax=ax)
-    fig.suptitle(f"relative L² error over t ∈ [0, 1]: {model.relative_l2_error():.3e}")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    theta, theta_ref = angle(pred), angle(ref)
+    # θ and θ + π are one director: show the prediction on the reference's branch, so |error| is
+    # the angle between the directors.
+    theta = theta_ref + torch.remainder(theta - theta_ref + math.pi / 2, math.pi) - math.pi / 2
+    rows = [
+        (f"p at t = {T_END:g}", pred[..., 0], ref[..., 0]),
+        (f"q at t = {T_END:g}", pred[..., 1], ref[..., 1]),
+        (f"director angle θ at t = {T_END:g}", theta, theta_ref),
+    ]
+    title = f"relative L² error over t ∈ [0, 1]: {model.relative_l2_error():.3e}"
+    return save_panels(rows, (0, 1, 0, 1), ("x", "y"), title, path)
 
 
 def build(args: argparse.Namespace) -> tuple[QTensor2D, QTensorData]:
