@@ -13,8 +13,8 @@ schedulers itself, as manual optimization requires). Logged losses come from the
 outputs, outside it.
 
 What cannot be replayed is refused when fitting starts, with what to change: gradient accumulation,
-gradient clipping by the Trainer, more than one optimizer, mixed precision, and on CUDA an optimizer
-other than Adam/AdamW (made ``capturable`` here). A batch whose shape changes every step is captured
+gradient clipping by the Trainer, more than one optimizer, mixed precision, ``ReduceLROnPlateau`` (it
+needs a monitored metric), and on CUDA an optimizer other than Adam/AdamW (made ``capturable`` here). A batch whose shape changes every step is captured
 once per shape and warned about.
 
 On a CPU the same code runs every step eagerly (no graph), so a CPU test shows it trains bit for bit
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_ntk.capture import CapturedCall
@@ -78,6 +79,14 @@ class CapturedTrainingStep:
             raise MisconfigurationException(
                 f"{name}(capture_step=True) replays one optimizer; configure_optimizers returned "
                 f"{len(optimizers)}. Return one, or use capture_step=False."
+            )
+        plateau = [c for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, ReduceLROnPlateau)]
+        if plateau:
+            raise MisconfigurationException(
+                f"{name}(capture_step=True) steps its LR schedulers itself, and "
+                f"{type(plateau[0].scheduler).__name__} needs a monitored metric that a replayed step does not "
+                "produce. Use a schedule of the step count (ExponentialLR, StepLR, CosineAnnealingLR, ...) or "
+                "capture_step=False."
             )
         if module.device.type == "cuda":
             optimizer = optimizers[0]

@@ -124,3 +124,15 @@ def test_what_cannot_be_replayed_is_refused_when_fitting_starts(tmp_path, traine
 def test_capture_step_must_be_a_bool():
     with pytest.raises(TypeError, match="capture_step"):
         Heat(capture_step="yes")
+
+
+def test_a_plateau_schedule_is_refused_when_fitting_starts(tmp_path):
+    class Plateau(Heat):
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "loss/total"}}
+
+    trainer = quiet_trainer(tmp_path, max_steps=2, logger=False)
+    with pytest.raises(MisconfigurationException, match="ReduceLROnPlateau needs a monitored metric"):
+        trainer.fit(Plateau(capture_step=True), torch.utils.data.DataLoader(batches(2), batch_size=None))
