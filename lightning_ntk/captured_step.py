@@ -14,8 +14,8 @@ outputs, outside it.
 
 What cannot be replayed is refused when fitting starts, with what to change: gradient accumulation,
 gradient clipping by the Trainer, more than one optimizer, mixed precision, ``ReduceLROnPlateau`` (it
-needs a monitored metric), and on CUDA an optimizer other than Adam/AdamW (made ``capturable`` here). A batch whose shape changes every step is captured
-once per shape and warned about.
+needs a monitored metric), and on CUDA an optimizer other than Adam/AdamW (made ``capturable`` here).
+A batch whose shape changes every step is captured once per shape and warned about.
 
 On a CPU the same code runs every step eagerly (no graph), so a CPU test shows it trains bit for bit
 like the ordinary module.
