@@ -231,7 +231,8 @@ class PINNModule(pl.LightningModule):
             cw = self._causal[name]
             if writes:
                 self.log(tags.scalar(tags.CAUSAL_MIN_WEIGHT, name), weights.min())
-                self.log(tags.scalar(tags.CAUSAL_EPSILON, name), cw.epsilon_like(weights))
+                # A copy: the device ε moves on in place right below.
+                self.log(tags.scalar(tags.CAUSAL_EPSILON, name), cw.epsilon_like(weights).clone())
                 if trainer is not None:
                     add_chunk_profile(
                         trainer, tags.scalar(tags.CAUSAL_WEIGHTS, name), weights, cw.t_range, self.global_step
