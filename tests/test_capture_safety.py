@@ -27,6 +27,7 @@ def test_warm_sketches_read_nothing_on_the_host(estimator):
     with OpCounter() as ops:
         estimator(model, batch, generator=generator)
     assert ops.syncs == 0, {op: n for op, n in ops.ops.items() if op in SYNC_OPS}
+    assert ops.ops.get("lift_fresh", 0) == 0, ops.ops  # no per-call constants from the host
 
 
 class CountingCallback(NTKWeightingCallback):
@@ -60,6 +61,8 @@ def test_the_callbacks_weight_update_reads_nothing_on_the_host(tmp_path, estimat
     assert len(callback.counts) == 2
     for ops in callback.counts:
         assert ops.syncs == 0, {op: n for op, n in ops.ops.items() if op in SYNC_OPS}
+        # No tensor built from Python values per update (on a GPU: a copy from pageable host memory).
+        assert ops.ops.get("lift_fresh", 0) == 0, ops.ops
 
 
 def test_a_nan_trace_is_caught_before_that_steps_optimizer_step(tmp_path):
