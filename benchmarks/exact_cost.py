@@ -10,7 +10,8 @@ style (``requires_grad_`` + ``torch.autograd.grad(create_graph=True)``):
   same for ``q``), 4×128 tanh on periodic inputs, 1,024 pde + 256 ic points, residuals of shape (N, 2).
 
 Rows per case: the plain step (weighted loss, backward, Adam) and warm exact traces and ``fd``
-(first calls done before timing), as medians of CPU time, with the ratio to the step; aten ops
+(first calls done before timing), as medians of CPU time, and the median of the ratios of each call to
+the step timed just before it (the two alternate, so a slower stretch of a shared machine moves both); aten ops
 dispatched, host synchronisations and backward passes (``torch.autograd.grad`` calls made by the
 package) per warm call, counted under a ``TorchDispatchMode``.
 
@@ -90,14 +91,28 @@ def cases() -> dict[str, tuple[PINNModule, object]]:
     }
 
 
+def cpu_time(fn) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
 def cpu_median(fn, repeats: int) -> float:
     fn()
-    times = []
+    return statistics.median(cpu_time(fn) for _ in range(repeats))
+
+
+def paired(fn, step, repeats: int) -> tuple[float, float]:
+    """Median CPU time of ``fn`` and the median ratio to ``step``, the two timed alternately."""
+    fn()
+    step()
+    times, ratios = [], []
     for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+        t_step = cpu_time(step)
+        t = cpu_time(fn)
+        times.append(t)
+        ratios.append(t / t_step)
+    return statistics.median(times), statistics.median(ratios)
 
 
 def count(fn) -> tuple[OpCounter, int]:
@@ -131,10 +146,10 @@ def main(argv=None) -> None:
         t_step = cpu_median(step, args.repeats)
         ops_step = count(step)[0].total
         for what, fn in calls.items():
-            t = t_step if fn is step else cpu_median(fn, args.repeats)
+            t, ratio = (t_step, 1.0) if fn is step else paired(fn, step, args.repeats)
             counter, grads = count(fn)
             print(
-                f"{name:<9}{what:<16}{t:11.4f}{t / t_step:8.2f}{counter.total:10d}{counter.total / ops_step:8.2f}"
+                f"{name:<9}{what:<16}{t:11.4f}{ratio:8.2f}{counter.total:10d}{counter.total / ops_step:8.2f}"
                 f"{counter.syncs:7d}{grads:11d}"
             )
 

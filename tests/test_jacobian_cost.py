@@ -100,7 +100,9 @@ def test_warm_exact_traces_stay_within_their_aten_op_budget():
     _, ops, backwards = warm_call(model, batch)
     step = plain_step_ops(copy.deepcopy(model), batch)
     assert step == 380  # measured on torch 2.13 (the same at 3×256, N=4,096): one plain step's launches
-    assert ops.total <= 1.5 * step, ops.total  # measured 504 (1.33 steps' worth; 1,203 before the cache hit)
+    assert ops.total <= 1.5 * step, ops.total
+    # measured 403 (1.06 steps; 504 before the use-major factors, 1,203 before the cache hit)
+    assert ops.total <= 420, ops.total
     assert ops.syncs == 0
     assert backwards == 1
 

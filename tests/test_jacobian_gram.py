@@ -124,6 +124,19 @@ class MatmulAndBroadcast(nn.Module):
         return self.out(torch.tanh(via_product) + torch.sin(via_broadcast))
 
 
+class ScaledBias(nn.Module):
+    """Biases added with a scale (``h Wᵀ + b / 2``): a bias use whose per-point gradient is scaled."""
+
+    def __init__(self, d_in, d_out, width=6):
+        super().__init__()
+        self.hidden = nn.Parameter(torch.randn(width, d_in))
+        self.b = nn.Parameter(torch.randn(width))
+        self.out = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ self.hidden.T + self.b / 2))
+
+
 class TransposedCopy(nn.Module):
     """A square weight used through a reshaped copy of its transpose (values of Wᵀ, contiguous strides)."""
 
@@ -207,6 +220,7 @@ NETWORKS = {
     "ntk_parameterization": NTKParameterized,
     "matmul_and_broadcast": MatmulAndBroadcast,
     "transposed_copy": TransposedCopy,
+    "scaled_bias": ScaledBias,
 }
 
 

@@ -43,6 +43,8 @@ def plan_use(use: Use, layout: Layout, n: int, params: Mapping[str, Tensor]) -> 
         index = layout.points_first(use.index.expand(use.output.shape), n)[0].reshape(-1)
         if n * p.numel() * use.output.element_size() > _DENSE_BYTES:
             raise GramUnsupported("too many points for the dense per-point gradient of an elementwise parameter use")
+        if index.shape == (p.numel(),) and torch.equal(index, torch.arange(p.numel())):
+            return UsePlan(layout, identity=True)  # a bias: no scatter needed
         return UsePlan(layout, flat_index=index.to(p.device))
     index = use.index.transpose(-1, -2) if use.kind is UseKind.LEFT else use.index
     plan = UsePlan(_right_layout(use, layout), same=_orientation(index, tuple(p.shape), use.view_of_base))
@@ -152,7 +154,8 @@ def term_norms(
 @dataclass
 class _Accumulator:
     """Per-point gradient pieces of one parameter, per output component: rank-one factors (``x`` over
-    the parameter's rows, ``y`` over its columns) and a dense part."""
+    the parameter's rows, ``y`` over its columns; each use's as ``(R, N, ·)``, its ``R`` rows per point
+    as blocks of all points) and a dense part."""
 
     name: str
     shape: tuple[int, ...]
@@ -178,44 +181,89 @@ class _Accumulator:
             buf = self.workspace[key] = like.new_empty(shape)
         return buf
 
-    def stacked(self, role: str, factors: dict[int, list[Tensor]], components: list[int], n: int) -> Tensor:
-        """``(C·N, R, ·)``: every use's factors side by side, the components one below the other."""
+    def stacked(self, role: str, factors: list[Tensor], n: int) -> Tensor:
+        """``(N, R, ·)``: every use's factors side by side for each point."""
+        rows = sum(f.shape[0] for f in factors)
+        out = self.buffer(role, (n, rows, factors[0].shape[2]), factors[0])
+        return torch.cat([f.transpose(0, 1) for f in factors], 1, out=out)
+
+    def stacked_by_use(self, role: str, factors: dict[int, list[Tensor]], components: list[int], n: int) -> Tensor:
+        """``(C, R, N, ·)``: every use's factors one block after another, per component. Seen as
+        ``(N, R, ·)`` per component, this layout is faster to multiply on a CPU than one stacked along
+        the rows of each point (each use's rows are copied as one block, and the product reads them
+        as such)."""
         first = factors[components[0]][0]
-        rows = sum(f.shape[1] for f in factors[components[0]])
-        out = self.buffer(role, (len(components) * n, rows, first.shape[2]), first)
+        rows = sum(f.shape[0] for f in factors[components[0]])
+        out = self.buffer(role + "_by_use", (len(components), rows, n, first.shape[2]), first)
         for k, c in enumerate(components):
-            torch.cat(factors[c], 1, out=out[k * n : (k + 1) * n])
+            torch.cat(factors[c], 0, out=out[k])
         return out
 
     def squared_norms(self, n: int) -> Tensor:
         if not self.xs:
-            return sum(d.square().sum(1) for d in self.dense.values())
+            return sum(_squared_norms(d, 1) for d in self.dense.values())
         components = sorted(set(self.xs) | set(self.dense))
         a, b = self.xs[components[0]][0].shape[2], self.ys[components[0]][0].shape[2]
-        rows = max(sum(x.shape[1] for x in xs) for xs in self.xs.values())
+        rows = max(sum(x.shape[0] for x in xs) for xs in self.xs.values())
         if self.dense or a * b <= rows * (a + b):  # forming ∂r_n/∂W is cheaper (thin layers)
             total = None
             for c in components:
                 full = self.dense.get(c)
                 if c in self.xs:
-                    x, y = self.stacked("x", self.xs, [c], n), self.stacked("y", self.ys, [c], n)
-                    outer = torch.bmm(x.transpose(1, 2), y, out=self.buffer("outer", (n, a, b), x)).view(n, -1)
+                    x, y = self.stacked("x", self.xs[c], n), self.stacked("y", self.ys[c], n)
+                    outer = self.outer_sum(x, y, ordered=full is not None)
                     full = outer if full is None else full + outer
-                norms = full.square().sum(1)
+                norms = _squared_norms(full, 1)
                 total = norms if total is None else total + norms
             return total
-        # One Gram product per side for all uses and components: (C·N, R, a) and (C·N, R, b).
-        shapes = {tuple(x.shape[1] for x in self.xs[c]) for c in components}
+        # One Gram product per side and component for all uses: (N, R, a) and (N, R, b).
+        shapes = {tuple(x.shape[0] for x in self.xs[c]) for c in components}
         groups = [components] if len(shapes) == 1 else [[c] for c in components]
         total = None
         for group in groups:
-            x, y = self.stacked("x", self.xs, group, n), self.stacked("y", self.ys, group, n)
+            x, y = self.stacked_by_use("x", self.xs, group, n), self.stacked_by_use("y", self.ys, group, n)
             r = x.shape[1]
-            gram_x = torch.bmm(x, x.transpose(1, 2), out=self.buffer("gram_x", (x.shape[0], r, r), x))
-            gram_y = torch.bmm(y, y.transpose(1, 2), out=self.buffer("gram_y", (x.shape[0], r, r), y))
-            norms = gram_x.mul_(gram_y).sum((1, 2)).view(len(group), n).sum(0)
+            if r == 1:  # one row per point: ‖x ⊗ y‖² = ‖x‖² ‖y‖²
+                norms = (_squared_norms(x, (1, 3)) * _squared_norms(y, (1, 3))).sum(0)
+                total = norms if total is None else total + norms
+                continue
+            gram_x = self.buffer("gram_x", (len(group), n, r, r), x)
+            gram_y = self.buffer("gram_y", (len(group), n, r, r), y)
+            for k in range(len(group)):
+                xk, yk = x[k].transpose(0, 1), y[k].transpose(0, 1)
+                torch.bmm(xk, xk.transpose(1, 2), out=gram_x[k])
+                torch.bmm(yk, yk.transpose(1, 2), out=gram_y[k])
+            norms = gram_x.mul_(gram_y).sum((0, 2, 3))
             total = norms if total is None else total + norms
         return total
+
+    def outer_sum(self, x: Tensor, y: Tensor, ordered: bool) -> Tensor:
+        """``Σ_k x_k ⊗ y_k`` per point, flattened to ``(N, a·b)``: in the parameter's ``(a, b)`` order
+        if ``ordered`` (it is added to a dense part), otherwise in whichever order is faster."""
+        n, r, a = x.shape
+        b = y.shape[2]
+        # A batched matmul with a dimension of 1 runs one tiny product per point; broadcasting is faster.
+        if r == 1:
+            return torch.mul(x.transpose(1, 2), y, out=self.buffer("outer", (n, a, b), x)).view(n, -1)
+        if a == 1 or b == 1:
+            return (x * y).sum(1)
+        if ordered or b >= a:
+            return torch.bmm(x.transpose(1, 2), y, out=self.buffer("outer", (n, a, b), x)).view(n, -1)
+        # The same entries transposed: a thin first factor is several times faster on a CPU.
+        return torch.bmm(y.transpose(1, 2), x, out=self.buffer("outer", (n, b, a), x)).view(n, -1)
+
+
+def _squared_norms(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    # A norm reduces without materializing the squares (twice as fast on a CPU for large rows).
+    return torch.linalg.vector_norm(t, dim=dim).square()
+
+
+def _use_major(points_first: Tensor, n: int) -> Tensor:
+    """``(N, …, w)`` as ``(R, N, w)``: a point's rows as ``R`` blocks of all points (one op in the
+    common case of one row per point)."""
+    if points_first.ndim == 2:
+        return points_first.unsqueeze(0)
+    return points_first.reshape(n, -1, points_first.shape[-1]).transpose(0, 1)
 
 
 def _add_matrix_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: UsePlan, n: int) -> None:
@@ -223,9 +271,10 @@ def _add_matrix_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: Use
     if use.kind is UseKind.LEFT:  # Y = P R  ⇔  Yᵀ = Rᵀ Pᵀ: the right case on transposes
         other, grad = other.transpose(-1, -2), grad.transpose(-1, -2)
     layout = plan.layout
-    other = other.expand(*grad.shape[:-1], other.shape[-1])
-    rows_other = layout.points_first(other, n).reshape(n, -1, other.shape[-1]).to(acc.dtype)
-    rows_grad = layout.points_first(grad, n).reshape(n, -1, grad.shape[-1]).to(acc.dtype)
+    if other.shape[:-1] != grad.shape[:-1]:
+        other = other.expand(*grad.shape[:-1], other.shape[-1])
+    rows_other = _use_major(layout.points_first(other, n), n).to(acc.dtype)
+    rows_grad = _use_major(layout.points_first(grad, n), n).to(acc.dtype)
     if use.scale != 1.0:
         rows_other = rows_other * use.scale
     if plan.same:  # ∂/∂P = l ⊗ g with P ≅ W
@@ -258,11 +307,11 @@ def _factorize_last(
     u, w = acc.xs[c][-1], acc.ys[c][-1]
     if plan.factor_along == 0:
         scale = factor[:, 0].to(acc.dtype)
-        grad_s = (u * (w @ q.T)).sum(1)  # Σ_k u_k ⊙ (Q w_k), (N, rows of V)
+        grad_s = (u * (w @ q.T)).sum(0)  # Σ_k u_k ⊙ (Q w_k), (N, rows of V)
         acc.xs[c][-1] = u * scale
     else:
         scale = factor[0, :].to(acc.dtype)
-        grad_s = (w * (u @ q)).sum(1)  # Σ_k w_k ⊙ (Qᵀ u_k), (N, columns of V)
+        grad_s = (w * (u @ q)).sum(0)  # Σ_k w_k ⊙ (Qᵀ u_k), (N, columns of V)
         acc.ys[c][-1] = w * scale
     s_acc.add_dense(c, grad_s.new_zeros(n, s_numel).index_add_(1, plan.factor_index, grad_s))
 
@@ -271,5 +320,8 @@ def _add_elementwise_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan
     contribution = grad if use.other is None else grad * use.other
     contribution = contribution.expand(grad.shape)
     per_point = plan.layout.points_first(contribution, n).reshape(n, -1).to(acc.dtype)
+    if plan.identity:
+        acc.add_dense(c, per_point if use.scale == 1.0 else per_point * use.scale)
+        return
     dense = per_point.new_zeros(n, numel).index_add_(1, plan.flat_index, per_point)
     acc.add_dense(c, dense if use.scale == 1.0 else dense * use.scale)

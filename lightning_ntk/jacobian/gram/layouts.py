@@ -61,6 +61,8 @@ class Layout:
         if n == 1:
             return t.unsqueeze(0)
         size = t.shape[self.axis]
+        if self.axis == 0 and size == n:  # already points first: no view op (each is a dispatch)
+            return t
         shape = list(t.shape)
         if self.split is Split.POINT_MINOR:
             shape[self.axis : self.axis + 1] = [size // n, n]
@@ -152,7 +154,9 @@ class UsePlan:
     Attributes:
         layout: Where the term's points sit in the use's output.
         same: For a product: whether the operand is the parameter itself (``True``) or its transpose.
-        flat_index: For an elementwise use: the parameter entry of each of a point's gradient entries.
+        flat_index: For an elementwise use: the parameter entry of each of a point's gradient entries
+            (``None`` with ``identity``: entry ``j`` is parameter entry ``j``, as for a bias).
+        identity: For an elementwise use: a point's gradient entries are the parameter's, in order.
         factor_along: For a factored weight ``exp(S) ⊙ V``: 0 if ``S`` scales rows of ``V``, 1 columns.
         factor_frame: For a factored weight: the entry of ``V`` that each entry of the operand is.
         factor_index: For a factored weight: the entry of ``S`` for each row (or column) of ``V``.
@@ -161,6 +165,7 @@ class UsePlan:
     layout: Layout
     same: bool = True
     flat_index: Tensor | None = None
+    identity: bool = False
     factor_along: int | None = None
     factor_frame: Tensor | None = None
     factor_index: Tensor | None = None
