@@ -176,7 +176,9 @@ def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int, c
         "--ntk-mode",
         choices=["trace", "mean_trace"],
         default="trace",
-        help="WeightRule mode of the NTK runs (mean_trace: JAX-PI's, per-point mean traces)",
+        help="WeightRule mode of the NTK runs (mean_trace: JAX-PI's, per-point mean traces). The default here "
+        "is trace, the setting of most tables in docs/results.md; NTKWeightingCallback's own default is "
+        "mean_trace for modules with causal terms",
     )
     p.add_argument("--logdir", default="lightning_logs")
     p.add_argument("--seed", type=int, default=0)

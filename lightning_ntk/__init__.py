@@ -31,7 +31,15 @@ from lightning_ntk.estimators import (
 from lightning_ntk.spectrum import Spectrum, block_spectra, ntk_eigenvalues, ntk_matrix
 from lightning_ntk.taylor import TaylorMLP
 from lightning_ntk.traces import estimate_ntk_traces, ntk_traces
-from lightning_ntk.weights import WeightRule, balancing_weights, clamp_weights, ema_update, ntk_weights, trace_weights
+from lightning_ntk.weights import (
+    WeightRule,
+    balancing_weights,
+    clamp_weights,
+    default_weight_rule,
+    ema_update,
+    ntk_weights,
+    trace_weights,
+)
 
 if TYPE_CHECKING:
     from lightning_ntk.callback import NTKWeightingCallback
@@ -92,6 +100,7 @@ __all__ = [
     "balancing_weights",
     "block_spectra",
     "clamp_weights",
+    "default_weight_rule",
     "derivatives",
     "ema_update",
     "estimate_ntk_traces",

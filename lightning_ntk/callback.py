@@ -26,7 +26,7 @@ from lightning_ntk.contract import evaluate_residuals, nonfinite_rows
 from lightning_ntk.estimators import Exact, FiniteDifference, TraceEstimate, TraceEstimator, as_estimator
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_layout
-from lightning_ntk.weights import WeightRule, check_values
+from lightning_ntk.weights import WeightRule, check_values, default_weight_rule
 
 __all__ = ["NTKWeightingCallback"]
 
@@ -79,9 +79,10 @@ class NTKWeightingCallback(Callback):
     forward pass, the callback estimates ``Tr K_ii`` for every term on the current training batch
     with ``estimator``, sums the traces (and point counts) over all ranks with
     ``trainer.strategy.reduce``, optionally averages the estimates over updates (``trace_averager``),
-    turns them into weights with ``weight_rule`` (by default ``λ_i = Σ_j Tr K_jj / Tr K_ii``), and
-    writes them in place into the module's ``ntk_weights`` buffer. No step trains with unset weights:
-    step 0 already uses NTK weights.
+    turns them into weights with ``weight_rule`` (by default ``λ_i = Σ_j Tr K_jj / Tr K_ii``; with
+    causal terms JAX-PI's per-point ``λ_i = mean_j(Tr K_jj / N_j) / (Tr K_ii / N_i)``), and writes
+    them in place into the module's ``ntk_weights`` buffer. No step trains with unset weights: step 0
+    already uses NTK weights.
 
     Traces are summed over ranks, not averaged, because the sum is exactly the block trace of the NTK
     of the global batch (the concatenation of the ranks' batches), so a DDP run weights its terms
@@ -140,7 +141,10 @@ class NTKWeightingCallback(Callback):
             ``Hutchinson(num_probes=...)``, ``FiniteDifference(...)``, …) or the name of one with its
             defaults: ``"exact"``, ``"subsample"``, ``"hutchinson"``, ``"hutchpp"``, ``"fd"``, ``"auto"``,
             or ``"grad_norm"`` (loss-gradient norms instead of traces).
-        weight_rule: Turns traces into weights: mode, smoothing, clamps (default ``WeightRule()``).
+        weight_rule: Turns traces into weights: mode, smoothing, clamps. Default
+            (:func:`~lightning_ntk.weights.default_weight_rule`, chosen at ``setup``): ``WeightRule()``,
+            or ``WeightRule(mode="mean_trace")`` (JAX-PI's per-point rule) for NTK traces of a module
+            with causal terms.
         trace_averager: Averages the trace *estimates* across updates before weighting (for
             sketches); ``None`` uses each estimate alone.
         monitor_only: Compute and log the weights NTK weighting would use, but never apply them.
@@ -192,7 +196,9 @@ class NTKWeightingCallback(Callback):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise MisconfigurationException(f"`seed` must be an int or None, got {seed!r}.")
         self.update_every_n_steps = update_every_n_steps
-        self.weight_rule = weight_rule if weight_rule is not None else WeightRule()
+        # Without a rule given, the default depends on the module (causal terms or not): set in setup.
+        self._default_rule = weight_rule is None
+        self.weight_rule = weight_rule if weight_rule is not None else default_weight_rule()
         self.trace_averager = trace_averager
         self.monitor_only = monitor_only
         self.seed = seed
@@ -225,8 +231,13 @@ class NTKWeightingCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Checks that the module follows the :class:`~lightning_ntk.PINNModule` contract."""
+        """Checks that the module follows the :class:`~lightning_ntk.PINNModule` contract, and picks the
+        default weight rule for it (``mean_trace`` if it has causal terms)."""
         require_pinn_module(pl_module, type(self).__name__)
+        if self._default_rule:
+            assert isinstance(pl_module, PINNModule)
+            grad_norms = self.estimator.name == "grad_norm"
+            self.weight_rule = default_weight_rule(grad_norms=grad_norms, causal=bool(pl_module.causal))
 
     @override
     def on_train_batch_start(

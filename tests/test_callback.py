@@ -57,11 +57,12 @@ def test_step0_trains_with_ntk_weights_computed_before_the_forward(tmp_path):
     # Guards against mistake 3: weights unset (or 1) between the first step and the first update.
     model = Recording()
     batch = poisson_batch(dtype=torch.float32)
-    expected = trace_weights(ntk_traces(copy.deepcopy(model), batch))
+    traces = {k: float(v) for k, v in ntk_traces(copy.deepcopy(model), batch).items()}
+    expected = {k: sum(traces.values()) / v for k, v in traces.items()}  # the default rule, by hand
     trainer = quiet_trainer(tmp_path, max_steps=3, logger=False, callbacks=[NTKWeightingCallback(100)])
     trainer.fit(model, repeat_loader(batch, 3))
     for name, value in expected.items():
-        assert model.used[0][name] == pytest.approx(float(value), rel=1e-5)
+        assert model.used[0][name] == pytest.approx(value, rel=1e-5)
     assert model.used[0]["bc"] > 1.0
 
 
@@ -157,7 +158,7 @@ def test_clamps_in_the_callback(tmp_path):
 def test_monitor_only_never_changes_weights(tmp_path):
     model = Recording()
     model.set_term_weights({"bc": 7.0})
-    ntk = NTKWeightingCallback(update_every_n_steps=1, monitor_only=True)
+    ntk = NTKWeightingCallback(update_every_n_steps=1, monitor_only=True, weight_rule=WeightRule())
     trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ntk])
     trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 3))
     assert all(u == {"bc": 7.0, "pde": 1.0} for u in model.used)
@@ -303,6 +304,7 @@ def test_trace_ema_averages_the_estimates_before_weighting(tmp_path):
         update_every_n_steps=1,
         estimator=FiniteDifference(num_probes=1),
         trace_averager=TraceAverager(0.5, start="estimate"),
+        weight_rule=WeightRule(),
         seed=3,
     )
     trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[ntk])
@@ -335,7 +337,9 @@ def test_per_step_sketch_starts_from_exact_traces(tmp_path):
     # weights exact and then lets the sketch follow the drift.
     model = Recording(lr=0.0)
     batch = poisson_batch(dtype=torch.float32)
-    ntk = Capturing(update_every_n_steps=1, estimator="fd", trace_averager=TraceAverager(0.5), seed=3)
+    ntk = Capturing(
+        update_every_n_steps=1, estimator="fd", trace_averager=TraceAverager(0.5), weight_rule=WeightRule(), seed=3
+    )
     trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk])
     trainer.fit(model, repeat_loader(batch, 2))
     exact = {k: float(v) for k, v in reference_traces(model, batch).items()}

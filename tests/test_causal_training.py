@@ -11,7 +11,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_ntk import CausalWeighting, NTKWeightingCallback, PINNModule, TraceAverager, tags, trace_weights
+from lightning_ntk import (
+    CausalWeighting,
+    NTKWeightingCallback,
+    PINNModule,
+    TraceAverager,
+    WeightRule,
+    tags,
+    trace_weights,
+)
 from lightning_ntk.causal import CausalResiduals
 from lightning_ntk.counting import OpCounter
 
@@ -92,7 +100,7 @@ def test_the_callback_weights_the_causal_term_by_its_causal_measure(tmp_path, es
     model, batch = Heat(), heat_batch()
     _, weights, causal_trace = causal_by_hand(model, batch)
     plain = copy.deepcopy(model)
-    cb = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator)
+    cb = NTKWeightingCallback(update_every_n_steps=1, estimator=estimator, weight_rule=WeightRule())
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[cb], logger=False)
     trainer.fit(model, repeat_loader(batch, 2))
     if estimator == "exact":
@@ -298,3 +306,29 @@ def test_a_causal_training_step_reads_nothing_on_the_host_between_logger_writes(
     assert [s for i, s in enumerate(syncs) if i % 3 != 2][1:] == [0, 0, 0]
     assert model.causal["pde"].stage == 2  # moved twice, then held at the last ε
     assert model.causal["pde"].epsilon_like(torch.zeros((), dtype=torch.float64)).item() == 2.0
+
+
+def test_the_default_rule_is_per_point_only_for_the_traces_of_causal_modules(tmp_path):
+    # The default decided in issue 29 (docs/results.md, "Which weight rule"). Gradient-norm weighting
+    # keeps λ_i = Σ_j g_j / g_i, which the per-point rule would distort.
+    for estimator, causal, mode in (
+        ("exact", False, "trace"),
+        ("exact", True, "mean_trace"),
+        ("fd", True, "mean_trace"),
+        ("grad_norm", True, "trace"),
+    ):
+        cb = NTKWeightingCallback(estimator=estimator)
+        assert cb.weight_rule.mode == "trace"
+        cb.setup(None, Heat(causal=causal), "fit")
+        assert cb.weight_rule.mode == mode, (estimator, causal)
+    explicit = WeightRule(mode="trace", ema=0.5)
+    cb = NTKWeightingCallback(weight_rule=explicit)
+    cb.setup(None, Heat(), "fit")
+    assert cb.weight_rule is explicit
+    # The weights a causal module trains with by default, by hand: λ_i = mean_j(T_j / N_j) / (T_i / N_i)
+    # with 4 initial and 10 PDE points.
+    cb = NTKWeightingCallback(update_every_n_steps=1)
+    quiet_trainer(tmp_path, max_steps=1, callbacks=[cb], logger=False).fit(Heat(), repeat_loader(heat_batch(), 2))
+    per_point = {"ic": cb.last_traces["ic"] / 4, "pde": cb.last_traces["pde"] / 10}
+    mean = sum(per_point.values()) / 2
+    assert cb.last_weights == pytest.approx({k: mean / v for k, v in per_point.items()}, rel=1e-10)

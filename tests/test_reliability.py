@@ -291,7 +291,7 @@ def test_on_nonfinite_skip_keeps_previous_weights_and_warns(tmp_path):
     bad = (good[0], good[1].clone())
     bad[1][0] = float("inf")
     initial = copy.deepcopy(model)
-    ntk = NTKWeightingCallback(update_every_n_steps=1, on_nonfinite="skip")
+    ntk = NTKWeightingCallback(update_every_n_steps=1, on_nonfinite="skip", weight_rule=WeightRule())
     trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[ntk], logger=False)
     with pytest.warns(UserWarning, match=r"At optimizer step 1: .*term 'pde'.*Keeping the previous weights"):
         trainer.fit(model, torch.utils.data.DataLoader([good, bad], batch_size=None))
