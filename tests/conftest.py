@@ -82,6 +82,34 @@ class TwoFieldModel(PINNModule):
         return {"data": self.net(x_d) - 1.0, "pde": u_t - 0.1 * u_xx + self.net(x_r) ** 3}
 
 
+class StackedTwoField(nn.Module):
+    """Two fields ``(p, q)`` in the usual per-component style: each component's derivatives with
+    ``torch.autograd.grad``, its residual row built alone, the rows joined by ``torch.stack`` (as
+    ``examples/qtensor_2d.py`` and ``benchmarks/exact_cost.py`` do). Terms ``data`` (N, 2) and ``pde`` (N, 2)."""
+
+    terms = ("data", "pde")
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.net = mlp(d_in=2, width=width, d_out=2)
+
+    def residuals(self, batch):
+        x_d, x_r = batch
+        x_r = x_r.clone().requires_grad_(True)
+        u = self.net(x_r)
+        rows = []
+        for c in range(2):
+            g = torch.autograd.grad(u[:, c].sum(), x_r, create_graph=True)[0]
+            u_xx = torch.autograd.grad(g[:, 0].sum(), x_r, create_graph=True)[0][:, 0]
+            rows.append(g[:, 1] - 0.1 * u_xx + u[:, c] * u.square().sum(1))
+        return {"data": self.net(x_d) - 1.0, "pde": torch.stack(rows, 1)}
+
+
+def two_field_batch(n_d: int = 5, n_r: int = 9, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n_d, 2, generator=g, dtype=torch.float64), torch.rand(n_r, 2, generator=g, dtype=torch.float64)
+
+
 def poisson_batch(n_r: int = 12, dtype=torch.float64, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x_b = torch.tensor([[0.0], [1.0]], dtype=dtype)

@@ -22,7 +22,9 @@ One call, in three steps, each in its own module:
 
 Between 1 and 3 run the backward passes: on a warm call one per output component for every group of
 terms whose uses are disjoint (each term evaluating the network on its own points: one group), so a
-scalar PINN with any number of terms pays one backward, a two-field one two.
+scalar PINN with any number of terms pays one backward, a two-field one two. A component's backward
+skips the branches of the graph that only other components reach (:mod:`~.cuts`: rows assembled by
+``torch.stack``), so two components cost about one backward of both, not two.
 
 Invariants (each checked where it is named):
 
@@ -47,6 +49,9 @@ Invariants (each checked where it is named):
 7. Norms accumulate in the parameters' dtype (factors recorded under autocast are promoted).
 8. An output of a product with a parameter that is modified in place invalidates the recording.
 9. Nothing is written to ``param.grad``; results carry no graph.
+10. A component's backward is cut only where no path from it can carry a gradient on any batch (a
+    ``stack``/``cat`` branch of another component, :mod:`~.cuts`); a nonzero gradient arriving at a
+    cut on a warm call makes the norms of the terms in that backward NaN.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_ntk.jacobian.gram import cuts
 from lightning_ntk.jacobian.gram.accumulation import plan_use, term_norms
 from lightning_ntk.jacobian.gram.layouts import LayoutEntry, UseKey, UsePlan, choose_layout
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, fingerprint, record_uses
@@ -116,13 +122,16 @@ def gram_squared_norms(
     rows = {term: r.numel() for term, r in residuals.items()}
     flat = {term: r.reshape(r.shape[0], -1) for term, r in residuals.items()}
     outputs = _Outputs(uses)
+    roots = list(flat.values())
     entry = known if known is not None and known.fingerprint == fingerprint(uses) else None
-    if entry is None:
+    located = None if entry is None else _locate_cuts(entry, roots)
+    if located is None:
         entry, grads, backwards = _confirm(uses, flat, outputs, params, skip)
         # Rows that are not finite confirm nothing about the layout there: such an entry is not kept.
         keep = entry if all(bool(torch.isfinite(r).all()) for r in residuals.values()) else None
+        broken: dict[str, Tensor] = {}
     else:
-        grads, backwards = _grads_by_group(entry, uses, flat, outputs, skip)
+        grads, backwards, broken = _grads_by_group(entry, uses, flat, outputs, skip, located)
         keep = entry
     norms: dict[str, Tensor] = {}
     unsupported = dict(entry.unsupported)
@@ -140,6 +149,9 @@ def gram_squared_norms(
             norms[term] = term_norms(uses, confirmed, params, flat[term].shape[0], entry.workspace)
         except GramUnsupported as err:
             unsupported[term] = str(err)
+            continue
+        if term in broken:  # a gradient reached a cut: these norms miss part of it (invariant 10)
+            norms[term] = norms[term].masked_fill(broken[term], float("nan"))
     return GramResult(norms, rows, unsupported, keep, backwards)
 
 
@@ -163,23 +175,32 @@ def _confirm(
     uses: list[Use], flat: Mapping[str, Tensor], outputs: _Outputs, params: Mapping[str, Tensor], skip: frozenset[str]
 ) -> tuple[LayoutEntry, dict[str, list[Grads]], int]:
     """Layouts and plans of every use, term by term and component by component (two backwards each:
-    plain and seeded), and the groups of terms that may share a backward from now on."""
+    plain and seeded), the groups of terms that may share a backward from now on, and, with several
+    output components, where each group's backward of a component is cut (one traced backward per
+    term and component)."""
     entry = LayoutEntry(fingerprint(uses))
     seeds = torch.Generator(device="cpu").manual_seed(0)
+    terms = [t for t in flat if t not in skip]
+    several = any(flat[t].shape[1] > 1 for t in terms)
+    graph = cuts.Graph(list(flat.values())) if several else None
+    reach: dict[str, list[set[int]]] = {}
     grads: dict[str, list[Grads]] = {}
     touched: dict[str, set[int]] = {}
     backwards = 0
-    for term, rows in flat.items():
-        if term in skip:
-            continue
+    for term in terms:
+        rows = flat[term]
         n = rows.shape[0]
         weights = (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(rows)
         plans: dict[UseKey, UsePlan] = {}
         per_component: list[Grads] = []
+        if graph is not None:
+            reach[term] = [cuts.reached(graph, rows[:, c].sum(), outputs.tensors) for c in range(rows.shape[1])]
+            backwards += rows.shape[1]
         try:
             for c in range(rows.shape[1]):
-                g = _backward(rows[:, c].sum(), outputs.tensors)
-                seeded = _backward((rows[:, c] * weights).sum(), outputs.tensors)
+                cut = [] if graph is None else [graph.nodes[i] for i in _cut_nodes(graph, [reach[term]], c)]
+                g = cuts.backward(rows[:, c].sum(), outputs.tensors, cut)
+                seeded = cuts.backward((rows[:, c] * weights).sum(), outputs.tensors, cut)
                 backwards += 2
                 for i, j in outputs.slot.items():
                     if g[j] is not None:
@@ -193,7 +214,31 @@ def _confirm(
         grads[term] = per_component
         touched[term] = {key.use for key in plans}
     entry.groups = _disjoint_groups(touched)
+    if graph is not None:
+        for k, group in enumerate(entry.groups):
+            for c in range(max(flat[t].shape[1] for t in group)):
+                found = _cut_nodes(graph, [reach[t] for t in group], c)
+                if found:
+                    entry.cuts[(k, c)] = tuple(graph.path(i) for i in found)
     return entry, grads, backwards
+
+
+def _cut_nodes(graph: cuts.Graph, reach: list[list[set[int]]], c: int) -> list[int]:
+    """Where to cut the backward of component ``c`` of some terms, given what each term's components reach."""
+    mine = set().union(*(r[c] for r in reach if c < len(r)))
+    others = set().union(*(s for r in reach for k, s in enumerate(r) if k != c))
+    return cuts.find_cuts(graph, mine, others)
+
+
+def _locate_cuts(entry: LayoutEntry, roots: list[Tensor]) -> dict[tuple[int, int], list] | None:
+    """The entry's cut nodes in this call's graph, or ``None`` if the graph is not the confirmed one."""
+    located = {}
+    for key, found in entry.cuts.items():
+        nodes = cuts.locate(found, roots)
+        if nodes is None:
+            return None
+        located[key] = nodes
+    return located
 
 
 def _disjoint_groups(touched: Mapping[str, set[int]]) -> list[list[str]]:
@@ -211,19 +256,27 @@ def _disjoint_groups(touched: Mapping[str, set[int]]) -> list[list[str]]:
 
 
 def _grads_by_group(
-    entry: LayoutEntry, uses: list[Use], flat: Mapping[str, Tensor], outputs: _Outputs, skip: frozenset[str]
-) -> tuple[dict[str, list[Grads]], int]:
+    entry: LayoutEntry,
+    uses: list[Use],
+    flat: Mapping[str, Tensor],
+    outputs: _Outputs,
+    skip: frozenset[str],
+    located: Mapping[tuple[int, int], list],
+) -> tuple[dict[str, list[Grads]], int, dict[str, Tensor]]:
     """Each term's gradients per component from one backward per group and component: the sum of the
-    group's rows of component ``c`` (invariant 5 keeps them apart)."""
+    group's rows of component ``c`` (invariant 5 keeps them apart), cut where the entry says; and,
+    for the terms of a backward with cuts, whether a nonzero gradient arrived at one (a device bool)."""
     grads: dict[str, list[Grads]] = {}
+    broken: dict[str, Tensor] = {}
     backwards = 0
-    for group in entry.groups:
+    for k, group in enumerate(entry.groups):
         terms = [t for t in group if t not in skip]
         if not terms:
             continue
+        arriving: list[Tensor] = []
         for c in range(max(flat[t].shape[1] for t in terms)):
             total = sum(flat[t][:, c].sum() for t in terms if c < flat[t].shape[1])
-            g = _backward(total, outputs.tensors)
+            g = cuts.backward(total, outputs.tensors, located.get((k, c), ()), arriving)
             backwards += 1
             if any(g[j] is not None and not any(UseKey(t, c, i) in entry.plans for t in terms)
                    for i, j in outputs.slot.items()):  # fmt: skip
@@ -232,10 +285,7 @@ def _grads_by_group(
             for t in terms:
                 if c < flat[t].shape[1]:
                     grads.setdefault(t, []).append(g)
-    return grads, backwards
-
-
-def _backward(output: Tensor, inputs: list[Tensor]) -> Grads:
-    if not inputs or not output.requires_grad:
-        return (None,) * len(inputs)
-    return torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
+        if arriving:
+            flag = torch.stack(arriving).any()
+            broken.update(dict.fromkeys(terms, flag))
+    return grads, backwards, broken

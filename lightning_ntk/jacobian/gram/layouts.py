@@ -5,7 +5,8 @@ The axis of a product's output that holds a term's points is inferred from shape
 (:func:`choose_layout` tries each candidate) and confirmed by a second backward with random per-point
 seeds: the gradient of ``Σ_n w_n r_n`` must equal ``w_n`` times that of ``Σ_n r_n`` on every row of
 point ``n``. What was confirmed is one :class:`LayoutEntry` per module and batch layout: a
-:class:`UsePlan` per (term, component, use) and the groups of terms that share one backward.
+:class:`UsePlan` per (term, component, use), the groups of terms that share one backward, and where
+each of those backwards is cut.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_ntk.jacobian.gram.cuts import Cut
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, UseKind
 from lightning_ntk.points import POINTWISE_RTOL
 
@@ -182,6 +184,7 @@ class LayoutEntry:
         groups: Terms whose recorded uses are disjoint, so that one backward of the sum of their rows
             (per output component) gives each its own gradients.
         unsupported: Terms the identities do not cover, with the reason (their rows mix points).
+        cuts: (group position, component) → where that backward is cut (:mod:`~lightning_ntk.jacobian.gram.cuts`).
         workspace: Buffers of the accumulation, reused by every call with this layout
             (:func:`~lightning_ntk.jacobian.gram.accumulation.term_norms`).
     """
@@ -190,4 +193,5 @@ class LayoutEntry:
     plans: dict[UseKey, UsePlan] = field(default_factory=dict)
     groups: list[list[str]] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
+    cuts: dict[tuple[int, int], tuple[Cut, ...]] = field(default_factory=dict)
     workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
