@@ -4,7 +4,15 @@ import copy
 
 import pytest
 import torch
-from conftest import AutogradPoisson, HelperPoisson, poisson_batch, quiet_trainer, repeat_loader
+from conftest import (
+    AutogradPoisson,
+    HelperPoisson,
+    StackedTwoField,
+    poisson_batch,
+    quiet_trainer,
+    repeat_loader,
+    two_field_batch,
+)
 
 from lightning_ntk import NTKWeightingCallback, TraceAverager, estimate_ntk_traces
 from lightning_ntk.estimators import as_estimator
@@ -42,6 +50,41 @@ def test_gram_path_makes_no_host_sync_once_its_layout_is_confirmed(cls):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert set(est.info["paths"].values()) == {"gram"}
+
+
+def test_cut_component_backwards_on_cuda_equal_cpu_read_nothing_on_the_host_and_capture():
+    # The cut nodes' pre-hooks run on autograd's device thread; the check of what arrives at a cut
+    # stays on the device, so a warm call makes no sync and replays from a CUDA graph.
+    from test_capture import stacked_traces
+
+    from lightning_ntk.capture import CapturedCall
+    from lightning_ntk.memory import memory_of
+
+    torch.manual_seed(0)
+    model = StackedTwoField().double()
+    batch = two_field_batch()
+    cpu = estimate_ntk_traces(model, batch).traces
+    model = model.to(CUDA)
+    estimate_ntk_traces(model, to(batch, CUDA))  # confirms the layouts and the cuts
+    assert any(e.layouts is not None and e.layouts.cuts for e in memory_of(model).exact.values())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        est = as_estimator("exact")(model, to(batch, CUDA), None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert set(est.info["paths"].values()) == {"gram"}
+    for name in cpu:
+        torch.testing.assert_close(est.traces[name].cpu(), cpu[name], rtol=1e-10, atol=0)
+    call = CapturedCall(stacked_traces(model), state=lambda: list(model.parameters()))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for seed in range(3):
+        step_batch = to(two_field_batch(seed=seed), CUDA)
+        torch.testing.assert_close(call(*step_batch), stacked_traces(model)(*step_batch), rtol=1e-10, atol=0)
+        opt.zero_grad()
+        sum(r.square().mean() for r in model.residuals(step_batch).values()).backward()
+        opt.step()
+    (entry,) = call.signatures.values()
+    assert entry.graph is not None and entry.eager_reason is None, entry.eager_reason
 
 
 @pytest.mark.parametrize("name", ["subsample", "hutchinson", "hutchpp", "fd", "auto"])
