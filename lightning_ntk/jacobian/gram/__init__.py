@@ -49,9 +49,9 @@ Invariants (each checked where it is named):
 7. Norms accumulate in the parameters' dtype (factors recorded under autocast are promoted).
 8. An output of a product with a parameter that is modified in place invalidates the recording.
 9. Nothing is written to ``param.grad``; results carry no graph.
-10. A component's backward is cut only where no path from it can carry a gradient on any batch (a
-    ``stack``/``cat`` branch of another component, :mod:`~.cuts`); a nonzero gradient arriving at a
-    cut on a warm call makes the norms of the terms in that backward NaN.
+10. A component's backward is cut only at a ``stack``/``cat`` branch that it did not reach on the
+    confirming batch and another component did (:mod:`~.cuts`); a nonzero gradient arriving at a cut
+    on a warm call makes the norms of the terms in that backward NaN.
 """
 
 from __future__ import annotations
