@@ -85,20 +85,21 @@ class TwoFieldModel(PINNModule):
 class StackedTwoField(nn.Module):
     """Two fields ``(p, q)`` in the usual per-component style: each component's derivatives with
     ``torch.autograd.grad``, its residual row built alone, the rows joined by ``torch.stack`` (as
-    ``examples/qtensor_2d.py`` and ``benchmarks/exact_cost.py`` do). Terms ``data`` (N, 2) and ``pde`` (N, 2)."""
+    ``examples/qtensor_2d.py`` and ``benchmarks/exact_cost.py`` do). Terms ``data`` and ``pde``, each of
+    shape (N, components)."""
 
     terms = ("data", "pde")
 
-    def __init__(self, width: int = 6) -> None:
+    def __init__(self, width: int = 6, components: int = 2) -> None:
         super().__init__()
-        self.net = mlp(d_in=2, width=width, d_out=2)
+        self.net = mlp(d_in=2, width=width, d_out=components)
 
     def residuals(self, batch):
         x_d, x_r = batch
         x_r = x_r.clone().requires_grad_(True)
         u = self.net(x_r)
         rows = []
-        for c in range(2):
+        for c in range(u.shape[1]):
             g = torch.autograd.grad(u[:, c].sum(), x_r, create_graph=True)[0]
             u_xx = torch.autograd.grad(g[:, 0].sum(), x_r, create_graph=True)[0][:, 0]
             rows.append(g[:, 1] - 0.1 * u_xx + u[:, c] * u.square().sum(1))

@@ -45,6 +45,18 @@ def test_each_component_backward_stops_at_the_other_components_stack_branch():
     assert planned == [13, 13]
 
 
+def test_three_components_each_cut_at_both_other_rows():
+    torch.manual_seed(0)
+    model = StackedTwoField(components=3).double()
+    batch = two_field_batch()
+    exact_traces(model, batch)
+    assert_exact(exact_traces(model, batch), model, batch)
+    entry = layout_entry(model, batch)
+    for c in range(3):
+        branches = sorted(cut.steps[-1][0] for cut in entry.cuts[(0, c)])
+        assert branches == [k for k in range(3) if k != c], (c, entry.cuts[(0, c)])
+
+
 def two_branches():
     x = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
     a, b = (2 * x).sin(), (3 * x).cos()
