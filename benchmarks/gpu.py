@@ -8,9 +8,11 @@ One command, under 5 minutes on one GPU, one table at the end (markdown, for ``d
    a training step eager and replayed from a CUDA graph (:class:`~lightning_ntk.capture.CapturedCall`,
    Adam ``capturable=True``), exact traces eager and captured (what ``NTKWeightingCallback(capture=True)``
    replays);
-3. through a ``Trainer`` at one size: the plain module, ``capture_step=True``, and exact traces every step
+3. the two-output 2-D PINN of ``exact_cost.py`` (Q-tensor type, 4×W tanh, N pde + N/4 ic points,
+   stacked per-component rows): the same four rows, where the cut component backwards are measured;
+4. through a ``Trainer`` at one size: the plain module, ``capture_step=True``, and exact traces every step
    (``NTKWeightingCallback(update_every_n_steps=1)``) with each;
-4. if ``jax`` imports: ``../shared/bench/gpu_step_compare.py W N`` (JAX-PI-style ``jit(vmap(grad))``
+5. if ``jax`` imports: ``../shared/bench/gpu_step_compare.py W N`` (JAX-PI-style ``jit(vmap(grad))``
    traces and a jitted Adam step on the same weights and points) with
    ``JAX_DEFAULT_MATMUL_PRECISION=highest``, so both sides multiply in full float32.
 
@@ -35,6 +37,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from _problem import AutogradPoisson, make_batch, median_time, sync
+from exact_cost import QTensor2d, qtensor_batch
 
 from lightning_ntk import NTKWeightingCallback
 from lightning_ntk.capture import CapturedCall
@@ -64,20 +67,29 @@ def run_cuda_tests() -> str:
 
 def step_and_trace_rows(width: int, n: int, device: torch.device, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
-    model = AutogradPoisson(width, 3).to(device)
-    batch = make_batch(n, device)
+    return model_rows(AutogradPoisson(width, 3).to(device), make_batch(n, device), f"W={width} N={n}", repeats)
+
+
+def two_output_rows(width: int, n: int, device: torch.device, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    batch = tuple(t.to(device) for t in qtensor_batch(n, max(1, n // 4)))
+    return model_rows(QTensor2d(width, 4).to(device), batch, f"2-D W={width} N={n}", repeats)
+
+
+def model_rows(model, batch: tuple, label: str, repeats: int) -> dict[str, float]:
+    device = batch[0].device
     cuda = device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=cuda)
 
-    def step(x_b, x_r):
+    def step(*tensors):
         opt.zero_grad(set_to_none=False)
-        loss, _ = model.weighted_loss((x_b, x_r))
+        loss, _ = model.weighted_loss(tensors)
         loss.backward()
         opt.step()
         return loss.detach()
 
-    def traces(x_b, x_r):
-        est = exact_traces(model, (x_b, x_r))
+    def traces(*tensors):
+        est = exact_traces(model, tensors)
         return torch.stack([est.values[name] for name in model.terms])
 
     params = lambda: list(model.parameters())  # noqa: E731
@@ -93,7 +105,7 @@ def step_and_trace_rows(width: int, n: int, device: torch.device, repeats: int) 
     for name, call in (("step", captured_step), ("traces", captured_traces)):
         reasons = {e.eager_reason for e in call.signatures.values() if e.eager_reason}
         if cuda and reasons:
-            print(f"  W={width} N={n}: captured {name} ran eagerly: {reasons}", flush=True)
+            print(f"  {label}: captured {name} ran eagerly: {reasons}", flush=True)
     return rows
 
 
@@ -161,6 +173,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--sizes", nargs="+", type=parse_size, default=[(256, 4096), (256, 16384), (64, 1024)])
     p.add_argument("--trainer-size", type=parse_size, default=(256, 4096))
+    p.add_argument("--two-output", type=parse_size, default=(128, 1024), help="W x N of the 2-D two-output rows")
     p.add_argument("--steps", type=int, default=200, help="Trainer steps per row")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--no-tests", action="store_true")
@@ -195,6 +208,12 @@ def main(argv=None) -> None:
             cells += [f"{rows['exact traces, captured'] / traces:.2f}" if traces else "—"]
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
+    width, n = args.two_output
+    lines += ["", f"Two-output 2-D PINN, 4x{width} tanh, {n:,} pde + {max(1, n // 4):,} ic points, ms:", ""]
+    lines += ["| step eager | step captured | exact eager | exact captured |", "| --- | --- | --- | --- |"]
+    rows = two_output_rows(width, n, device, args.repeats)
+    lines.append("| " + " | ".join(f"{v:.3f}" for v in rows.values()) + " |")
+    print(lines[-1], flush=True)
     width, n = args.trainer_size
     lines += ["", f"Trainer, W={width}, N={n:,} per term, ms per step ({args.steps} steps, first 10 not timed):", ""]
     lines += ["| module | plain | exact traces every step | ratio |", "| --- | --- | --- | --- |"]
