@@ -61,8 +61,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
-from lightning_ntk.jacobian.gram import cuts
+from lightning_ntk.jacobian.gram import cuts, walking
 from lightning_ntk.jacobian.gram.accumulation import plan_use, term_norms
 from lightning_ntk.jacobian.gram.layouts import LayoutEntry, UseKey, UsePlan, choose_layout
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, fingerprint, record_uses
@@ -118,17 +119,15 @@ def gram_squared_norms(
         GramUnsupported: The residual uses a parameter in a way the identities do not cover, for
             every term (the recording is shared).
     """
-    residuals, uses = record_uses(params, residuals_fn, batch)
+    residuals, flat, uses, entry, located = _found_again(batch, params, residuals_fn, known)
     rows = {term: r.numel() for term, r in residuals.items()}
-    flat = {term: r.reshape(r.shape[0], -1) for term, r in residuals.items()}
     outputs = _Outputs(uses)
-    roots = list(flat.values())
-    entry = known if known is not None and known.fingerprint == fingerprint(uses) else None
-    located = None if entry is None else _locate_cuts(entry, roots)
-    if located is None:
+    if entry is None:
         entry, grads, backwards = _confirm(uses, flat, outputs, params, skip)
         # Rows that are not finite confirm nothing about the layout there: such an entry is not kept.
         keep = entry if all(bool(torch.isfinite(r).all()) for r in residuals.values()) else None
+        if keep is not None:
+            keep.walk = walking.plan_walk(uses, list(flat.values()), params)
         broken: dict[str, Tensor] = {}
     else:
         grads, backwards, broken = _grads_by_group(entry, uses, flat, outputs, skip, located)
@@ -155,19 +154,54 @@ def gram_squared_norms(
     return GramResult(norms, rows, unsupported, keep, backwards)
 
 
+def _found_again(
+    batch: object,
+    params: Mapping[str, Tensor],
+    residuals_fn: Callable[[object], Mapping[str, Tensor]],
+    known: LayoutEntry | None,
+) -> tuple[Mapping[str, Tensor], dict[str, Tensor], list[Use], LayoutEntry | None, dict | None]:
+    """The residuals (as evaluated, and flat: a row per point) and the uses of this evaluation, with
+    ``known`` and its cut nodes if they hold for it (else ``None``, ``None``: confirm again).
+
+    A warm call walks the graph of a plain evaluation where the entry has a walk plan; otherwise, or
+    if the walk does not find the planned graph, the recorder runs."""
+    if known is not None and known.walk is not None:
+        residuals = residuals_fn(batch)
+        flat = _flat(residuals)
+        uses = walking.walk_uses(known.walk, list(flat.values()), params)
+        located = None if uses is None else _locate_cuts(known, list(flat.values()))
+        if located is not None:
+            return residuals, flat, uses, known, located
+        known.walk = None  # this module's graph changes between calls: the recorder from now on
+        del residuals, flat, uses
+    residuals, uses = record_uses(params, residuals_fn, batch)
+    flat = _flat(residuals)
+    if known is None or known.fingerprint != fingerprint(uses):
+        return residuals, flat, uses, None, None
+    located = _locate_cuts(known, list(flat.values()))
+    return residuals, flat, uses, (None if located is None else known), located
+
+
+def _flat(residuals: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {term: r.reshape(r.shape[0], -1) for term, r in residuals.items()}
+
+
 class _Outputs:
-    """The recorded uses' outputs that autograd can reach, once each, and each use's position."""
+    """Where autograd gives the gradients at the uses' outputs (the tensors, or the edges of a walk),
+    once each, and each use's position."""
 
     def __init__(self, uses: list[Use]) -> None:
-        self.tensors: list[Tensor] = []
+        self.tensors: list[Tensor | GradientEdge] = []
         self.slot: dict[int, int] = {}  # use index → position in tensors
-        positions: dict[int, int] = {}
+        positions: dict[object, int] = {}
         for i, use in enumerate(uses):
-            if not use.output.requires_grad:
+            target = use.output
+            if target is None or (isinstance(target, Tensor) and not target.requires_grad):
                 continue
-            j = positions.setdefault(id(use.output), len(self.tensors))
+            key = id(target) if isinstance(target, Tensor) else (id(target.node), target.output_nr)
+            j = positions.setdefault(key, len(self.tensors))
             if j == len(self.tensors):
-                self.tensors.append(use.output)
+                self.tensors.append(target)
             self.slot[i] = j
 
 

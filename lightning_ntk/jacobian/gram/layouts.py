@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_ntk.jacobian.gram.cuts import Cut
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, UseKind
+from lightning_ntk.jacobian.gram.walking import WalkPlan
 from lightning_ntk.points import POINTWISE_RTOL
 
 __all__ = ["Layout", "LayoutEntry", "Split", "UseKey", "UsePlan", "choose_layout"]
@@ -185,6 +186,8 @@ class LayoutEntry:
             (per output component) gives each its own gradients.
         unsupported: Terms the identities do not cover, with the reason (their rows mix points).
         cuts: (group position, component) → where that backward is cut (:mod:`~lightning_ntk.jacobian.gram.cuts`).
+        walk: How a warm call finds the uses in the graph of a plain evaluation
+            (:mod:`~lightning_ntk.jacobian.gram.walking`); ``None``: the recorder runs.
         workspace: Buffers of the accumulation, reused by every call with this layout
             (:func:`~lightning_ntk.jacobian.gram.accumulation.term_norms`).
     """
@@ -194,4 +197,5 @@ class LayoutEntry:
     groups: list[list[str]] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
     cuts: dict[tuple[int, int], tuple[Cut, ...]] = field(default_factory=dict)
+    walk: WalkPlan | None = None
     workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False)

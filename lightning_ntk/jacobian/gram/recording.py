@@ -15,6 +15,7 @@ from enum import Enum
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Factor", "GramUnsupported", "Use", "UseKind", "fingerprint", "record_uses"]
@@ -85,6 +86,7 @@ class _Alias:
     keep: Tensor  # keeps the tensor alive so that its id() stays unique while recording
     exp: bool = False
     factor: Factor | None = None
+    arithmetic: bool = False  # reached through an op that changes values (a scaling, exp), not views and copies
 
 
 @dataclass
@@ -100,13 +102,18 @@ class Factor:
 class Use:
     name: str
     kind: UseKind
-    output: Tensor
+    # The product's output; on a use found by a walk (:mod:`~.walking`), the edge of the node that
+    # made it, and ``None`` where no gradient reaches it.
+    output: Tensor | GradientEdge | None
     version: int
-    index: Tensor  # index map of the parameter operand as used
+    index: Tensor | None  # index map of the parameter operand as used (None on a walked use)
     scale: float
     other: Tensor | None  # L, R, or the elementwise factor (None: factor 1)
     view_of_base: bool = False  # index is a view of the parameter's own arange (not of a copy)
     factor: Factor | None = None  # the operand is exp(S) ⊙ P (matrix uses only)
+    # The operand is the parameter through views and copies, and the op applies no number to it: a
+    # later evaluation of the same graph makes the same use with nothing read but its tensors.
+    plain: bool = False
 
 
 @dataclass
@@ -171,9 +178,18 @@ class _Recorder(TorchDispatchMode):
     def _alias_args(self, args: tuple) -> list[int]:
         return [i for i, a in enumerate(args) if isinstance(a, Tensor) and id(a) in self.aliases]
 
-    def _derive(self, out: Tensor, source: _Alias, index: Tensor, scale: float, factor: Factor | None = None) -> None:
+    def _derive(
+        self,
+        out: Tensor,
+        source: _Alias,
+        index: Tensor,
+        scale: float,
+        factor: Factor | None = None,
+        arithmetic: bool = False,
+    ) -> None:
         factor = factor if factor is not None else source.factor
-        self.aliases[id(out)] = _Alias(source.name, index, source.scale * scale, out, source.exp, factor)
+        arithmetic = arithmetic or source.arithmetic
+        self.aliases[id(out)] = _Alias(source.name, index, source.scale * scale, out, source.exp, factor, arithmetic)
 
     def _same_view(self, func, args: tuple, kwargs: dict, out: Tensor, name: str, index: Tensor) -> Tensor:
         """The view, copy or reshape ``func`` applied to another tensor shaped like its input."""
@@ -205,7 +221,7 @@ class _Recorder(TorchDispatchMode):
             self._derive(out, alias, index, 1.0, factor)
             return
         if name == "exp" and hits == [0] and not alias.exp and alias.factor is None and alias.scale == 1.0:
-            self._derive(out, alias, alias.index, 1.0)
+            self._derive(out, alias, alias.index, 1.0, arithmetic=True)
             self.aliases[id(out)].exp = True
             return
         if name == "mul" and len(hits) == 2:
@@ -234,14 +250,14 @@ class _Recorder(TorchDispatchMode):
 
     def _pointwise(self, name: str, args: tuple, kwargs: dict, pos: int, out: Tensor, alias: _Alias) -> None:
         if name == "neg":
-            self._derive(out, alias, alias.index, -1.0)
+            self._derive(out, alias, alias.index, -1.0, arithmetic=True)
             return
         other = args[1 - pos] if len(args) > 1 else None
         alpha = float(kwargs.get("alpha", 1))
         if name in ("add", "sub"):
             factor = 1.0 if pos == 0 else (alpha if name == "add" else -alpha)
             if _scalar(other) is not None:
-                self._derive(out, alias, alias.index, factor)  # a shift does not change the derivative
+                self._derive(out, alias, alias.index, factor, arithmetic=True)  # a shift: same derivative
             else:
                 self._elementwise(out, alias, factor, None)
             return
@@ -249,7 +265,7 @@ class _Recorder(TorchDispatchMode):
             raise GramUnsupported("a parameter is used as a divisor")
         value = _scalar(other)
         if value is not None:
-            self._derive(out, alias, alias.index, 1.0 / value if name == "div" else value)
+            self._derive(out, alias, alias.index, 1.0 / value if name == "div" else value, arithmetic=True)
         elif name == "mul":
             self._elementwise(out, alias, 1.0, other)
         else:
@@ -265,12 +281,13 @@ class _Recorder(TorchDispatchMode):
         values = (scaling_tensor.detach() / scaling.scale).expand(out.shape)
         factor = Factor(scaling.name, scaling.index.expand(out.shape), values)
         index = weight.index.expand(out.shape) if weight.index.shape != out.shape else weight.index
-        self.aliases[id(out)] = _Alias(weight.name, index, scaling.scale * weight.scale, out, False, factor)
+        self.aliases[id(out)] = _Alias(weight.name, index, scaling.scale * weight.scale, out, False, factor, True)
 
     def _elementwise(self, out: Tensor, alias: _Alias, factor: float, other: Tensor | None) -> None:
         if alias.factor is not None:
             raise GramUnsupported("a weight built from parameters is used elementwise")
         use = Use(alias.name, UseKind.ELEMENTWISE, out, out._version, alias.index, alias.scale * factor, other)
+        use.plain = not alias.arithmetic and alias.scale == 1.0 and factor == 1.0
         self.recording.uses.append(use)
 
     def _matrix(self, operands: tuple, pos: int, out: Tensor, alias: _Alias, factor: float) -> None:
@@ -278,6 +295,7 @@ class _Recorder(TorchDispatchMode):
         kind = UseKind.RIGHT if pos == 1 else UseKind.LEFT
         base = alias.index.untyped_storage().data_ptr() in self.bases
         use = Use(alias.name, kind, out, out._version, alias.index, alias.scale * factor, other, base, alias.factor)
+        use.plain = not alias.arithmetic and alias.scale == 1.0 and factor == 1.0 and alias.factor is None
         self.recording.uses.append(use)
 
 
