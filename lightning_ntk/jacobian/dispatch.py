@@ -3,8 +3,8 @@ tried fastest first, each term on the first path that applies to it.
 
 ``"gram"`` (:mod:`~lightning_ntk.jacobian.gram`)
     Gram identities over the parameter uses recorded in one residual evaluation and one backward
-    per output component (``benchmarks/exact_cost.py``: 0.9–1.3 training steps for scalar residuals,
-    1.1 for a two-output 2-D PINN) for residuals in any style (autograd,
+    per output component (``benchmarks/exact_cost.py``: 0.8–1.1 training steps for scalar residuals,
+    1.0 for a two-output 2-D PINN) for residuals in any style (autograd,
     :mod:`lightning_ntk.derivatives`, ``torch.func``, :class:`~lightning_ntk.taylor.TaylorMLP`).
     Cross-checked once per module and batch layout against a per-point path on three points per term.
 ``"vmap"`` (:mod:`~lightning_ntk.jacobian.vmap`)

@@ -15,7 +15,9 @@ respect to that row of the product's output. A parameter broadcast over points i
 One call, in three steps, each in its own module:
 
 1. :mod:`~.recording` — evaluate the residuals once under a ``TorchDispatchMode`` that records every
-   use of a trainable parameter (:func:`~.recording.record_uses`).
+   use of a trainable parameter (:func:`~.recording.record_uses`). A warm call instead evaluates them
+   plainly and finds the uses in the autograd graph (:mod:`~.walking`), where the confirming call
+   showed that this finds every use with the same operand.
 2. :mod:`~.layouts` — where the points sit in each use's output, confirmed once per module and batch
    layout by a seeded second backward and kept as one :class:`~.layouts.LayoutEntry`.
 3. :mod:`~.accumulation` — the Gram products, per parameter, for all uses and output components.
@@ -52,6 +54,9 @@ Invariants (each checked where it is named):
 10. A component's backward is cut only at a ``stack``/``cat`` branch that it did not reach on the
     confirming batch and another component did (:mod:`~.cuts`); a nonzero gradient arriving at a cut
     on a warm call makes the norms of the terms in that backward NaN.
+11. A walk stands in for the recorder only where no number read during the evaluation is applied to
+    a parameter (the graph does not show it), and only for a graph with the confirmed node names in
+    the confirmed order and each parameter's accumulator in its place; anything else records again.
 """
 
 from __future__ import annotations
