@@ -71,7 +71,7 @@ from torch.autograd.graph import GradientEdge
 from lightning_ntk.jacobian.gram import cuts, walking
 from lightning_ntk.jacobian.gram.accumulation import plan_use, term_norms
 from lightning_ntk.jacobian.gram.layouts import LayoutEntry, UseKey, UsePlan, choose_layout
-from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, fingerprint, record_uses
+from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, evaluate_plainly, fingerprint, record_uses
 
 __all__ = ["GramResult", "GramUnsupported", "LayoutEntry", "gram_squared_norms"]
 
@@ -171,7 +171,7 @@ def _found_again(
     A warm call walks the graph of a plain evaluation where the entry has a walk plan; otherwise, or
     if the walk does not find the planned graph, the recorder runs."""
     if known is not None and known.walk is not None:
-        residuals = residuals_fn(batch)
+        residuals = evaluate_plainly(residuals_fn, batch)
         flat = _flat(residuals)
         uses = walking.walk_uses(known.walk, list(flat.values()), params)
         located = None if uses is None else _locate_cuts(known, list(flat.values()))

@@ -8,6 +8,7 @@ A use it cannot model raises :class:`GramUnsupported` with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Factor", "GramUnsupported", "Use", "UseKind", "fingerprint", "record_uses"]
+__all__ = ["Factor", "GramUnsupported", "Use", "UseKind", "evaluate_plainly", "fingerprint", "record_uses"]
 
 # Ops whose output carries no derivative of their input's values.
 _NO_DERIVATIVE = {
@@ -61,7 +62,13 @@ def record_uses(
     return residuals, rec.uses
 
 
-def _evaluate(recorder: _Recorder, residuals_fn: Callable[[object], Mapping[str, Tensor]], batch: object):
+def evaluate_plainly(residuals_fn: Callable[[object], Mapping[str, Tensor]], batch: object) -> Mapping[str, Tensor]:
+    """One residual evaluation as :func:`record_uses` makes it (TorchDynamo off around it, so nothing is
+    compiled for it), without the recording."""
+    return _without_dynamo()(contextlib.nullcontext(), residuals_fn, batch)
+
+
+def _evaluate(recorder, residuals_fn: Callable[[object], Mapping[str, Tensor]], batch: object):
     with recorder:
         return residuals_fn(batch)
 

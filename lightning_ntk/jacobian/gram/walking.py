@@ -15,7 +15,9 @@ recorded operand (same storage, offset, shape and strides). A use whose operand 
 during the evaluation (a scaling, an ``exp`` weight factorization) is left to the recorder, since the
 graph does not show the number. :func:`walk_uses` follows the plan on a warm call: the graph is walked
 breadth first and accepted only if it has the confirmed node names in the confirmed order and every
-parameter leaf at its place, and then each use takes its operand from its node.
+parameter leaf at its place, and then each use takes its operand from its node. (The forward of a
+network compiled with ``torch.compile`` is one node that hides its products: there the walk does not
+find the planned graph, and the recorder runs, as before.)
 """
 
 from __future__ import annotations
