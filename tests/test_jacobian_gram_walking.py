@@ -112,6 +112,30 @@ def test_a_use_scaled_by_a_number_is_never_walked():
     assert_exact(exact_traces(model, batch), model, batch)
 
 
+class Temperature(ScaledWeight):
+    """The output weight scaled by a Python number (saved with its graph node) that a schedule changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = 1.0
+
+    def net(self, x):
+        return F.linear(torch.tanh(self.inner(x)), self.outer.weight * self.temperature, self.outer.bias)
+
+
+def test_a_weight_scaled_by_a_changed_python_number_hands_over_to_the_recorder():
+    model = Temperature()
+    batch = poisson_batch(n_r=7)
+    exact_traces(model, batch)
+    entry = layout_entry(model, batch)
+    assert entry.walk is not None  # the number is saved with the node: the walk can check it
+    assert_exact(exact_traces(model, batch), model, batch)
+    assert entry.walk is not None
+    model.temperature = 0.25
+    assert_exact(exact_traces(model, batch), model, batch)
+    assert entry.walk is None
+
+
 class Alpha(AutogradPoisson):
     """``addmm`` with an ``alpha`` that changes between calls: saved with the node, so a walk sees it."""
 

@@ -93,7 +93,9 @@ class _Alias:
     keep: Tensor  # keeps the tensor alive so that its id() stays unique while recording
     exp: bool = False
     factor: Factor | None = None
-    arithmetic: bool = False  # reached through an op that changes values (a scaling, exp), not views and copies
+    # Reached through an op whose effect on the derivative a later graph does not show: a scaling by a
+    # tensor's value, or exp (a number saved with a graph node, a Python scalar, is shown).
+    arithmetic: bool = False
 
 
 @dataclass
@@ -118,8 +120,8 @@ class Use:
     other: Tensor | None  # L, R, or the elementwise factor (None: factor 1)
     view_of_base: bool = False  # index is a view of the parameter's own arange (not of a copy)
     factor: Factor | None = None  # the operand is exp(S) ⊙ P (matrix uses only)
-    # The operand is the parameter through views and copies, and the op applies no number to it: a
-    # later evaluation of the same graph makes the same use with nothing read but its tensors.
+    # Every number applied to the parameter on its way here is a Python scalar (saved with a graph
+    # node, so a later graph shows whether it changed), never a tensor's value or an exp.
     plain: bool = False
 
 
@@ -257,14 +259,14 @@ class _Recorder(TorchDispatchMode):
 
     def _pointwise(self, name: str, args: tuple, kwargs: dict, pos: int, out: Tensor, alias: _Alias) -> None:
         if name == "neg":
-            self._derive(out, alias, alias.index, -1.0, arithmetic=True)
+            self._derive(out, alias, alias.index, -1.0)
             return
         other = args[1 - pos] if len(args) > 1 else None
         alpha = float(kwargs.get("alpha", 1))
         if name in ("add", "sub"):
             factor = 1.0 if pos == 0 else (alpha if name == "add" else -alpha)
             if _scalar(other) is not None:
-                self._derive(out, alias, alias.index, factor, arithmetic=True)  # a shift: same derivative
+                self._derive(out, alias, alias.index, factor)  # a shift does not change the derivative
             else:
                 self._elementwise(out, alias, factor, None)
             return
@@ -272,7 +274,8 @@ class _Recorder(TorchDispatchMode):
             raise GramUnsupported("a parameter is used as a divisor")
         value = _scalar(other)
         if value is not None:
-            self._derive(out, alias, alias.index, 1.0 / value if name == "div" else value, arithmetic=True)
+            scale = 1.0 / value if name == "div" else value
+            self._derive(out, alias, alias.index, scale, arithmetic=isinstance(other, Tensor))
         elif name == "mul":
             self._elementwise(out, alias, 1.0, other)
         else:
@@ -294,7 +297,7 @@ class _Recorder(TorchDispatchMode):
         if alias.factor is not None:
             raise GramUnsupported("a weight built from parameters is used elementwise")
         use = Use(alias.name, UseKind.ELEMENTWISE, out, out._version, alias.index, alias.scale * factor, other)
-        use.plain = not alias.arithmetic and alias.scale == 1.0 and factor == 1.0
+        use.plain = not alias.arithmetic
         self.recording.uses.append(use)
 
     def _matrix(self, operands: tuple, pos: int, out: Tensor, alias: _Alias, factor: float) -> None:
@@ -302,7 +305,7 @@ class _Recorder(TorchDispatchMode):
         kind = UseKind.RIGHT if pos == 1 else UseKind.LEFT
         base = alias.index.untyped_storage().data_ptr() in self.bases
         use = Use(alias.name, kind, out, out._version, alias.index, alias.scale * factor, other, base, alias.factor)
-        use.plain = not alias.arithmetic and alias.scale == 1.0 and factor == 1.0 and alias.factor is None
+        use.plain = not alias.arithmetic and alias.factor is None
         self.recording.uses.append(use)
 
 

@@ -11,11 +11,13 @@ input of ``torch.autograd.grad``.
 
 :func:`plan_walk` decides, on the confirming call, whether that holds for every use, comparing what the
 recorder saw with what the graph holds: the node of each output, the saved attribute that *is* the
-recorded operand (same storage, offset, shape and strides). A use whose operand carries a number read
-during the evaluation (a scaling, an ``exp`` weight factorization) is left to the recorder, since the
-graph does not show the number. :func:`walk_uses` follows the plan on a warm call: the graph is walked
-breadth first and accepted only if it has the confirmed node names in the confirmed order and every
-parameter leaf at its place, and then each use takes its operand from its node. (The forward of a
+recorded operand (same storage, offset, shape and strides). The recorded scale of a use comes from
+Python scalars (``alpha`` of ``addmm``, ``W * 0.5``), which the nodes save, and the plan keeps every
+number saved with a node; a use scaled by a tensor's value or built with ``exp`` (a weight
+factorization) is left to the recorder, since the graph does not show that number. :func:`walk_uses`
+follows the plan on a warm call: the graph is walked breadth first and accepted only if it has the
+confirmed node names in the confirmed order, every parameter leaf at its place and every saved number
+unchanged, and then each use takes its operand from its node. (The forward of a
 network compiled with ``torch.compile`` is one node that hides its products: there the walk does not
 find the planned graph, and the recorder runs, as before.)
 """
@@ -32,9 +34,6 @@ from lightning_ntk.jacobian.gram.cuts import Graph
 from lightning_ntk.jacobian.gram.recording import Use
 
 __all__ = ["WalkPlan", "plan_walk", "walk_uses"]
-
-# Scalars saved with a node that multiply an operand: a walk requires them to stay 1.
-_SCALARS = ("_saved_alpha", "_saved_beta")
 
 
 @dataclass(frozen=True)
@@ -54,19 +53,30 @@ class WalkPlan:
     Attributes:
         names: Every node's name, in the breadth-first order of :class:`~.cuts.Graph`.
         leaves: ``(position, parameter name)`` of every parameter's gradient accumulator.
+        numbers: ``(position, attribute, value)`` of every number saved with a node (Python numbers
+            and host scalars).
         sites: Per recorded use, where it is (``None``: no gradient reaches its output from the residuals).
         uses: The recorded uses without their tensors (what a walked use keeps of them).
     """
 
     names: tuple[str, ...]
     leaves: tuple[tuple[int, str], ...]
+    numbers: tuple[tuple[int, str, float], ...]
     sites: tuple[_Site | None, ...]
     uses: tuple[Use, ...]
 
 
 def plan_walk(uses: Sequence[Use], roots: Sequence[Tensor], params: Mapping[str, Tensor]) -> WalkPlan | None:
     """How to find ``uses`` (just recorded) in a later graph of the same shape, or ``None`` if a use
-    cannot be found from the graph alone."""
+    cannot be found from the graph alone (or the graph holds what a walk cannot read, such as the
+    storage-less tensors ``torch.func`` saves: the walk is only ever a shortcut for the recorder)."""
+    try:
+        return _plan(uses, roots, params)
+    except RuntimeError:
+        return None
+
+
+def _plan(uses: Sequence[Use], roots: Sequence[Tensor], params: Mapping[str, Tensor]) -> WalkPlan | None:
     graph = Graph(roots)
     names = {id(p): name for name, p in params.items()}
     leaves = tuple(
@@ -80,7 +90,7 @@ def plan_walk(uses: Sequence[Use], roots: Sequence[Tensor], params: Mapping[str,
         if not use.output.requires_grad or node not in graph.index:
             sites.append(None)
             continue
-        if not use.plain or not _unit_scalars(node):
+        if not use.plain:
             return None
         other = None
         if use.other is not None:
@@ -88,18 +98,33 @@ def plan_walk(uses: Sequence[Use], roots: Sequence[Tensor], params: Mapping[str,
             if other is None:
                 return None
         sites.append(_Site(graph.index[node], use.output.output_nr, other))
+    numbers = tuple(
+        (i, a, value)
+        for i, node in enumerate(graph.nodes)
+        for a in _saved(node)
+        if (value := _number(getattr(node, a))) is not None and value == value  # a NaN never compares equal
+    )
     bare = tuple(replace(u, output=None, other=None, index=None) for u in uses)
-    return WalkPlan(tuple(n.name() for n in graph.nodes), leaves, tuple(sites), bare)
+    return WalkPlan(tuple(n.name() for n in graph.nodes), leaves, numbers, tuple(sites), bare)
 
 
 def walk_uses(plan: WalkPlan, roots: Sequence[Tensor], params: Mapping[str, Tensor]) -> list[Use] | None:
     """The planned uses with this evaluation's operands, and gradient edges for their outputs, or
     ``None`` if this graph is not the planned one (then the recorder runs)."""
+    try:
+        return _walk(plan, roots, params)
+    except RuntimeError:
+        return None
+
+
+def _walk(plan: WalkPlan, roots: Sequence[Tensor], params: Mapping[str, Tensor]) -> list[Use] | None:
     graph = Graph(roots)
     nodes = graph.nodes
     if len(nodes) != len(plan.names) or any(n.name() != name for n, name in zip(nodes, plan.names, strict=True)):
         return None
     if any(nodes[i].variable is not params[name] for i, name in plan.leaves):
+        return None
+    if any(_number(getattr(nodes[i], a)) != value for i, a, value in plan.numbers):
         return None
     walked = []
     for use, site in zip(plan.uses, plan.sites, strict=True):
@@ -107,15 +132,27 @@ def walk_uses(plan: WalkPlan, roots: Sequence[Tensor], params: Mapping[str, Tens
             walked.append(use)
             continue
         node = nodes[site.node]
-        if not _unit_scalars(node):
-            return None
         other = None if site.other is None else getattr(node, site.other)
         walked.append(replace(use, output=GradientEdge(node, site.output_nr), other=other))
     return walked
 
 
+def _number(value: object) -> float | None:
+    """A saved Python number, or the value of a saved host scalar (``W * 0.5`` saves ``0.5`` as a
+    0-dim CPU tensor), read without a dispatched op; ``None`` for anything else."""
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, Tensor) and value.ndim == 0 and value.device.type == "cpu" and not value.requires_grad:
+        return value.tolist()
+    return None
+
+
+def _saved(node) -> list[str]:
+    return [a for a in dir(node) if a.startswith("_saved_")]
+
+
 def _saved_tensors(node) -> list[str]:
-    return [a for a in dir(node) if a.startswith("_saved_") and isinstance(getattr(node, a), Tensor)]
+    return [a for a in _saved(node) if isinstance(getattr(node, a), Tensor)]
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -125,7 +162,3 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
         and a.shape == b.shape
         and a.stride() == b.stride()
     )
-
-
-def _unit_scalars(node) -> bool:
-    return all(getattr(node, a, 1) == 1 for a in _SCALARS)
