@@ -54,9 +54,10 @@ Invariants (each checked where it is named):
 10. A component's backward is cut only at a ``stack``/``cat`` branch that it did not reach on the
     confirming batch and another component did (:mod:`~.cuts`); a nonzero gradient arriving at a cut
     on a warm call makes the norms of the terms in that backward NaN.
-11. A walk stands in for the recorder only where no number read during the evaluation is applied to
-    a parameter (the graph does not show it), and only for a graph with the confirmed node names in
-    the confirmed order and each parameter's accumulator in its place; anything else records again.
+11. A walk stands in for the recorder only where every number applied to a parameter is one the
+    graph saves (a Python scalar, not a tensor's value or an ``exp``), and only for a graph with the
+    confirmed node names in the confirmed order, each parameter's accumulator in its place and every
+    saved number unchanged; anything else records again.
 """
 
 from __future__ import annotations
