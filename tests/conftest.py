@@ -106,6 +106,13 @@ class StackedTwoField(nn.Module):
         return {"data": self.net(x_d) - 1.0, "pde": torch.stack(rows, 1)}
 
 
+def two_branches():
+    """``x``, two branches ``a = sin 2x`` and ``b = cos 3x``, and the residual ``stack([Σa, Σb], 1)``."""
+    x = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    a, b = (2 * x).sin(), (3 * x).cos()
+    return x, a, b, torch.stack([a.sum(1), b.sum(1)], 1)
+
+
 def two_field_batch(n_d: int = 5, n_r: int = 9, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n_d, 2, generator=g, dtype=torch.float64), torch.rand(n_r, 2, generator=g, dtype=torch.float64)

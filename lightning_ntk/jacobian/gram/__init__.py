@@ -71,6 +71,7 @@ from torch.autograd.graph import GradientEdge
 
 from lightning_ntk.jacobian.gram import cuts, walking
 from lightning_ntk.jacobian.gram.accumulation import plan_use, term_norms
+from lightning_ntk.jacobian.gram.graph import Graph, locate
 from lightning_ntk.jacobian.gram.layouts import LayoutEntry, UseKey, UsePlan, choose_layout
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, evaluate_plainly, fingerprint, record_uses
 
@@ -222,7 +223,7 @@ def _confirm(
     seeds = torch.Generator(device="cpu").manual_seed(0)
     terms = [t for t in flat if t not in skip]
     several = any(flat[t].shape[1] > 1 for t in terms)
-    graph = cuts.Graph(list(flat.values())) if several else None
+    graph = Graph(list(flat.values())) if several else None
     reach: dict[str, list[set[int]]] = {}
     grads: dict[str, list[Grads]] = {}
     touched: dict[str, set[int]] = {}
@@ -263,7 +264,7 @@ def _confirm(
     return entry, grads, backwards
 
 
-def _cut_nodes(graph: cuts.Graph, reach: list[list[set[int]]], c: int) -> list[int]:
+def _cut_nodes(graph: Graph, reach: list[list[set[int]]], c: int) -> list[int]:
     """Where to cut the backward of component ``c`` of some terms, given what each term's components reach."""
     mine = set().union(*(r[c] for r in reach if c < len(r)))
     others = set().union(*(s for r in reach for k, s in enumerate(r) if k != c))
@@ -274,7 +275,7 @@ def _locate_cuts(entry: LayoutEntry, roots: list[Tensor]) -> dict[tuple[int, int
     """The entry's cut nodes in this call's graph, or ``None`` if the graph is not the confirmed one."""
     located = {}
     for key, found in entry.cuts.items():
-        nodes = cuts.locate(found, roots)
+        nodes = locate(found, roots)
         if nodes is None:
             return None
         located[key] = nodes

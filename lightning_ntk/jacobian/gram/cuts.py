@@ -9,7 +9,7 @@ parameter use in ``r_q``'s graph gets a zero gradient that the Gram products the
 
 A **cut** is a node of the autograd graph where that stops. It is found once per module and batch
 layout (:func:`find_cuts`) and located again in each new graph by its path from a residual
-(:func:`locate`); a warm backward starts each cut node with no gradient at all (a node pre-hook), so
+(:func:`~.graph.locate`); a warm backward starts each cut node with no gradient at all (a node pre-hook), so
 autograd skips everything below it that component ``c`` does not reach, and the uses there come back
 as ``None`` (:func:`backward`).
 
@@ -31,75 +31,19 @@ callback reports non-finite traces for them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["SPLITTING", "Cut", "Graph", "backward", "find_cuts", "locate", "reached"]
+from lightning_ntk.jacobian.gram.graph import Graph
+
+__all__ = ["SPLITTING", "backward", "find_cuts", "reached"]
 
 # Backward nodes that give each input its own part of the incoming gradient (and nothing else).
 SPLITTING = frozenset({"StackBackward0", "CatBackward0"})
 
 # Gradients of one backward, aligned with its inputs (None: not reached).
 Grads = tuple[Tensor | None, ...]
-
-
-class Cut(NamedTuple):
-    """Where a cut node sits: the residual it is reached from, then ``(edge, node name)`` per hop."""
-
-    root: int
-    steps: tuple[tuple[int, str], ...]
-
-
-class Graph:
-    """The autograd graph below some residuals, walked breadth first (so paths are shortest).
-
-    Attributes:
-        nodes: Every node, in the order found.
-        parents: Node position → positions of the nodes with an edge into it.
-        via: Node position → how it was first reached: ``(parent position, edge)``, or
-            ``(-1 - root, -1)`` for the node of residual ``root``.
-    """
-
-    def __init__(self, roots: Sequence[Tensor]) -> None:
-        self.nodes: list = []
-        self.index: dict = {}
-        self.parents: dict[int, list[int]] = {}
-        self.via: dict[int, tuple[int, int]] = {}
-        frontier = []
-        for k, r in enumerate(roots):
-            if r.grad_fn is not None and r.grad_fn not in self.index:
-                self._add(r.grad_fn, (-1 - k, -1))
-                frontier.append(r.grad_fn)
-        while frontier:
-            following = []
-            for node in frontier:
-                i = self.index[node]
-                for edge, (child, _) in enumerate(node.next_functions):
-                    if child is None:
-                        continue
-                    j = self.index.get(child)
-                    if j is None:
-                        j = self._add(child, (i, edge))
-                        following.append(child)
-                    self.parents.setdefault(j, []).append(i)
-            frontier = following
-
-    def _add(self, node, via: tuple[int, int]) -> int:
-        i = self.index[node] = len(self.nodes)
-        self.nodes.append(node)
-        self.via[i] = via
-        return i
-
-    def path(self, i: int) -> Cut:
-        steps = []
-        while True:
-            parent, edge = self.via[i]
-            if edge < 0:
-                return Cut(-1 - parent, tuple(reversed(steps)))
-            steps.append((edge, self.nodes[i].name()))
-            i = parent
 
 
 def reached(graph: Graph, output: Tensor, inputs: Sequence[Tensor]) -> set[int]:
@@ -138,23 +82,6 @@ def find_cuts(graph: Graph, mine: set[int], others: set[int]) -> list[int]:
         if entered and all(graph.nodes[p].name() in SPLITTING for p in entered):
             cuts.append(i)
     return cuts
-
-
-def locate(cuts: Sequence[Cut], roots: Sequence[Tensor]) -> list | None:
-    """The nodes of this call's graph at ``cuts``, or ``None`` if a path leads elsewhere (the graph
-    is not the one the cuts were found in)."""
-    nodes = []
-    for cut in cuts:
-        if cut.root >= len(roots) or roots[cut.root].grad_fn is None:
-            return None
-        node = roots[cut.root].grad_fn
-        for edge, name in cut.steps:
-            following = node.next_functions
-            if edge >= len(following) or following[edge][0] is None or following[edge][0].name() != name:
-                return None
-            node = following[edge][0]
-        nodes.append(node)
-    return nodes
 
 
 def backward(output: Tensor, inputs: Sequence[Tensor], cut: Sequence = (), arriving: list | None = None) -> Grads:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_ntk.jacobian.gram.cuts import Cut
+from lightning_ntk.jacobian.gram.graph import NodePath
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, UseKind
 from lightning_ntk.jacobian.gram.walking import WalkPlan
 from lightning_ntk.points import POINTWISE_RTOL
@@ -196,6 +196,6 @@ class LayoutEntry:
     plans: dict[UseKey, UsePlan] = field(default_factory=dict)
     groups: list[list[str]] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
-    cuts: dict[tuple[int, int], tuple[Cut, ...]] = field(default_factory=dict)
+    cuts: dict[tuple[int, int], tuple[NodePath, ...]] = field(default_factory=dict)
     walk: WalkPlan | None = None
     workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False)

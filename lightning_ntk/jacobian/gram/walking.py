@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from lightning_ntk.jacobian.gram.cuts import Graph
+from lightning_ntk.jacobian.gram.graph import Graph
 from lightning_ntk.jacobian.gram.recording import Use
 
 __all__ = ["WalkPlan", "plan_walk", "walk_uses"]
@@ -51,7 +51,7 @@ class WalkPlan:
     """What a walk must find to stand in for the recorder.
 
     Attributes:
-        names: Every node's name, in the breadth-first order of :class:`~.cuts.Graph`.
+        names: Every node's name, in the breadth-first order of :class:`~.graph.Graph`.
         leaves: ``(position, parameter name)`` of every parameter's gradient accumulator.
         numbers: ``(position, attribute, value)`` of every number saved with a node (Python numbers
             and host scalars).

@@ -1,0 +1,90 @@
+"""The autograd graph below a call's residuals, and paths that find a node again in a later call's graph.
+
+A warm call builds a new graph; what was learned about the confirming call's graph (where to cut a
+component's backward, :mod:`~.cuts`; where each parameter use is, :mod:`~.walking`) is kept as positions
+in a breadth-first walk or as paths of ``(edge, node name)`` from a residual, and found again by
+walking or following them, each step checked by the node's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import Tensor
+
+__all__ = ["Graph", "NodePath", "locate"]
+
+
+class NodePath(NamedTuple):
+    """Where a node sits: the residual it is reached from, then ``(edge, node name)`` per hop."""
+
+    root: int
+    steps: tuple[tuple[int, str], ...]
+
+
+class Graph:
+    """The autograd graph below some residuals, walked breadth first (so paths are shortest).
+
+    Attributes:
+        nodes: Every node, in the order found.
+        parents: Node position → positions of the nodes with an edge into it.
+        via: Node position → how it was first reached: ``(parent position, edge)``, or
+            ``(-1 - root, -1)`` for the node of residual ``root``.
+    """
+
+    def __init__(self, roots: Sequence[Tensor]) -> None:
+        self.nodes: list = []
+        self.index: dict = {}
+        self.parents: dict[int, list[int]] = {}
+        self.via: dict[int, tuple[int, int]] = {}
+        frontier = []
+        for k, r in enumerate(roots):
+            if r.grad_fn is not None and r.grad_fn not in self.index:
+                self._add(r.grad_fn, (-1 - k, -1))
+                frontier.append(r.grad_fn)
+        while frontier:
+            following = []
+            for node in frontier:
+                i = self.index[node]
+                for edge, (child, _) in enumerate(node.next_functions):
+                    if child is None:
+                        continue
+                    j = self.index.get(child)
+                    if j is None:
+                        j = self._add(child, (i, edge))
+                        following.append(child)
+                    self.parents.setdefault(j, []).append(i)
+            frontier = following
+
+    def _add(self, node, via: tuple[int, int]) -> int:
+        i = self.index[node] = len(self.nodes)
+        self.nodes.append(node)
+        self.via[i] = via
+        return i
+
+    def path(self, i: int) -> NodePath:
+        steps = []
+        while True:
+            parent, edge = self.via[i]
+            if edge < 0:
+                return NodePath(-1 - parent, tuple(reversed(steps)))
+            steps.append((edge, self.nodes[i].name()))
+            i = parent
+
+
+def locate(paths: Sequence[NodePath], roots: Sequence[Tensor]) -> list | None:
+    """The nodes of this call's graph at ``paths``, or ``None`` if a path leads elsewhere (the graph
+    is not the one the paths were taken in)."""
+    nodes = []
+    for path in paths:
+        if path.root >= len(roots) or roots[path.root].grad_fn is None:
+            return None
+        node = roots[path.root].grad_fn
+        for edge, name in path.steps:
+            following = node.next_functions
+            if edge >= len(following) or following[edge][0] is None or following[edge][0].name() != name:
+                return None
+            node = following[edge][0]
+        nodes.append(node)
+    return nodes

@@ -1,0 +1,32 @@
+"""The autograd graph walk and node paths (lightning_ntk.jacobian.gram.graph)."""
+
+from __future__ import annotations
+
+from conftest import two_branches
+
+from lightning_ntk.jacobian.gram.graph import Graph, NodePath, locate
+
+
+def test_the_walk_is_breadth_first_from_the_residuals_and_knows_every_parent():
+    x, a, _, r = two_branches()
+    graph = Graph([r])
+    assert graph.nodes[0] is r.grad_fn  # StackBackward0
+    assert graph.nodes[1:3] == [r.grad_fn.next_functions[0][0], r.grad_fn.next_functions[1][0]]
+    sin = a.grad_fn
+    assert graph.parents[graph.index[sin]] == [1]
+    assert graph.path(graph.index[sin]) == NodePath(0, ((0, "SumBackward1"), (0, "SinBackward0")))
+    assert x.grad_fn is None and len(graph.nodes) == len(set(graph.nodes))
+
+
+def test_locate_finds_a_node_again_in_a_new_graph_and_refuses_another_graph():
+    _, _, _, r = two_branches()
+    graph = Graph([r])
+    i = graph.index[r.grad_fn.next_functions[0][0]]
+    path = graph.path(i)
+    assert path == NodePath(0, ((0, "SumBackward1"),))
+    *_, again = two_branches()
+    (node,) = locate([path], [again])
+    assert node.name() == graph.nodes[i].name()
+    wrong = NodePath(path.root, (*path.steps[:-1], (path.steps[-1][0], "TanhBackward0")))
+    assert locate([wrong], [again]) is None
+    assert locate([path], [again.detach()]) is None
