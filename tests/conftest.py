@@ -12,7 +12,8 @@ from torch.func import hessian, vmap
 
 from lightning_ntk import PINNModule
 from lightning_ntk.derivatives import partial
-from lightning_ntk.memory import forget
+from lightning_ntk.memory import forget, memory_of
+from lightning_ntk.points import batch_signature
 
 
 def mlp(d_in: int = 1, width: int = 8, d_out: int = 1, depth: int = 2) -> nn.Sequential:
@@ -154,6 +155,18 @@ def reference_point_norms(module: nn.Module, batch, params=None) -> dict[str, to
 def reference_traces(module: nn.Module, batch, params=None) -> dict[str, torch.Tensor]:
     """Tr K_ii from a hand-built Jacobian: the sum of :func:`reference_point_norms`."""
     return {name: v.sum() for name, v in reference_point_norms(module, batch, params).items()}
+
+
+def layout_entry(module: nn.Module, batch):
+    """What the Gram path confirmed for ``module`` and this batch's layout."""
+    return memory_of(module).exact[batch_signature(batch)].layouts
+
+
+def assert_exact(estimate, module: nn.Module, batch) -> None:
+    """Every trace of ``estimate`` equals the hand-built Jacobian's to 1e-10."""
+    want = reference_traces(module, batch)
+    for name in want:
+        torch.testing.assert_close(estimate.traces[name], want[name], rtol=1e-10, atol=0)
 
 
 @pytest.fixture(autouse=True)

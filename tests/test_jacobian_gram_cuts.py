@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import StackedTwoField, mlp, reference_traces, two_branches, two_field_batch
+from conftest import StackedTwoField, assert_exact, layout_entry, mlp, two_branches, two_field_batch
 from torch import nn
 
 from lightning_ntk.estimators.exact import exact_traces
 from lightning_ntk.jacobian.gram import cuts
 from lightning_ntk.jacobian.gram.graph import Graph
-from lightning_ntk.memory import memory_of
-from lightning_ntk.points import batch_signature
-
-
-def layout_entry(model, batch):
-    return memory_of(model).exact[batch_signature(batch)].layouts
-
-
-def assert_exact(est, model, batch):
-    want = reference_traces(model, batch)
-    for name in want:
-        torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
 
 
 def test_each_component_backward_stops_at_the_other_components_stack_branch():

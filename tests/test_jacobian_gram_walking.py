@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from conftest import AutogradPoisson, StackedTwoField, poisson_batch, reference_traces, two_field_batch
+from conftest import (
+    AutogradPoisson,
+    StackedTwoField,
+    assert_exact,
+    layout_entry,
+    poisson_batch,
+    reference_traces,
+    two_field_batch,
+)
 from torch import nn
 
 import lightning_ntk.jacobian.gram as gram
@@ -14,18 +22,6 @@ from lightning_ntk.contract import trainable_parameters
 from lightning_ntk.estimators.exact import exact_traces
 from lightning_ntk.jacobian.gram import walking
 from lightning_ntk.jacobian.gram.recording import record_uses
-from lightning_ntk.memory import memory_of
-from lightning_ntk.points import batch_signature
-
-
-def layout_entry(model, batch):
-    return memory_of(model).exact[batch_signature(batch)].layouts
-
-
-def assert_exact(est, model, batch):
-    want = reference_traces(model, batch)
-    for name in want:
-        torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
 
 
 class Recordings:
