@@ -17,9 +17,12 @@ number saved with a node; a use scaled by a tensor's value or built with ``exp``
 factorization) is left to the recorder, since the graph does not show that number. :func:`walk_uses`
 follows the plan on a warm call: the graph is walked breadth first and accepted only if it has the
 confirmed node names in the confirmed order, every parameter leaf at its place and every saved number
-unchanged, and then each use takes its operand from its node. (The forward of a
-network compiled with ``torch.compile`` is one node that hides its products: there the walk does not
-find the planned graph, and the recorder runs, as before.)
+unchanged, and then each use takes its operand from its node. Every saved number counts, not only
+those applied to parameters: a residual whose coefficient follows a schedule (``beta * u_x`` with a
+changing Python ``beta``) hands over to the recorder at its first change, for good (exact, at the
+recorder's cost). The forward of a network compiled with ``torch.compile`` is one node that hides
+its products: there the walk does not find the planned graph either, and the recorder runs, as
+before.
 """
 
 from __future__ import annotations
