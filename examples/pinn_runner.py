@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_ntk import NTKWeightingCallback, PINNModule, TraceAverager, WeightRule
+from lightning_ntk import AdaptiveCollocation, NTKWeightingCallback, PINNModule, TraceAverager, WeightRule
 from lightning_ntk.metrics import RelativeL2Error
 
 WEIGHTINGS = ("plain", "ntk", "ntk_fd", "grad_norm")
@@ -203,6 +203,19 @@ def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) 
     p.add_argument("--boundary", type=int, default=64, help="boundary points per step")
     p.add_argument("--interior", type=int, default=256, help="PDE points per step")
     p.add_argument("--fixed-points", action="store_true", help="one fixed point set for every step (default: fresh)")
+    p.add_argument(
+        "--collocation",
+        choices=["uniform", "rad", "ntk"],
+        default="uniform",
+        help="how the PDE points are drawn: uniform (fresh uniform points, the default), rad (residual-based) or "
+        "ntk (residual × √NTK diagonal) from a scored pool (lightning_ntk.AdaptiveCollocation)",
+    )
+    p.add_argument("--collocation-every", type=int, default=100, help="steps between scorings of a fresh pool")
+    p.add_argument("--pool-factor", type=int, default=8, help="pool size as a multiple of the PDE points per step")
+    p.add_argument("--rad-a", type=float, default=1.0, help="sharpness a of the adaptive density")
+    p.add_argument("--rad-c", type=float, default=1.0, help="uniform share c of the adaptive density")
+    p.add_argument("--importance", choices=["none", "traces", "loss"], default="traces",
+                   help="where the importance weights of adaptive points go")
 
 
 def time_dependent_options(args: argparse.Namespace) -> dict:
@@ -252,12 +265,36 @@ def make_trainer(
     )
 
 
+def collocation_callbacks(data: pl.LightningDataModule, args: argparse.Namespace) -> list[pl.Callback]:
+    """``--collocation rad|ntk``: the PDE points drawn by :class:`~lightning_ntk.AdaptiveCollocation` from
+    candidates of the data module's own interior sampler; ``uniform`` (default): the data module's points."""
+    score = getattr(args, "collocation", "uniform")
+    if score == "uniform":
+        return []
+    sample = type(data).sample
+
+    def interior(g: torch.Generator, n: int) -> torch.Tensor:
+        return sample(g, 0, 0, n)["pde"]
+
+    adaptive = AdaptiveCollocation(
+        {"pde": interior},
+        score=score,
+        every_n_steps=args.collocation_every,
+        pool_factor=args.pool_factor,
+        a=args.rad_a,
+        c=args.rad_c,
+        importance=args.importance,
+        seed=args.seed,
+    )
+    return [adaptive]
+
+
 def train(
     name: str, run: str, model: GridPINN, data: pl.LightningDataModule, args: argparse.Namespace
 ) -> tuple[GridPINN, float]:
     """Trains ``model`` with the weighting of ``run``; returns it and the wall time in seconds."""
     weighting = weighting_callbacks(run, args.update_every, args.seed, args.ntk_mode)
-    callbacks = [ErrorLogger(args.report_every, run), *weighting]
+    callbacks = [ErrorLogger(args.report_every, run), *collocation_callbacks(data, args), *weighting]
     trainer = make_trainer(args.steps, callbacks, args.logdir, name, run, args.accelerator)
     start = time.perf_counter()
     trainer.fit(model, data)

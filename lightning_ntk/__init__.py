@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_ntk import derivatives
 from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.causal import CausalResiduals, CausalWeighting
+from lightning_ntk.collocation import ntk_diagonal
 from lightning_ntk.estimators import (
     Auto,
     Exact,
@@ -42,6 +43,7 @@ from lightning_ntk.weights import (
 )
 
 if TYPE_CHECKING:
+    from lightning_ntk.adaptive_collocation import AdaptiveCollocation
     from lightning_ntk.callback import NTKWeightingCallback
     from lightning_ntk.metrics import RelativeL2Error
     from lightning_ntk.module import PINNModule
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0.dev0"
 
 _LAZY = {
+    "AdaptiveCollocation": "lightning_ntk.adaptive_collocation",
     "NTKSpectrumMonitor": "lightning_ntk.spectrum_monitor",
     "NTKWeightingCallback": "lightning_ntk.callback",
     "PINNModule": "lightning_ntk.module",
@@ -70,7 +73,8 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-# Lightning layer: NTKWeightingCallback, NTKSpectrumMonitor, PINNModule. Callback parts: the trace
+# Lightning layer: NTKWeightingCallback, NTKSpectrumMonitor, PINNModule, AdaptiveCollocation (points
+# drawn from residual or NTK scores; its core: ntk_diagonal and lightning_ntk.collocation). Callback parts: the trace
 # estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, GradNorm,
 # TraceEstimator), WeightRule, TraceAverager; causal weighting: CausalWeighting, CausalResiduals.
 # Traces: ntk_traces, estimate_ntk_traces, TraceEstimate, register_estimator. Spectra: ntk_matrix,
@@ -78,6 +82,7 @@ def __dir__() -> list[str]:
 # ema_update, clamp_weights. Networks and metrics: TaylorMLP, RelativeL2Error. Input derivatives:
 # the `derivatives` module.
 __all__ = [
+    "AdaptiveCollocation",
     "Auto",
     "CausalResiduals",
     "CausalWeighting",
@@ -106,6 +111,7 @@ __all__ = [
     "estimate_ntk_traces",
     "ntk_eigenvalues",
     "ntk_matrix",
+    "ntk_diagonal",
     "ntk_traces",
     "ntk_weights",
     "register_estimator",

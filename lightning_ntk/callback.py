@@ -386,11 +386,12 @@ class NTKWeightingCallback(Callback):
     def _measured(self, pl_module: PINNModule, batch: Any) -> PINNModule | CausalResiduals:
         """What the estimator measures: the module, or with causal terms the view of it whose causal
         residuals are scaled by this batch's causal weights (so every estimator takes the causal trace)."""
-        if not pl_module.causal:
+        if not pl_module.causal and not pl_module.point_weights:
             return pl_module
         # One view per module, kept: the exact path remembers its layouts per measured module.
         if self._causal_view is None or self._causal_view.inner is not pl_module:
-            self._causal_view = CausalResiduals(pl_module, pl_module.causal, pl_module.residual_points)
+            points = pl_module.residual_points if pl_module.causal else None
+            self._causal_view = CausalResiduals(pl_module, pl_module.causal, points, lambda: pl_module.point_weights)
         return self._causal_view.freeze(batch)
 
     def _estimator_now(self) -> TraceEstimator:

@@ -44,6 +44,7 @@ __all__ = [
     "causal_weights",
     "chunk_losses",
     "chunk_scales",
+    "point_scales",
     "time_chunks",
 ]
 
@@ -67,11 +68,18 @@ def time_chunks(times: Tensor, num_chunks: int, t_min: float, t_max: float) -> T
     return scaled.floor().long().clamp(0, num_chunks - 1)
 
 
-def chunk_losses(residual: Tensor, chunks: Tensor, num_chunks: int) -> Tensor:
+def chunk_losses(residual: Tensor, chunks: Tensor, num_chunks: int, point_weights: Tensor | None = None) -> Tensor:
     """``L_k``: the mean of ``|r_n|²`` (averaged over a point's components) over the points of chunk ``k``;
-    0 for a chunk without points. Differentiable in ``residual``."""
+    0 for a chunk without points. Differentiable in ``residual``.
+
+    With ``point_weights`` ``ω_n`` (importance weights of points drawn from a non-uniform density), the
+    self-normalised mean ``Σ_{n∈k} ω_n |r_n|² / Σ_{n∈k} ω_n``: the uniform-measure chunk loss again."""
     per_point = residual.reshape(residual.shape[0], -1).square().mean(1)
     chunks = chunks.to(per_point.device)
+    if point_weights is not None:
+        omega = point_weights.to(per_point)
+        sums = per_point.new_zeros(num_chunks).index_add(0, chunks, per_point * omega)
+        return sums / per_point.new_zeros(num_chunks).index_add(0, chunks, omega).clamp_min(torch.finfo(omega.dtype).tiny)
     sums = per_point.new_zeros(num_chunks).index_add(0, chunks, per_point)
     counts = torch.bincount(chunks, minlength=num_chunks).to(per_point.dtype)
     return sums / counts.clamp_min(1)
@@ -87,6 +95,23 @@ def chunk_scales(chunks: Tensor, weights: Tensor) -> Tensor:
     num_chunks = weights.numel()
     counts = torch.bincount(chunks.to(weights.device), minlength=num_chunks).to(weights.dtype)
     return torch.where(counts > 0, weights.detach() * chunks.numel() / (num_chunks * counts.clamp_min(1)), 0.0)
+
+
+def point_scales(chunks: Tensor, weights: Tensor, point_weights: Tensor | None = None) -> Tensor:
+    """``s_n`` of every point: ``chunk_scales(chunks, weights)[chunks]``, or with importance weights ``ω``
+
+        s_n = w_k · ω_n · N / (M · Σ_{j∈k} ω_j),   k = k(n),
+
+    so that ``(1/N) Σ_n s_n |r_n|² = (1/M) Σ_k w_k L_k`` with the self-normalised chunk losses of
+    :func:`chunk_losses` (``ω ≡ 1`` gives ``chunk_scales``)."""
+    if point_weights is None:
+        return chunk_scales(chunks, weights)[chunks.to(weights.device)]
+    num_chunks = weights.numel()
+    chunks = chunks.to(weights.device)
+    omega = point_weights.to(weights)
+    mass = omega.new_zeros(num_chunks).index_add(0, chunks, omega)
+    per_chunk = torch.where(mass > 0, weights.detach() * chunks.numel() / (num_chunks * mass.clamp_min(torch.finfo(omega.dtype).tiny)), 0.0)
+    return per_chunk[chunks] * omega
 
 
 def causal_trace(point_norms: Tensor, chunks: Tensor, weights: Tensor) -> Tensor:
@@ -226,22 +251,27 @@ class CausalWeighting:
                 stacklevel=4,
             )
 
-    def weights(self, residual: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
-        """``(chunk of every point, w)`` for ``residual`` on ``points`` at the current ``ε`` (detached)."""
+    def weights(
+        self, residual: Tensor, points: Tensor, point_weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(chunk of every point, w)`` for ``residual`` on ``points`` at the current ``ε`` (detached);
+        ``point_weights``: importance weights of the points (:func:`chunk_losses`)."""
         if points.shape[0] != residual.shape[0]:
             raise ValueError(
                 f"The term's points have {points.shape[0]} rows but its residual {residual.shape[0]}; "
                 "row n of both must be point n."
             )
         chunks = self.chunks(points)
-        losses = chunk_losses(residual.detach(), chunks, self.num_chunks)
+        losses = chunk_losses(residual.detach(), chunks, self.num_chunks, point_weights)
         return chunks, causal_weights(losses, self.epsilon_like(losses))
 
-    def apply(self, residual: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+    def apply(
+        self, residual: Tensor, points: Tensor, point_weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(√s_n · r_n, w)``: the scaled residual (its mean square is the causal loss; its NTK the causal
-        NTK) and the chunk weights."""
-        chunks, weights = self.weights(residual, points)
-        return _scale_rows(residual, chunk_scales(chunks, weights)[chunks]), weights
+        NTK) and the chunk weights; ``point_weights``: importance weights ``ω`` (:func:`point_scales`)."""
+        chunks, weights = self.weights(residual, points, point_weights)
+        return _scale_rows(residual, point_scales(chunks, weights, point_weights)), weights
 
     def loss(self, residual: Tensor, points: Tensor) -> Tensor:
         """``mean_k(w_k L_k)``; the weights (no gradient) are kept in ``last_weights``."""
@@ -328,18 +358,23 @@ class CausalResiduals(nn.Module):
         module: nn.Module,
         causal: Mapping[str, CausalWeighting],
         points: Callable[[Any], Mapping[str, Tensor]] | None = None,
+        point_weights: Callable[[], Mapping[str, Tensor]] | None = None,
     ) -> None:
         super().__init__()
         self.inner = module
         self.causal = dict(causal)
-        self._points = points if points is not None else module.residual_points
+        self._points = points if points is not None else getattr(module, "residual_points", None)
+        self._point_weights = point_weights if point_weights is not None else dict
         self._scales: dict[str, Tensor] = {}
+        self._omega: dict[str, Tensor] = {}
 
     @property
     def terms(self) -> tuple[str, ...] | None:
         return getattr(self.inner, "terms", None)
 
     def _causal_points(self, batch: Any) -> Mapping[str, Tensor]:
+        if not self.causal:
+            return {}
         points = self._points(batch)
         missing = [name for name in self.causal if name not in points]
         if missing:
@@ -351,10 +386,13 @@ class CausalResiduals(nn.Module):
         with torch.enable_grad():  # residuals in the ordinary style take input derivatives
             residuals = check_residuals(self.inner.residuals(batch), self.terms, require_grad=False)
         points = self._causal_points(batch)
+        self._omega = {name: w.detach() for name, w in self._point_weights().items()}
         self._scales = {}
         for name, cw in self.causal.items():
-            chunks, weights = cw.weights(residuals[name], points[name])
-            self._scales[name] = chunk_scales(chunks, weights)
+            omega = self._omega.get(name)
+            chunks, weights = cw.weights(residuals[name], points[name], omega)
+            # Per chunk, so that s_n stays a function of point n (its time and its ω_n).
+            self._scales[name] = chunk_scales(chunks, weights) if omega is None else point_scales(chunks, weights, omega)
         return self
 
     def residuals(self, batch: Any) -> dict[str, Tensor]:
@@ -363,8 +401,25 @@ class CausalResiduals(nn.Module):
         out = dict(self.inner.residuals(batch))
         points = self._causal_points(batch)
         for name, cw in self.causal.items():
-            out[name] = _scale_rows(out[name], self._scales[name][cw.chunks(points[name]).to(out[name].device)])
+            if name in self._omega:
+                out[name] = _scale_rows(out[name], self._rows_of(name, out[name], self._scales[name]))
+            else:
+                out[name] = _scale_rows(out[name], self._scales[name][cw.chunks(points[name]).to(out[name].device)])
+        for name, omega in self._omega.items():
+            if name not in self.causal:
+                out[name] = _scale_rows(out[name], self._rows_of(name, out[name], omega))
         return out
+
+    def _rows_of(self, name: str, residual: Tensor, per_point: Tensor) -> Tensor:
+        # Importance weights belong to the points of the frozen batch, not to a point's coordinates, so a
+        # path that evaluates points one at a time cannot be given them.
+        if residual.shape[0] != per_point.shape[0]:
+            raise ValueError(
+                f"Term {name!r} has importance weights for {per_point.shape[0]} points but its residual has "
+                f"{residual.shape[0]} rows here: importance-weighted traces need an estimator that evaluates the "
+                "whole batch (exact traces on the Gram path, 'fd', the sketches)."
+            )
+        return per_point.to(residual.device)
 
     def term_loss(self, term: str, residual: Tensor) -> Tensor:
         loss = getattr(self.inner, "term_loss", None)

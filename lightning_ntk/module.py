@@ -96,6 +96,8 @@ class PINNModule(pl.LightningModule):
         if init_weights is not None:
             self.set_term_weights(init_weights)
         self._causal = _check_causal(causal, self._terms)
+        self._point_weights: dict[str, Tensor] = {}
+        self._point_weights_in_loss = True
 
     @property
     def causal(self) -> dict[str, CausalWeighting]:
@@ -140,6 +142,36 @@ class PINNModule(pl.LightningModule):
             for name, value in weights.items():
                 self.ntk_weights[self._terms.index(name)] = float(value)
 
+    @property
+    def point_weights(self) -> dict[str, Tensor]:
+        """``{term: ω}``: importance weights of the current batch's points (empty unless a sampler set them)."""
+        return self._point_weights
+
+    def set_point_weights(self, weights: Mapping[str, Tensor] | None, in_loss: bool = True) -> None:
+        """Importance weights ``ω_n = u(x_n)/p(x_n)`` of the points of the next batch, per term.
+
+        Set by :class:`~lightning_ntk.AdaptiveCollocation` when it draws a term's points from a density
+        ``p`` instead of uniformly. They always enter the term's NTK trace (``Σ_n ω_n K_nn``, the
+        uniform-measure trace that the weight rules assume); with ``in_loss`` they also enter its loss
+        (``mean(ω r²)``, and the self-normalised chunk losses of a causal term), which makes the loss an
+        unbiased estimate of the uniform one. ``None`` clears them.
+
+        Args:
+            weights: ``{term: (N_i,) tensor}``, one weight per point of the term.
+            in_loss: Apply them to the training loss too.
+        """
+        if weights is None:
+            self._point_weights = {}
+            return
+        unknown = [name for name in weights if name not in self._terms]
+        if unknown:
+            raise ValueError(f"Point weights name unknown term(s) {unknown}; declared terms: {list(self._terms)}.")
+        for name, omega in weights.items():
+            if not isinstance(omega, Tensor) or omega.ndim != 1:
+                raise ValueError(f"Point weights of term {name!r} must be a 1-D tensor (one per point).")
+        self._point_weights = {name: omega.detach() for name, omega in weights.items()}
+        self._point_weights_in_loss = bool(in_loss)
+
     def residuals(self, batch: Any) -> Mapping[str, Tensor]:
         """Per-point predictor outputs, one tensor per declared term.
 
@@ -183,12 +215,24 @@ class PINNModule(pl.LightningModule):
         recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         residuals = check_residuals(self.residuals(batch), self._terms, require_grad=recording)
         causal_weights = {}
+        omegas = self._point_weights if self._point_weights_in_loss else {}
+        for name, omega in omegas.items():
+            if residuals[name].shape[0] != omega.shape[0]:
+                raise ValueError(
+                    f"Term {name!r} has point weights for {omega.shape[0]} points but its residual has "
+                    f"{residuals[name].shape[0]} rows: the weights were set for another batch "
+                    "(call `set_point_weights(None)` before evaluating other points)."
+                )
+            if name not in self._causal:
+                residuals[name] = residuals[name] * omega.to(residuals[name]).sqrt().reshape(
+                    -1, *([1] * (residuals[name].ndim - 1))
+                )
         if self._causal:
             points = self.residual_points(batch)
             for name, cw in self._causal.items():
                 if name not in points:
                     raise ValueError(f"`residual_points(batch)` did not return the points of causal term {name!r}.")
-                residuals[name], causal_weights[name] = cw.apply(residuals[name], points[name])
+                residuals[name], causal_weights[name] = cw.apply(residuals[name], points[name], omegas.get(name))
         losses = {name: self.term_loss(name, residuals[name]) for name in self._terms}
         stacked = torch.stack([losses[name] for name in self._terms])
         total = (self.ntk_weights.detach().to(stacked) * stacked).sum()

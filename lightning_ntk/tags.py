@@ -12,12 +12,16 @@ __all__ = [
     "CAUSAL_EPSILON",
     "CAUSAL_MIN_WEIGHT",
     "CAUSAL_WEIGHTS",
+    "COLLOCATION_DENSITY",
+    "COLLOCATION_EFFECTIVE_SHARE",
+    "COLLOCATION_SCORE_PEAK",
     "CONDITION",
     "EFFECTIVE_RANK",
     "EIGENVALUE",
     "EIGENVALUE_HISTOGRAM",
     "GRAD_NORM",
     "LOSS",
+    "NTK_DIAGONAL",
     "RESIDUAL_TIME_AVERAGE",
     "TOP_K_FRACTION",
     "TRACE",
@@ -44,6 +48,12 @@ EIGENVALUE_HISTOGRAM = "ntk/eig_hist"
 CONDITION = "ntk/cond"
 EFFECTIVE_RANK = "ntk/effective_rank"
 TOP_K_FRACTION = "ntk/top_k_fraction"
+# What AdaptiveCollocation logs per term at each scoring: the NTK diagonal over the pool (a histogram),
+# the score's spread, the effective share of the pool the density uses, and the sampled density (image).
+NTK_DIAGONAL = "ntk/diag"
+COLLOCATION_SCORE_PEAK = "collocation/score_max_over_mean"
+COLLOCATION_EFFECTIVE_SHARE = "collocation/effective_share"
+COLLOCATION_DENSITY = "collocation/density"
 
 
 def scalar(kind: str, term: str) -> str:

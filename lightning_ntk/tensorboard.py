@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_ntk import tags
 
-__all__ = ["add_chunk_profile", "add_histogram", "custom_scalars_layout", "tensorboard_writers", "write_layout"]
+__all__ = ["add_chunk_profile", "add_density_image", "add_histogram", "custom_scalars_layout", "tensorboard_writers", "write_layout"]
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list:
@@ -96,4 +96,23 @@ def add_chunk_profile(trainer: pl.Trainer, tag: str, weights: Tensor, t_range: t
             bucket_counts=values.tolist(),
             global_step=step,
         )
+    return True
+
+
+def add_density_image(
+    trainer: pl.Trainer, tag: str, points: Tensor, density: Tensor, step: int, bins: int = 64
+) -> bool:
+    """Write where points are drawn as a grey image: the density over a pool of ``(P, d)`` points binned
+    on the first two columns (x to the right, the second column upward), brightest = densest. ``False``
+    without a TensorBoard logger."""
+    writers = tensorboard_writers(trainer)
+    if not writers:
+        return False
+    cols = points.detach()[:, :2].double().cpu()
+    if cols.shape[1] == 1:
+        cols = torch.cat([cols, torch.zeros_like(cols)], 1)
+    hist = torch.histogramdd(cols, bins=[bins, bins], weight=density.detach().double().cpu()).hist
+    image = (hist / hist.max().clamp_min(1e-300)).T.flip(0).unsqueeze(0).float()
+    for writer in writers:
+        writer.add_image(tag, image, step, dataformats="CHW")
     return True

@@ -1,0 +1,314 @@
+"""``AdaptiveCollocation``: draw a term's collocation points from residual or NTK scores during training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from typing_extensions import override
+
+from lightning_ntk import tags
+from lightning_ntk.causal import chunk_scales
+from lightning_ntk.collocation import draw, point_residual_norms, scored_density
+from lightning_ntk.contract import check_residuals
+from lightning_ntk.jacobian import per_point_squared_norms
+from lightning_ntk.module import PINNModule, require_pinn_module
+from lightning_ntk.tensorboard import add_density_image, add_histogram
+
+__all__ = ["AdaptiveCollocation"]
+
+SCORES = ("uniform", "rad", "ntk")
+IMPORTANCE = ("none", "traces", "loss")
+Sampler = Callable[[torch.Generator, int], Tensor]
+
+
+class AdaptiveCollocation(Callback):
+    r"""Draws some terms' collocation points from scores of a candidate pool, every step.
+
+    Every ``every_n_steps`` steps it draws a pool of ``pool_factor ×`` the batch's points of each term from
+    that term's ``sampler`` (uniform candidates), scores the pool at the current parameters (in chunks
+    of ``chunk_size``), and turns the scores into a density ``p_n ∝ q_n^a / mean(q^a) + c``
+    (:func:`~lightning_ntk.collocation.scored_density`). At every step the term's points in the batch are
+    replaced, in place, by ``N`` pool points drawn from ``p`` with replacement. Scores ``q``:
+
+    - ``"uniform"``: leave the term's points as the data module drew them (today's behaviour).
+    - ``"rad"``: ``|r̃_n|``, the residual norm (RAD, Wu et al. 2023).
+    - ``"ntk"``: ``|r̃_n| · √K̃_nn``, the residual times the square root of the point's NTK diagonal: the
+      norm of the point's loss gradient, the density of least gradient variance, and in NTK terms the
+      rate ``K_nn r_n²`` at which the next steps can lower that point's loss
+      (:mod:`lightning_ntk.collocation`). Costs an exact NTK diagonal of the pool per scoring.
+
+    For a causal term ``r̃ = √s r`` and ``K̃ = s K`` with the causal scales of the pool
+    (:mod:`lightning_ntk.causal`): time chunks whose causal weight is still ≈ 0 get only the uniform share.
+
+    **Importance weights.** Points drawn from ``p`` carry ``ω_n = 1/(P p_n)``
+    (:meth:`~lightning_ntk.PINNModule.set_point_weights`). ``importance="traces"`` (default) puts them in
+    the NTK traces only: the loss focuses on the drawn points, while the traces the weight rule balances
+    stay uniform-measure ones (without this, concentrating points where ``K_nn`` is large inflates
+    ``Tr K / N`` and every other term's weight). ``"loss"`` puts them in the loss too (an unbiased,
+    lower-variance estimate of the uniform loss); ``"none"`` in neither.
+
+    **Distributed.** Each rank draws its own pool from a generator seeded ``seed + global_rank`` and draws
+    its own points from it; one collective per scoring (a sum) makes ``mean(q^a)`` the mean over every
+    rank's pool, so ``c`` means the same on every rank. The global batch is then the union of the ranks'
+    draws: rank ``k``'s share follows ``p`` restricted to pool ``k``, normalised over pool ``k``.
+
+    Put it before :class:`~lightning_ntk.NTKWeightingCallback` in ``callbacks``: the weights must be
+    measured on the points the step trains on.
+
+    Args:
+        samplers: ``{term: sampler}``; ``sampler(generator, n)`` returns ``(n, d)`` uniform candidates of
+            the term's domain, of the batch points' dtype, on the CPU or their device.
+        score: ``"rad"``, ``"ntk"`` or ``"uniform"``.
+        every_n_steps: Steps between scorings (step 0 included).
+        pool_factor: Pool size as a multiple of the term's points per batch (≥ 1).
+        a: Sharpness of the density (RAD's ``k``).
+        c: Uniform share ``c / (1 + c)`` of the density.
+        importance: ``"traces"``, ``"loss"`` or ``"none"`` (see above).
+        points: ``{term: fn(batch) -> Tensor}``: the tensor of the batch that holds the term's points
+            (default ``batch[term]``); it is overwritten in place.
+        chunk_size: Pool points scored at a time.
+        seed: Seeds the pools and draws.
+
+    Example::
+
+        from lightning_ntk import AdaptiveCollocation, NTKWeightingCallback
+
+        def interior(g, n):  # uniform (x, t) in [-1, 1] x [0, 1]
+            return torch.rand(n, 2, generator=g) * torch.tensor([2.0, 1.0]) - torch.tensor([1.0, 0.0])
+
+        trainer = pl.Trainer(callbacks=[AdaptiveCollocation({"pde": interior}, score="rad"),
+                                        NTKWeightingCallback(update_every_n_steps=100)])
+    """
+
+    def __init__(
+        self,
+        samplers: Mapping[str, Sampler],
+        score: str = "rad",
+        every_n_steps: int = 100,
+        pool_factor: int = 8,
+        a: float = 1.0,
+        c: float = 1.0,
+        importance: str = "traces",
+        points: Mapping[str, Callable[[Any], Tensor]] | None = None,
+        chunk_size: int = 2048,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(samplers, Mapping) or not samplers:
+            raise ValueError("`samplers` must be a non-empty mapping {term: sampler(generator, n) -> (n, d) points}.")
+        for name, sampler in samplers.items():
+            if not callable(sampler):
+                raise ValueError(
+                    f"Term {name!r} has no sampler (got {sampler!r}): give a function (generator, n) -> (n, d) "
+                    "uniform candidate points of the term's domain."
+                )
+        if score not in SCORES:
+            raise ValueError(f"`score` must be one of {SCORES}, got {score!r}.")
+        if importance not in IMPORTANCE:
+            raise ValueError(f"`importance` must be one of {IMPORTANCE}, got {importance!r}.")
+        for label, value in (("every_n_steps", every_n_steps), ("pool_factor", pool_factor), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"`{label}` must be an int >= 1, got {value!r}"
+                    + (" (the pool must hold at least the batch's points)." if label == "pool_factor" else ".")
+                )
+        for label, value in (("a", a), ("c", c)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{label}` must be a finite number >= 0, got {value!r}.")
+        if score != "uniform" and c == 0 and a == 0:
+            raise ValueError("`a = 0` and `c = 0` leave no density; use score='uniform'.")
+        unknown = sorted(set(points or {}) - set(samplers))
+        if unknown:
+            raise ValueError(f"`points` names term(s) {unknown} without a sampler.")
+        self.samplers = dict(samplers)
+        self.score = score
+        self.every_n_steps = every_n_steps
+        self.pool_factor = pool_factor
+        self.a, self.c = float(a), float(c)
+        self.importance = importance
+        self.points = dict(points or {})
+        self.chunk_size = chunk_size
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self.pools: dict[str, Tensor] = {}
+        self.densities: dict[str, Tensor] = {}
+        self.last_scored: int | None = None
+
+    def should_score(self, step: int) -> bool:
+        """Whether to score a fresh pool before step ``step``: every ``every_n_steps`` steps, step 0 included."""
+        return step % self.every_n_steps == 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Checks the module's terms and the callbacks' order; seeds this rank's generator."""
+        require_pinn_module(pl_module, type(self).__name__)
+        assert isinstance(pl_module, PINNModule)
+        unknown = [name for name in self.samplers if name not in pl_module.terms]
+        if unknown:
+            raise MisconfigurationException(
+                f"AdaptiveCollocation has samplers for {unknown}, which {type(pl_module).__name__} does not declare; "
+                f"declared terms: {list(pl_module.terms)}."
+            )
+        from lightning_ntk.callback import NTKWeightingCallback
+
+        weighting = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, NTKWeightingCallback)]
+        if weighting and weighting[0] < trainer.callbacks.index(self):
+            raise MisconfigurationException(
+                "Put AdaptiveCollocation before NTKWeightingCallback in `callbacks`: the weights must be measured "
+                "on the points the step trains on."
+            )
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Scores a fresh pool when due, then draws this step's points of every term into the batch."""
+        if self.score == "uniform":
+            return
+        assert isinstance(pl_module, PINNModule) and self.generator is not None
+        step = trainer.global_step
+        if self.should_score(step) and step != self.last_scored or not self.densities:
+            self.score_pools(trainer, pl_module, batch)
+            self.last_scored = step
+        omegas = {}
+        for name in self.samplers:
+            target = self._target(name, batch)
+            indices, omegas[name] = draw(self.densities[name], target.shape[0], self.generator)
+            pool = self.pools[name]
+            target.copy_(pool[indices.to(pool.device)])
+            omegas[name] = omegas[name].to(target)
+        if self.importance != "none":
+            pl_module.set_point_weights(omegas, in_loss=self.importance == "loss")
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Clears the point weights: they belong to this step's batch alone."""
+        if isinstance(pl_module, PINNModule):
+            pl_module.set_point_weights(None)
+
+    def score_pools(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> None:
+        """Draw a pool for every term, score it, and keep its density; log what was scored."""
+        assert self.generator is not None
+        for name, sampler in self.samplers.items():
+            target = self._target(name, batch)
+            pool = self._checked_pool(name, sampler, target)
+            score, diagonal = self._pool_scores(pl_module, batch, name, target, pool)
+            powered = score.pow(self.a)
+            total = trainer.strategy.reduce(torch.stack([powered.sum(), powered.new_tensor(powered.numel())]), reduce_op="sum")
+            density = scored_density(score, self.a, self.c, mean=total[0] / total[1])
+            if not bool(torch.isfinite(density).all()):
+                raise ValueError(
+                    f"AdaptiveCollocation: the {self.score!r} scores of term {name!r} are not finite at step "
+                    f"{trainer.global_step}: the residual (or its NTK diagonal) holds NaN/Inf on the pool. Check the "
+                    "sampler's domain and the residual there."
+                )
+            self.pools[name], self.densities[name] = pool, density.cpu()
+            self._log(trainer, name, pool, density, powered, diagonal)
+
+    def _target(self, name: str, batch: Any) -> Tensor:
+        locate = self.points.get(name)
+        target = locate(batch) if locate is not None else batch[name]
+        if not isinstance(target, Tensor) or target.ndim < 1:
+            raise ValueError(
+                f"AdaptiveCollocation: the points of term {name!r} in the batch must be a tensor with one row per "
+                f"point, got {type(target).__name__}; pass `points={{{name!r}: lambda batch: ...}}`."
+            )
+        return target
+
+    def _checked_pool(self, name: str, sampler: Sampler, target: Tensor) -> Tensor:
+        size = self.pool_factor * target.shape[0]
+        pool = sampler(self.generator, size)
+        fix = f"The sampler of term {name!r} must return ({size}, {', '.join(map(str, target.shape[1:]))}) {target.dtype} points"
+        if not isinstance(pool, Tensor):
+            raise TypeError(f"{fix}; it returned {type(pool).__name__}.")
+        if pool.ndim != target.ndim or pool.shape[0] < target.shape[0] or pool.shape[1:] != target.shape[1:]:
+            raise ValueError(
+                f"{fix} (a pool at least as large as the batch's {target.shape[0]} points); it returned shape "
+                f"{tuple(pool.shape)} for n={size}."
+            )
+        if pool.dtype != target.dtype:
+            raise ValueError(f"{fix}; it returned {pool.dtype}.")
+        if pool.device.type != "cpu" and pool.device != target.device:
+            raise ValueError(f"{fix} on the CPU or on {target.device}; it returned them on {pool.device}.")
+        return pool.to(target.device)
+
+    def _pool_scores(
+        self, pl_module: PINNModule, batch: Any, name: str, target: Tensor, pool: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(q, K̃)`` over the pool: residual norms and, for ``"ntk"``, the NTK diagonal (causally scaled)."""
+        norms, diagonal = [], []
+        for chunk in pool.split(self.chunk_size):
+            chunk_batch = _with_leaf(batch, target, chunk.clone())
+            with torch.enable_grad():
+                residuals = check_residuals(pl_module.residuals(chunk_batch), pl_module.terms, require_grad=False)
+                if self.score == "ntk":
+                    k = per_point_squared_norms(pl_module, chunk_batch, reference=residuals).norms[name]
+                    diagonal.append(k.detach())
+            norms.append(point_residual_norms(residuals[name]))
+            components = max(1, residuals[name][:1].numel())
+        r = torch.cat(norms)
+        k = torch.cat(diagonal) if diagonal else None
+        cw = pl_module.causal.get(name)
+        if cw is not None:
+            # The pool's chunk losses (mean square over a point's components, as in training).
+            chunks, weights = cw.weights(r / math.sqrt(components), pool)
+            s = chunk_scales(chunks, weights)[chunks.to(weights.device)].to(r)
+            r = r * s.sqrt()
+            k = None if k is None else k * s
+        return (r if k is None else r * k.clamp_min(0).sqrt()), k
+
+    def _log(self, trainer: pl.Trainer, name: str, pool: Tensor, density: Tensor, powered: Tensor, diagonal: Tensor | None) -> None:
+        step = trainer.global_step
+        peak = powered.max() / powered.mean().clamp_min(torch.finfo(powered.dtype).tiny)
+        share = 1.0 / (density.numel() * density.square().sum())  # effective sample size / pool size
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {tags.scalar(tags.COLLOCATION_SCORE_PEAK, name): float(peak), tags.scalar(tags.COLLOCATION_EFFECTIVE_SHARE, name): float(share)},
+                step=step,
+            )
+        if diagonal is not None:
+            add_histogram(trainer, tags.scalar(tags.NTK_DIAGONAL, name), diagonal, step)
+        add_density_image(trainer, tags.scalar(tags.COLLOCATION_DENSITY, name), pool, density, step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "pools": {name: pool.cpu() for name, pool in self.pools.items()},
+            "densities": dict(self.densities),
+            "last_scored": self.last_scored,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("generator") is not None:
+            self.generator = torch.Generator()
+            self.generator.set_state(state_dict["generator"])
+        self.pools = dict(state_dict.get("pools", {}))
+        self.densities = dict(state_dict.get("densities", {}))
+        self.last_scored = state_dict.get("last_scored")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Moves restored pools to the module's device."""
+        self.pools = {name: pool.to(pl_module.device) for name, pool in self.pools.items()}
+
+
+def _with_leaf(batch: Any, target: Tensor, replacement: Tensor) -> Any:
+    """``batch`` with the leaf that is ``target`` replaced (the other leaves shared, not copied)."""
+    leaves, spec = tree_flatten(batch)
+    hits = [i for i, leaf in enumerate(leaves) if leaf is target]
+    if len(hits) != 1:
+        raise ValueError(
+            "AdaptiveCollocation: a term's `points(batch)` must return one tensor of the batch itself (a leaf of "
+            "its dicts, lists and tuples), not a view or a copy of it."
+        )
+    leaves[hits[0]] = replacement
+    return tree_unflatten(leaves, spec)
