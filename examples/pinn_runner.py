@@ -214,8 +214,12 @@ def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) 
     p.add_argument("--pool-factor", type=int, default=8, help="pool size as a multiple of the PDE points per step")
     p.add_argument("--rad-a", type=float, default=1.0, help="sharpness a of the adaptive density")
     p.add_argument("--rad-c", type=float, default=1.0, help="uniform share c of the adaptive density")
-    p.add_argument("--importance", choices=["none", "traces", "loss"], default="traces",
-                   help="where the importance weights of adaptive points go")
+    p.add_argument(
+        "--importance",
+        choices=["none", "traces", "loss"],
+        default="traces",
+        help="where the importance weights of adaptive points go",
+    )
 
 
 def time_dependent_options(args: argparse.Namespace) -> dict:

@@ -113,7 +113,11 @@ class AdaptiveCollocation(Callback):
             raise ValueError(f"`score` must be one of {SCORES}, got {score!r}.")
         if importance not in IMPORTANCE:
             raise ValueError(f"`importance` must be one of {IMPORTANCE}, got {importance!r}.")
-        for label, value in (("every_n_steps", every_n_steps), ("pool_factor", pool_factor), ("chunk_size", chunk_size)):
+        for label, value in (
+            ("every_n_steps", every_n_steps),
+            ("pool_factor", pool_factor),
+            ("chunk_size", chunk_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(
                     f"`{label}` must be an int >= 1, got {value!r}"
@@ -168,13 +172,15 @@ class AdaptiveCollocation(Callback):
             self.generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         """Scores a fresh pool when due, then draws this step's points of every term into the batch."""
         if self.score == "uniform":
             return
         assert isinstance(pl_module, PINNModule) and self.generator is not None
         step = trainer.global_step
-        if self.should_score(step) and step != self.last_scored or not self.densities:
+        if (self.should_score(step) and step != self.last_scored) or not self.densities:
             self.score_pools(trainer, pl_module, batch)
             self.last_scored = step
         omegas = {}
@@ -188,7 +194,9 @@ class AdaptiveCollocation(Callback):
             pl_module.set_point_weights(omegas, in_loss=self.importance == "loss")
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Clears the point weights: they belong to this step's batch alone."""
         if isinstance(pl_module, PINNModule):
             pl_module.set_point_weights(None)
@@ -201,7 +209,9 @@ class AdaptiveCollocation(Callback):
             pool = self._checked_pool(name, sampler, target)
             score, diagonal = self._pool_scores(pl_module, batch, name, target, pool)
             powered = score.pow(self.a)
-            total = trainer.strategy.reduce(torch.stack([powered.sum(), powered.new_tensor(powered.numel())]), reduce_op="sum")
+            total = trainer.strategy.reduce(
+                torch.stack([powered.sum(), powered.new_tensor(powered.numel())]), reduce_op="sum"
+            )
             density = scored_density(score, self.a, self.c, mean=total[0] / total[1])
             if not bool(torch.isfinite(density).all()):
                 raise ValueError(
@@ -225,7 +235,8 @@ class AdaptiveCollocation(Callback):
     def _checked_pool(self, name: str, sampler: Sampler, target: Tensor) -> Tensor:
         size = self.pool_factor * target.shape[0]
         pool = sampler(self.generator, size)
-        fix = f"The sampler of term {name!r} must return ({size}, {', '.join(map(str, target.shape[1:]))}) {target.dtype} points"
+        shape = ", ".join(map(str, (size, *target.shape[1:])))
+        fix = f"The sampler of term {name!r} must return ({shape}) {target.dtype} points"
         if not isinstance(pool, Tensor):
             raise TypeError(f"{fix}; it returned {type(pool).__name__}.")
         if pool.ndim != target.ndim or pool.shape[0] < target.shape[0] or pool.shape[1:] != target.shape[1:]:
@@ -264,13 +275,18 @@ class AdaptiveCollocation(Callback):
             k = None if k is None else k * s
         return (r if k is None else r * k.clamp_min(0).sqrt()), k
 
-    def _log(self, trainer: pl.Trainer, name: str, pool: Tensor, density: Tensor, powered: Tensor, diagonal: Tensor | None) -> None:
+    def _log(
+        self, trainer: pl.Trainer, name: str, pool: Tensor, density: Tensor, powered: Tensor, diagonal: Tensor | None
+    ) -> None:
         step = trainer.global_step
         peak = powered.max() / powered.mean().clamp_min(torch.finfo(powered.dtype).tiny)
         share = 1.0 / (density.numel() * density.square().sum())  # effective sample size / pool size
         for logger in trainer.loggers:
             logger.log_metrics(
-                {tags.scalar(tags.COLLOCATION_SCORE_PEAK, name): float(peak), tags.scalar(tags.COLLOCATION_EFFECTIVE_SHARE, name): float(share)},
+                {
+                    tags.scalar(tags.COLLOCATION_SCORE_PEAK, name): float(peak),
+                    tags.scalar(tags.COLLOCATION_EFFECTIVE_SHARE, name): float(share),
+                },
                 step=step,
             )
         if diagonal is not None:

@@ -79,7 +79,9 @@ def chunk_losses(residual: Tensor, chunks: Tensor, num_chunks: int, point_weight
     if point_weights is not None:
         omega = point_weights.to(per_point)
         sums = per_point.new_zeros(num_chunks).index_add(0, chunks, per_point * omega)
-        return sums / per_point.new_zeros(num_chunks).index_add(0, chunks, omega).clamp_min(torch.finfo(omega.dtype).tiny)
+        return sums / per_point.new_zeros(num_chunks).index_add(0, chunks, omega).clamp_min(
+            torch.finfo(omega.dtype).tiny
+        )
     sums = per_point.new_zeros(num_chunks).index_add(0, chunks, per_point)
     counts = torch.bincount(chunks, minlength=num_chunks).to(per_point.dtype)
     return sums / counts.clamp_min(1)
@@ -110,7 +112,9 @@ def point_scales(chunks: Tensor, weights: Tensor, point_weights: Tensor | None =
     chunks = chunks.to(weights.device)
     omega = point_weights.to(weights)
     mass = omega.new_zeros(num_chunks).index_add(0, chunks, omega)
-    per_chunk = torch.where(mass > 0, weights.detach() * chunks.numel() / (num_chunks * mass.clamp_min(torch.finfo(omega.dtype).tiny)), 0.0)
+    per_chunk = torch.where(
+        mass > 0, weights.detach() * chunks.numel() / (num_chunks * mass.clamp_min(torch.finfo(omega.dtype).tiny)), 0.0
+    )
     return per_chunk[chunks] * omega
 
 
@@ -251,9 +255,7 @@ class CausalWeighting:
                 stacklevel=4,
             )
 
-    def weights(
-        self, residual: Tensor, points: Tensor, point_weights: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def weights(self, residual: Tensor, points: Tensor, point_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(chunk of every point, w)`` for ``residual`` on ``points`` at the current ``ε`` (detached);
         ``point_weights``: importance weights of the points (:func:`chunk_losses`)."""
         if points.shape[0] != residual.shape[0]:
@@ -265,9 +267,7 @@ class CausalWeighting:
         losses = chunk_losses(residual.detach(), chunks, self.num_chunks, point_weights)
         return chunks, causal_weights(losses, self.epsilon_like(losses))
 
-    def apply(
-        self, residual: Tensor, points: Tensor, point_weights: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def apply(self, residual: Tensor, points: Tensor, point_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(√s_n · r_n, w)``: the scaled residual (its mean square is the causal loss; its NTK the causal
         NTK) and the chunk weights; ``point_weights``: importance weights ``ω`` (:func:`point_scales`)."""
         chunks, weights = self.weights(residual, points, point_weights)
@@ -392,7 +392,9 @@ class CausalResiduals(nn.Module):
             omega = self._omega.get(name)
             chunks, weights = cw.weights(residuals[name], points[name], omega)
             # Per chunk, so that s_n stays a function of point n (its time and its ω_n).
-            self._scales[name] = chunk_scales(chunks, weights) if omega is None else point_scales(chunks, weights, omega)
+            self._scales[name] = (
+                chunk_scales(chunks, weights) if omega is None else point_scales(chunks, weights, omega)
+            )
         return self
 
     def residuals(self, batch: Any) -> dict[str, Tensor]:

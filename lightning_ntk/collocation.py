@@ -95,7 +95,9 @@ def ntk_diagonal(
     return _sketched_diagonal(view, batch, num_probes, generator)
 
 
-def _sketched_diagonal(view: nn.Module, batch: Any, num_probes: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+def _sketched_diagonal(
+    view: nn.Module, batch: Any, num_probes: int, generator: torch.Generator | None
+) -> dict[str, Tensor]:
     params = [p for p in view.parameters() if p.requires_grad]
     with torch.enable_grad():
         residuals = dict(check_residuals(view.residuals(batch), getattr(view, "terms", None), require_grad=True))

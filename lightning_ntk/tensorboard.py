@@ -15,7 +15,14 @@ from torch import Tensor
 
 from lightning_ntk import tags
 
-__all__ = ["add_chunk_profile", "add_density_image", "add_histogram", "custom_scalars_layout", "tensorboard_writers", "write_layout"]
+__all__ = [
+    "add_chunk_profile",
+    "add_density_image",
+    "add_histogram",
+    "custom_scalars_layout",
+    "tensorboard_writers",
+    "write_layout",
+]
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list:

@@ -1,0 +1,328 @@
+"""AdaptiveCollocation: the points it draws, the scores and densities against hand computations, the
+importance weights in traces and loss, resume, DDP, TensorBoard, and every bad input."""
+
+import copy
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import quiet_trainer, reference_point_norms
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from test_collocation import Heat, causal_scales_by_hand
+
+from lightning_ntk import AdaptiveCollocation, NTKWeightingCallback, TraceAverager
+
+N_PDE, N_IC = 8, 4
+
+
+def unit_square(g: torch.Generator, n: int) -> torch.Tensor:
+    return torch.rand(n, 2, generator=g, dtype=torch.float64)
+
+
+def heat_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ic = torch.stack([torch.rand(N_IC, generator=g, dtype=torch.float64), torch.zeros(N_IC, dtype=torch.float64)], 1)
+    return {"ic": ic, "pde": torch.rand(N_PDE, 2, generator=g, dtype=torch.float64)}
+
+
+class Fresh(torch.utils.data.IterableDataset):
+    """A fresh batch object every step (the adaptive callback overwrites the pde points in place)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __iter__(self):
+        for step in range(self.steps):
+            yield heat_batch(step)
+
+
+def loader(steps: int):
+    return torch.utils.data.DataLoader(Fresh(steps), batch_size=None)
+
+
+class HeatAdam(Heat):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class Recorder(pl.Callback):
+    """What the step trained on: the batch's points and the module's point weights, after the draw."""
+
+    def __init__(self) -> None:
+        self.points, self.weights, self.params = [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.points.append(batch["pde"].clone())
+        self.weights.append({k: v.clone() for k, v in pl_module.point_weights.items()})
+        self.params.append(copy.deepcopy(pl_module))
+
+
+def fit(tmp_path, model, callbacks, steps, ckpt_path=None, **kwargs):
+    trainer = quiet_trainer(tmp_path, max_steps=steps, callbacks=callbacks, **kwargs)
+    trainer.fit(model, loader(steps + 2), ckpt_path=ckpt_path)
+    return trainer
+
+
+def pool_scores_by_hand(model, pool, score):
+    """``q`` of every point of ``pool`` with the module's parameters, from scratch."""
+    batch = {"ic": heat_batch()["ic"], "pde": pool}
+    with torch.enable_grad():
+        r = model.residuals(batch)["pde"].detach()
+    s = causal_scales_by_hand(r, pool[:, 1]) if model.causal else torch.ones_like(r)
+    q = s.sqrt() * r.abs()
+    if score == "ntk":
+        q = q * (s * reference_point_norms(model, batch)["pde"]).sqrt()
+    return q
+
+
+def pool_density_by_hand(model, pool, score, a=1.0, c=1.0):
+    """The density of the scores of ``pool`` with the module's parameters, from scratch."""
+    powered = pool_scores_by_hand(model, pool, score) ** a
+    raw = powered / powered.mean() + c
+    return raw / raw.sum()
+
+
+@pytest.mark.parametrize("score", ["rad", "ntk"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_density_is_the_score_of_the_pool_at_the_scoring_step(tmp_path, score, causal):
+    torch.manual_seed(0)
+    model, recorder = HeatAdam(causal=causal), Recorder()
+    cb = AdaptiveCollocation({"pde": unit_square}, score=score, every_n_steps=2, pool_factor=3, a=1.5, c=0.5)
+    fit(tmp_path, model, [cb, recorder], 3)
+    # Scored at step 2 with the parameters of that step's start.
+    at_scoring = recorder.params[2]
+    assert cb.pools["pde"].shape == (3 * N_PDE, 2)
+    want = pool_density_by_hand(at_scoring, cb.pools["pde"], score, a=1.5, c=0.5)
+    torch.testing.assert_close(cb.densities["pde"], want, rtol=1e-9, atol=0)
+
+
+def test_points_are_drawn_from_the_pool_with_their_importance_weights(tmp_path):
+    torch.manual_seed(0)
+    model, recorder = HeatAdam(), Recorder()
+    cb = AdaptiveCollocation({"pde": unit_square}, score="rad", every_n_steps=10, pool_factor=4)
+    fit(tmp_path, model, [cb, recorder], 3)
+    pool, density = cb.pools["pde"], cb.densities["pde"]
+    for points, weights in zip(recorder.points, recorder.weights, strict=True):
+        index = (points[:, None, :] == pool[None]).all(-1).int().argmax(1)
+        torch.testing.assert_close(pool[index], points, rtol=0, atol=0)
+        torch.testing.assert_close(weights["pde"], 1 / (pool.shape[0] * density[index]), rtol=1e-12, atol=0)
+    # Cleared after the step: they belong to one batch.
+    assert model.point_weights == {}
+
+
+def test_uniform_score_leaves_the_data_modules_points(tmp_path):
+    model, recorder = HeatAdam(), Recorder()
+    fit(tmp_path, model, [AdaptiveCollocation({"pde": unit_square}, score="uniform"), recorder], 2)
+    torch.testing.assert_close(recorder.points[1], heat_batch(1)["pde"], rtol=0, atol=0)
+    assert recorder.weights[1] == {}
+
+
+@pytest.mark.parametrize("importance", ["traces", "loss", "none"])
+def test_importance_weights_enter_the_traces_and_the_loss_as_asked(tmp_path, importance):
+    torch.manual_seed(0)
+    model, recorder = HeatAdam(causal=False), Recorder()
+    ntk = NTKWeightingCallback(update_every_n_steps=1)
+    cb = AdaptiveCollocation({"pde": unit_square}, score="rad", pool_factor=4, importance=importance)
+    losses = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append((float(outputs["loss"]), pl_module.ntk_weights.double().clone()))
+
+    fit(tmp_path, model, [cb, recorder, ntk, Losses()], 2)
+    at_step = recorder.params[1]
+    batch = {"ic": heat_batch(1)["ic"], "pde": recorder.points[1]}
+    k = reference_point_norms(at_step, batch)["pde"]
+    omega = recorder.weights[1].get("pde", torch.ones(N_PDE, dtype=torch.float64))
+    trace = (omega * k).sum() if importance != "none" else k.sum()
+    assert ntk.last_traces["pde"] == pytest.approx(float(trace), rel=1e-10)
+    with torch.enable_grad():
+        r = at_step.residuals(batch)
+    pde = (omega * r["pde"].detach() ** 2).mean() if importance == "loss" else (r["pde"].detach() ** 2).mean()
+    loss, lam = losses[1]  # the weights the step used (set after the recorder copied the module)
+    want = lam[0] * (r["ic"].detach() ** 2).mean() + lam[1] * pde
+    assert loss == pytest.approx(float(want), rel=1e-12)
+
+
+def test_causal_loss_with_weights_in_it_uses_self_normalised_chunk_losses(tmp_path):
+    torch.manual_seed(0)
+    model, recorder = HeatAdam(), Recorder()
+    cb = AdaptiveCollocation({"pde": unit_square}, score="rad", pool_factor=4, importance="loss")
+    fit(tmp_path, model, [cb, recorder], 2)
+    at_step, omega = recorder.params[1], recorder.weights[1]["pde"]
+    batch = {"ic": heat_batch(1)["ic"], "pde": recorder.points[1]}
+    at_step.set_point_weights({"pde": omega})
+    _, losses = at_step.weighted_loss(batch)
+    with torch.enable_grad():
+        r = at_step.residuals(batch)["pde"].detach()
+    s = causal_scales_by_hand(r, batch["pde"][:, 1], omega)
+    torch.testing.assert_close(losses["pde"].detach(), (s * r**2).mean(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("stop", [3, 4])  # 3: the resumed step scores; 4: between scorings
+def test_resume_equals_uninterrupted_with_per_step_fd_weights(tmp_path, stop):
+    torch.manual_seed(0)
+    init = HeatAdam()
+
+    def callbacks():
+        return [
+            AdaptiveCollocation({"pde": unit_square}, score="rad", every_n_steps=3, pool_factor=4, seed=7),
+            NTKWeightingCallback(1, estimator="fd", trace_averager=TraceAverager(0.9), seed=3),
+        ]
+
+    a = copy.deepcopy(init)
+    a_cbs = callbacks()
+    fit(tmp_path / "a", a, a_cbs, 8, logger=False)
+    b = copy.deepcopy(init)
+    trainer = fit(tmp_path / "b", b, callbacks(), stop, logger=False)
+    trainer.save_checkpoint(tmp_path / "stop.ckpt")
+
+    class Skip(torch.utils.data.IterableDataset):  # the data the interrupted run had not yet used
+        def __iter__(self):
+            for step in range(stop, 10):
+                yield heat_batch(step)
+
+    resumed, r_cbs = HeatAdam(), callbacks()
+    trainer = quiet_trainer(tmp_path / "b", max_steps=8, callbacks=r_cbs, logger=False)
+    trainer.fit(resumed, torch.utils.data.DataLoader(Skip(), batch_size=None), ckpt_path=tmp_path / "stop.ckpt")
+    for p, q in zip(a.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.ntk_weights, a.ntk_weights, rtol=0, atol=0)
+    torch.testing.assert_close(r_cbs[0].densities["pde"], a_cbs[0].densities["pde"], rtol=0, atol=0)
+    assert r_cbs[0].generator.get_state().equal(a_cbs[0].generator.get_state())
+
+
+def test_tensorboard_gets_score_statistics_the_diagonal_and_the_density_image(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = HeatAdam()
+    cb = AdaptiveCollocation({"pde": unit_square}, score="ntk", every_n_steps=2, pool_factor=4)
+    trainer = fit(tmp_path, model, [cb], 3)
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert "ntk/diag/pde" in tags["histograms"]
+    assert "collocation/density/pde" in tags["images"]
+    assert {"collocation/score_max_over_mean/pde", "collocation/effective_share/pde"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("collocation/effective_share/pde")] == [0, 2]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"samplers": {"pde": None}}, "Term 'pde' has no sampler"),
+        ({"samplers": {}}, "non-empty mapping"),
+        ({"score": "residual"}, "`score` must be one of"),
+        ({"importance": "both"}, "`importance` must be one of"),
+        ({"pool_factor": 0}, "at least the batch's points"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"a": -1.0}, "`a` must be"),
+        ({"c": math.inf}, "`c` must be"),
+        ({"points": {"ic": lambda b: b["ic"]}}, "without a sampler"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    args = {"samplers": {"pde": unit_square}, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        AdaptiveCollocation(**args)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "match"),
+    [
+        (lambda g, n: torch.rand(n, 3, generator=g, dtype=torch.float64), r"returned shape \(32, 3\)"),
+        (lambda g, n: torch.rand(n // 8, 2, generator=g, dtype=torch.float64), "at least as large as the batch"),
+        (lambda g, n: torch.rand(n, 2, generator=g), "returned torch.float32"),
+        (lambda g, n: torch.empty(n, 2, dtype=torch.float64, device="meta"), "returned them on meta"),
+        (lambda g, n: [[0.0, 0.0]] * n, "it returned list"),
+    ],
+)
+def test_a_bad_sampler_is_named_at_the_first_step(tmp_path, sampler, match):
+    cb = AdaptiveCollocation({"pde": sampler}, score="rad", pool_factor=4)
+    with pytest.raises((ValueError, TypeError), match=match) as err:
+        fit(tmp_path, HeatAdam(), [cb], 1)
+    assert "'pde'" in str(err.value)
+
+
+def test_non_finite_scores_stop_at_the_scoring_step_naming_the_term(tmp_path):
+    class Blows(HeatAdam):
+        def residuals(self, batch):
+            out = super().residuals(batch)
+            return {**out, "pde": out["pde"] / (batch["pde"][:, 0] > 0.5)}  # inf where x ≤ 0.5
+
+    cb = AdaptiveCollocation({"pde": unit_square}, score="rad", pool_factor=4)
+    with pytest.raises(ValueError, match=r"scores of term 'pde' are not finite at step 0"):
+        fit(tmp_path, Blows(causal=False), [cb], 1)
+
+
+def test_unknown_terms_and_the_wrong_callback_order_fail_at_setup(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"samplers for \['res'\]"):
+        fit(tmp_path, HeatAdam(), [AdaptiveCollocation({"res": unit_square})], 1)
+    cbs = [NTKWeightingCallback(1), AdaptiveCollocation({"pde": unit_square})]
+    with pytest.raises(MisconfigurationException, match="before NTKWeightingCallback"):
+        fit(tmp_path, HeatAdam(), cbs, 1)
+
+
+def test_points_that_are_not_a_tensor_of_the_batch_are_refused(tmp_path):
+    cb = AdaptiveCollocation({"pde": unit_square}, points={"pde": lambda b: b["pde"][:, :]})
+    with pytest.raises(ValueError, match="one tensor of the batch itself"):
+        fit(tmp_path, HeatAdam(), [cb], 1)
+
+
+# ---------------------------------------------------------------- DDP
+
+
+class RankDraws(pl.Callback):
+    def __init__(self, root: str, adaptive: AdaptiveCollocation) -> None:
+        self.root, self.adaptive = root, adaptive
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pool = self.adaptive.pools["pde"]
+        inside = bool((batch["pde"][:, None, :] == pool[None]).all(-1).any(1).all())
+        record = {
+            "rank": trainer.global_rank,
+            "step": trainer.global_step,
+            "inside": inside,
+            "pool": pool.tolist(),
+            "density": self.adaptive.densities["pde"].tolist(),
+        }
+        with open(f"{self.root}/rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@pytest.mark.slow  # spawns two processes; CI runs it
+def test_ddp_ranks_draw_their_own_share_from_their_own_pools(tmp_path):
+    torch.manual_seed(0)
+    model = HeatAdam()
+    init = copy.deepcopy(model)
+    cb = AdaptiveCollocation({"pde": unit_square}, score="rad", every_n_steps=2, pool_factor=4, seed=11)
+    trainer = quiet_trainer(
+        tmp_path,
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=3,
+        callbacks=[cb, RankDraws(str(tmp_path), cb)],
+        logger=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, loader(5))
+    ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    for r, records in enumerate(ranks):
+        assert [rec["step"] for rec in records] == [0, 1, 2]
+        assert all(rec["inside"] for rec in records)
+        # Each rank's pool comes from its own generator, seed + rank.
+        want = unit_square(torch.Generator().manual_seed(11 + r), 4 * N_PDE)
+        torch.testing.assert_close(torch.tensor(records[0]["pool"], dtype=torch.float64), want, rtol=0, atol=0)
+    assert ranks[0][0]["pool"] != ranks[1][0]["pool"]
+    # One sum over ranks: each rank's density uses the mean score of both pools.
+    pools = [torch.tensor(records[0]["pool"], dtype=torch.float64) for records in ranks]
+    scores = [pool_scores_by_hand(init, pool, "rad") for pool in pools]
+    mean = torch.cat(scores).mean()
+    for records, q in zip(ranks, scores, strict=True):
+        raw = q / mean + 1.0
+        got = torch.tensor(records[0]["density"], dtype=torch.float64)
+        torch.testing.assert_close(got, raw / raw.sum(), rtol=1e-9, atol=0)
