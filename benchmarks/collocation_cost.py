@@ -23,10 +23,10 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from burgers_1d import Burgers1D, sample_points  # noqa: E402
+from burgers_1d import Burgers1D, sample_points
 
-from lightning_ntk import AdaptiveCollocation  # noqa: E402
-from lightning_ntk.collocation import draw  # noqa: E402
+from lightning_ntk import AdaptiveCollocation
+from lightning_ntk.collocation import draw
 
 
 def interior(g: torch.Generator, n: int) -> torch.Tensor:
