@@ -114,7 +114,9 @@ def main(argv=None) -> None:
             max_steps=args.steps,
             accelerator="cpu",
             callbacks=callbacks,
-            logger=TensorBoardLogger(args.logdir, name="fourier_features_spectrum", version=name),
+            logger=TensorBoardLogger(
+                args.logdir, name="fourier_features_spectrum", version=name, default_hp_metric=False
+            ),
             enable_progress_bar=False,
             enable_model_summary=False,
             enable_checkpointing=False,

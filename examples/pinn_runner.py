@@ -260,7 +260,7 @@ def make_trainer(
         accelerator=accelerator,
         devices=1,
         callbacks=callbacks,
-        logger=TensorBoardLogger(logdir, name=name, version=version),
+        logger=TensorBoardLogger(logdir, name=name, version=version, default_hp_metric=False),
         enable_progress_bar=progress,
         enable_model_summary=False,
         enable_checkpointing=False,

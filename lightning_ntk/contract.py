@@ -71,6 +71,11 @@ def check_terms(terms: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+# A vector-valued residual with as many components as points is a broadcast, not a system of PDEs, once the
+# points are this many (below it, a two-point, two-component term is legitimate).
+SQUARE_RESIDUAL_MIN = 8
+
+
 def check_residuals(
     residuals: object, terms: Sequence[str] | None = None, *, require_grad: bool = True
 ) -> dict[str, Tensor]:
@@ -119,6 +124,14 @@ def check_residuals(
             )
         if value.numel() == 0:
             raise ValueError(f"Residual of term {name!r} is empty (shape {tuple(value.shape)}).")
+        if value.ndim == 2 and value.shape[0] == value.shape[1] >= SQUARE_RESIDUAL_MIN:
+            n = value.shape[0]
+            raise ValueError(
+                f"Residual of term {name!r} has shape ({n}, {n}): as many columns as points, the mark of "
+                f"broadcasting an ({n}, 1) tensor against an ({n},) one (e.g. `u_x` of shape ({n}, 1) plus `v_y` "
+                f"of shape ({n},)), which mixes every point with every other. Give both the same shape "
+                "(`.squeeze(-1)` the (N, 1) one, or `.unsqueeze(-1)` the other) before combining them."
+            )
         if require_grad and not value.requires_grad:
             raise ValueError(
                 f"Residual of term {name!r} does not depend on any trainable parameter, so its NTK block is "

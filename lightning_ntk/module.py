@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +30,28 @@ def _fresh_tensors(batch: Any) -> Any:
 
 
 _CHECKPOINT_KEY = "lightning_ntk"
+_NO_GRAD_INPUT = "One of the differentiated Tensors does not require grad"
+
+
+def _explain_input_derivatives(residuals: Any) -> Any:
+    """``residuals`` with torch's bare error about differentiating w.r.t. points without ``requires_grad``
+    replaced by one that says what to change."""
+
+    @functools.wraps(residuals)
+    def wrapped(self: PINNModule, batch: Any) -> Any:
+        try:
+            return residuals(self, batch)
+        except RuntimeError as err:
+            if _NO_GRAD_INPUT not in str(err):
+                raise
+            raise RuntimeError(
+                f"{type(self).__name__}.residuals(batch) takes a derivative with respect to points that do not "
+                "require grad. Make the points a leaf that does before the network sees them, e.g. "
+                "`x = batch['pde'].clone().requires_grad_(True)`, or take the input derivatives with "
+                "lightning_ntk.derivatives (`partial(net, x, 0, 0)`), which needs no requires_grad."
+            ) from err
+
+    return wrapped
 
 
 class PINNModule(pl.LightningModule):
@@ -77,6 +101,12 @@ class PINNModule(pl.LightningModule):
             def configure_optimizers(self):
                 return torch.optim.Adam(self.parameters(), lr=1e-3)
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Only plain methods: a staticmethod or a descriptor is left as the subclass wrote it.
+        if inspect.isfunction(cls.__dict__.get("residuals")):
+            cls.residuals = _explain_input_derivatives(cls.__dict__["residuals"])
 
     def __init__(
         self,
@@ -176,7 +206,9 @@ class PINNModule(pl.LightningModule):
         """Per-point predictor outputs, one tensor per declared term.
 
         Row ``n`` (``shape[0]``) belongs to point ``n``; shape ``(N_i,)`` or ``(N_i, d)``, and every
-        entry is one row of the term's Jacobian ``J_i``. Return the *operator* applied to the network
+        entry is one row of the term's Jacobian ``J_i`` (more trailing dimensions, ``(N_i, d1, d2)``, are
+        the point's ``d1·d2`` rows). A square ``(N, N)`` residual (from ``N`` points on) is refused: it is
+        what broadcasting an ``(N, 1)`` tensor against an ``(N,)`` one makes. Return the *operator* applied to the network
         (``u_xx - f`` for a Poisson residual, ``u - g`` on the boundary), not the loss.
 
         Any style of input derivatives works and takes the same fast exact path (the Gram identities
