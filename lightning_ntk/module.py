@@ -208,8 +208,8 @@ class PINNModule(pl.LightningModule):
         Row ``n`` (``shape[0]``) belongs to point ``n``; shape ``(N_i,)`` or ``(N_i, d)``, and every
         entry is one row of the term's Jacobian ``J_i`` (more trailing dimensions, ``(N_i, d1, d2)``, are
         the point's ``d1·d2`` rows). A square ``(N, N)`` residual (from ``N`` points on) is refused: it is
-        what broadcasting an ``(N, 1)`` tensor against an ``(N,)`` one makes. Return the *operator* applied to the network
-        (``u_xx - f`` for a Poisson residual, ``u - g`` on the boundary), not the loss.
+        what broadcasting an ``(N, 1)`` tensor against an ``(N,)`` one makes. Return the *operator* applied to
+        the network (``u_xx - f`` for a Poisson residual, ``u - g`` on the boundary), not the loss.
 
         Any style of input derivatives works and takes the same fast exact path (the Gram identities
         over the recorded parameter uses, about one to two training steps): ordinary
