@@ -45,6 +45,7 @@ from lightning_ntk.weights import (
 if TYPE_CHECKING:
     from lightning_ntk.adaptive_collocation import AdaptiveCollocation
     from lightning_ntk.callback import NTKWeightingCallback
+    from lightning_ntk.loss_average import LossTimeAverage
     from lightning_ntk.metrics import RelativeL2Error
     from lightning_ntk.module import PINNModule
     from lightning_ntk.spectrum_monitor import NTKSpectrumMonitor
@@ -55,6 +56,7 @@ _LAZY = {
     "AdaptiveCollocation": "lightning_ntk.adaptive_collocation",
     "NTKSpectrumMonitor": "lightning_ntk.spectrum_monitor",
     "NTKWeightingCallback": "lightning_ntk.callback",
+    "LossTimeAverage": "lightning_ntk.loss_average",
     "PINNModule": "lightning_ntk.module",
     "RelativeL2Error": "lightning_ntk.metrics",
 }
@@ -73,7 +75,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-# Lightning layer: NTKWeightingCallback, NTKSpectrumMonitor, PINNModule, AdaptiveCollocation (points
+# Lightning layer: NTKWeightingCallback, NTKSpectrumMonitor, LossTimeAverage, PINNModule, AdaptiveCollocation (points
 # drawn from residual or NTK scores; its core: ntk_diagonal and lightning_ntk.collocation). Callback parts: the trace
 # estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, GradNorm,
 # TraceEstimator), WeightRule, TraceAverager; causal weighting: CausalWeighting, CausalResiduals.
@@ -91,6 +93,7 @@ __all__ = [
     "GradNorm",
     "HutchPlusPlus",
     "Hutchinson",
+    "LossTimeAverage",
     "NTKSpectrumMonitor",
     "NTKWeightingCallback",
     "PINNModule",

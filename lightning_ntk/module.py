@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.captured_step import CapturedTrainingStep
-from lightning_ntk.causal import CausalWeighting
+from lightning_ntk.causal import CausalResiduals, CausalWeighting
 from lightning_ntk.contract import check_residuals, check_terms
 from lightning_ntk.tensorboard import add_chunk_profile
 
@@ -128,6 +128,8 @@ class PINNModule(pl.LightningModule):
         self._causal = _check_causal(causal, self._terms)
         self._point_weights: dict[str, Tensor] = {}
         self._point_weights_in_loss = True
+        # In a dict: a view (an nn.Module holding this module) set as an attribute would be a submodule.
+        self._views: dict[str, CausalResiduals] = {}
 
     @property
     def causal(self) -> dict[str, CausalWeighting]:
@@ -201,6 +203,22 @@ class PINNModule(pl.LightningModule):
                 raise ValueError(f"Point weights of term {name!r} must be a 1-D tensor (one per point).")
         self._point_weights = {name: omega.detach() for name, omega in weights.items()}
         self._point_weights_in_loss = bool(in_loss)
+
+    def ntk_view(self, batch: Any) -> PINNModule | CausalResiduals:
+        """What NTK estimators measure on ``batch``: this module, or with causal terms or point weights the
+        view of it (:class:`~lightning_ntk.causal.CausalResiduals`, frozen on ``batch``) whose causal
+        residuals are scaled by the batch's causal weights and whose weighted points by ``√ω``, so every
+        estimator takes the causal, uniform-measure trace. One view per module, kept: the exact path
+        remembers its layouts per measured module."""
+        if not self._causal and not self._point_weights:
+            return self
+        if "ntk" not in self._views:
+            points = self.residual_points if self._causal else None
+            self._views["ntk"] = CausalResiduals(self, self._causal, points, self._current_point_weights)
+        return self._views["ntk"].freeze(batch)
+
+    def _current_point_weights(self) -> dict[str, Tensor]:
+        return self._point_weights
 
     def residuals(self, batch: Any) -> Mapping[str, Tensor]:
         """Per-point predictor outputs, one tensor per declared term.

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_ntk import tags
+from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.module import require_pinn_module
 from lightning_ntk.spectrum import Spectrum, block_spectra
 from lightning_ntk.tensorboard import add_histogram
@@ -72,8 +72,7 @@ class NTKSpectrumMonitor(Callback):
         self.seed = seed
         self.last_spectra: dict[str, Spectrum] = {}
         self._last_step = -1
-        self._generator: torch.Generator | None = None
-        self._pending_generator_state: torch.Tensor | None = None
+        self.rng = CallbackGenerator(seed, per_rank=False)
         self._warned_no_tensorboard = False
 
     def should_update(self, step: int) -> bool:
@@ -88,10 +87,7 @@ class NTKSpectrumMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Creates the Lanczos generator on the module's device."""
-        self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        if self._pending_generator_state is not None:
-            self._generator.set_state(self._pending_generator_state)
-            self._pending_generator_state = None
+        self.rng.start(pl_module.device)
 
     @override
     def on_train_batch_start(
@@ -107,7 +103,7 @@ class NTKSpectrumMonitor(Callback):
 
     def log_spectra(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, Spectrum]:
         """Computes the spectra of every block on ``batch`` and writes them to every logger."""
-        self.last_spectra = block_spectra(pl_module, batch, self.k, self.method, generator=self._generator)
+        self.last_spectra = block_spectra(pl_module, batch, self.k, self.method, generator=self.rng.generator)
         metrics: dict[str, float] = {}
         for name, spec in self.last_spectra.items():
             for j, value in enumerate(spec.eigenvalues.tolist(), start=1):
@@ -130,10 +126,9 @@ class NTKSpectrumMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        generator = None if self._generator is None else self._generator.get_state()
-        return {"last_step": self._last_step, "generator_state": generator}
+        return {"last_step": self._last_step, "generator_state": self.rng.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
-        self._pending_generator_state = state_dict.get("generator_state")
+        self.rng.load_state_dict(state_dict.get("generator_state"))

@@ -21,8 +21,8 @@ __all__ = [
     "EIGENVALUE_HISTOGRAM",
     "GRAD_NORM",
     "LOSS",
+    "LOSS_TIME_AVERAGE",
     "NTK_DIAGONAL",
-    "RESIDUAL_TIME_AVERAGE",
     "TOP_K_FRACTION",
     "TRACE",
     "WEIGHT",
@@ -36,7 +36,8 @@ GRAD_NORM = "grad_norm"
 # What the callback sets and logs.
 WEIGHT = "ntk/weight"
 LOSS = "loss"
-RESIDUAL_TIME_AVERAGE = "ntk/residual_time_avg"
+# What LossTimeAverage logs: the running time-average of the weighted training loss.
+LOSS_TIME_AVERAGE = "loss/time_average"
 # What a PINNModule with causal terms logs per term: the chunk weights (a histogram over time), the
 # smallest of them, and the current ε.
 CAUSAL_WEIGHTS = "causal/weights"

@@ -44,7 +44,7 @@ def custom_scalars_layout(terms: Sequence[str], causal: Sequence[str] = ()) -> d
             "traces": ["Multiline", measured],
             "trace standard errors": ["Multiline", errors],
             "term losses": ["Multiline", [tags.scalar(tags.LOSS, t) for t in terms]],
-            "residual time average": ["Multiline", [tags.RESIDUAL_TIME_AVERAGE]],
+            "loss time average": ["Multiline", [tags.LOSS_TIME_AVERAGE]],
         }
     }
     if causal:

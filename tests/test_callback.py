@@ -371,9 +371,9 @@ def test_generator_state_round_trip(tmp_path):
     trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[a], logger=False)
     trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 2))
     b = NTKWeightingCallback(update_every_n_steps=1, estimator="hutchinson", seed=5)
-    b._generator = torch.Generator()
+    b.rng.start(torch.device("cpu"))
     b.load_state_dict(a.state_dict())
-    assert torch.equal(torch.rand(4, generator=a._generator), torch.rand(4, generator=b._generator))
+    assert torch.equal(torch.rand(4, generator=a.rng.generator), torch.rand(4, generator=b.rng.generator))
 
 
 def test_custom_scalars_layout_groups_every_term():

@@ -9,6 +9,7 @@ from conftest import AutogradPoisson, poisson_batch
 from torch import nn
 
 from lightning_ntk.capture import CapturedCall
+from lightning_ntk.estimators.captured import CapturedEstimator
 from lightning_ntk.estimators.exact import exact_traces
 
 
@@ -112,7 +113,9 @@ def test_the_callback_through_captured_calls_trains_bit_for_bit_like_eager(tmp_p
             m, torch.utils.data.DataLoader(batches, batch_size=None)
         )
         runs[capture] = (seen, m, cb)
-    assert len(runs[True][2]._captured) == 1 and not runs[False][2]._captured
+    captured = [e for e in runs[True][2]._estimators.values() if isinstance(e, CapturedEstimator)]
+    assert len(captured) == 1 and len(captured[0].calls) == 1
+    assert not any(isinstance(e, CapturedEstimator) for e in runs[False][2]._estimators.values())
     for a, b in zip(runs[True][0], runs[False][0], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert len({tuple(w.tolist()) for w in runs[True][0]}) == 4  # every batch gave its own weights

@@ -129,7 +129,7 @@ def test_every_estimator_trains_a_causal_module_through_the_callback(tmp_path, e
     trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[cb], logger=False)
     trainer.fit(model, repeat_loader(batch, 4))
     assert all(math.isfinite(v) and v > 0 for v in cb.last_weights.values())
-    assert isinstance(cb._causal_view, CausalResiduals) and cb._causal_view.inner is model
+    assert isinstance(model._views["ntk"], CausalResiduals) and model._views["ntk"].inner is model
 
 
 def _fit(tmp_path, model, steps, batch, ckpt_path=None):

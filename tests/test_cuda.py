@@ -116,7 +116,7 @@ class DeviceRecorder(NTKWeightingCallback):
     def update_weights(self, trainer, pl_module, batch):
         weights = super().update_weights(trainer, pl_module, batch)
         trace = next(iter(self.last_estimate.traces.values()))
-        self.seen.append((pl_module.ntk_weights.device.type, self._generator.device.type, trace.dtype))
+        self.seen.append((pl_module.ntk_weights.device.type, self.rng.generator.device.type, trace.dtype))
         return weights
 
 
@@ -162,7 +162,8 @@ def test_callback_capture_on_cuda_gives_the_eager_weights(tmp_path, estimator):
         runs.append((model, ntk))
     (eager, _), (captured, ntk) = runs
     torch.testing.assert_close(captured.ntk_weights, eager.ntk_weights, rtol=1e-4, atol=0)
-    graphs = [e.graph for call, _ in ntk._captured.values() for e in call.signatures.values()]
+    calls = [call for est in ntk._estimators.values() for call, _ in est.calls.values()]
+    graphs = [e.graph for call in calls for e in call.signatures.values()]
     assert graphs and all(g is not None for g in graphs)
 
 

@@ -9,13 +9,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_callback import Recording
 
-from lightning_ntk import NTKSpectrumMonitor, NTKWeightingCallback, block_spectra
+from lightning_ntk import LossTimeAverage, NTKSpectrumMonitor, NTKWeightingCallback, block_spectra
 
 
 def test_spectra_residual_average_and_layout_are_logged(tmp_path):
     model = Recording()
     ntk = NTKSpectrumMonitor(every_n_steps=2, k=3)
-    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[NTKWeightingCallback(1), ntk])
+    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[NTKWeightingCallback(1), ntk, LossTimeAverage()])
     trainer.fit(model, repeat_loader(poisson_batch(dtype=torch.float32), 4))
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
@@ -29,7 +29,7 @@ def test_spectra_residual_average_and_layout_are_logged(tmp_path):
     assert eig == sorted(eig, reverse=True)
     spec = ntk.last_spectra["pde"]
     assert float(spec.effective_rank) >= 1.0 and 0 < float(spec.top_k_fraction) <= 1.0 + 1e-6
-    avg = events.Scalars("ntk/residual_time_avg")
+    avg = events.Scalars("loss/time_average")
     assert len(avg) == 4 and all(e.value > 0 for e in avg)
     assert "custom_scalars__config__" in events.Tags()["tensors"]  # the layout, written once at fit start
 
@@ -75,4 +75,4 @@ def test_monitor_alone_leaves_weights_at_one_and_matches_block_spectra(tmp_path)
     fresh = NTKSpectrumMonitor(every_n_steps=2, k=2)
     fresh.load_state_dict(monitor.state_dict())
     fresh.on_fit_start(trainer, model)
-    assert torch.equal(fresh._generator.get_state(), monitor._generator.get_state())
+    assert torch.equal(fresh.rng.generator.get_state(), monitor.rng.generator.get_state())
