@@ -1,11 +1,7 @@
-r"""
-NTK Weighting Callback
-^^^^^^^^^^^^^^^^^^^^^^
-"""
+"""``NTKWeightingCallback``: NTK trace weights for the loss terms of a ``PINNModule``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,41 +12,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ntk import tags
 from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
 from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_layout
+from lightning_ntk.updates import UpdateRecord
 from lightning_ntk.validity import DeferredValidityCheck
 from lightning_ntk.weights import WeightRule, default_weight_rule
 
 __all__ = ["NTKWeightingCallback"]
-
-
-@dataclass(frozen=True)
-class _Latest:
-    """What the last update measured and set, reduced over ranks, in term order."""
-
-    names: tuple[str, ...]
-    measure: str
-    values: Tensor
-    stderr: Tensor
-    weights: Tensor
-
-    def as_dict(self, values: Tensor) -> dict[str, float]:
-        return dict(zip(self.names, values.tolist(), strict=True))
-
-    def metrics(self) -> dict[str, float]:
-        """Every logged scalar, read to the host in one transfer."""
-        values, stderr, weights = torch.stack([self.values, self.stderr, self.weights]).tolist()
-        metrics = {}
-        for name, v, e, w in zip(self.names, values, stderr, weights, strict=True):
-            metrics[tags.scalar(self.measure, name)] = v
-            metrics[tags.stderr(self.measure, name)] = e
-            metrics[tags.scalar(tags.WEIGHT, name)] = w
-        return metrics
 
 
 class NTKWeightingCallback(Callback):
@@ -73,8 +45,6 @@ class NTKWeightingCallback(Callback):
 
     Example::
 
-        from lightning_ntk import NTKWeightingCallback, TraceAverager, WeightRule
-
         ntk = NTKWeightingCallback(update_every_n_steps=100, weight_rule=WeightRule(ema=0.9))
         trainer = pl.Trainer(max_steps=10_000, callbacks=[ntk])
         trainer.fit(model, datamodule)   # model: a PINNModule
@@ -92,7 +62,7 @@ class NTKWeightingCallback(Callback):
             ``WeightRule(mode="mean_trace")`` for NTK traces of a module with causal terms.
         trace_averager: Averages the estimates across updates before weighting (for sketches).
         monitor_only: Compute and log the weights, but never apply them.
-        seed: Seeds the random generator (offset by the global rank); ``None``: drawn at fit start.
+        seed: Seeds the random generator (plus the global rank); ``None``: drawn at fit start.
         on_nonfinite: A NaN, infinite or zero value: ``"raise"`` an error naming the term and the step,
             or ``"skip"`` (warn, keep the previous weights).
         capture: Replay the ``exact`` and ``fd`` computations from a CUDA graph per batch layout (checked
@@ -125,12 +95,11 @@ class NTKWeightingCallback(Callback):
         self.rng = CallbackGenerator(seed)
         self.validity = DeferredValidityCheck(on_nonfinite)
         self.last_estimate: TraceEstimate | None = None
-        # Optimizer step of the last update; -1 = none yet. Guards against updating on every
-        # micro-batch of an accumulated step, and is what a resumed run continues from.
+        # Optimizer step of the last update (-1: none): one update per accumulated step; resumes continue it.
         self._last_update_step = -1
         self._last_logged_step = -1
         self._monitored_weights: Tensor | None = None
-        self._latest: _Latest | None = None
+        self._latest: UpdateRecord | None = None
         self._reported_paths = False
         self._estimators: dict[str, TraceEstimator] = {}  # "main" and the exact "start", wrapped
 
@@ -179,12 +148,8 @@ class NTKWeightingCallback(Callback):
     def update_weights(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> Tensor:
         """Measure every term on ``batch``, combine over ranks, and set (or monitor) the weights.
 
-        Nothing here reads a device value on the host, so a GPU never waits for it (and a CUDA graph
-        can hold it): whether every value was finite and positive is decided on the device, the weights
-        stay the previous ones where it was not, and :class:`~lightning_ntk.validity.DeferredValidityCheck`
-        reads the flag before the same step's optimizer step (else at the end of the step), raising or
-        warning with the step and the term while the parameters are still those the values were measured at.
-        """
+        No device value is read on the host here: validity is decided on the device (the previous weights
+        are kept where it fails) and read by :attr:`validity` before the optimizer step."""
         self.resolve_pending_check()
         names = pl_module.terms
         estimate = self._estimator_now()(pl_module, batch, self.rng.generator)
@@ -204,7 +169,7 @@ class NTKWeightingCallback(Callback):
             pl_module.set_term_weights(weights.to(pl_module.ntk_weights))
         self.validity.arm(valid, trainer.global_step, values, estimate, pl_module, batch, undo)
         self.last_estimate = estimate
-        self._latest = _Latest(names, estimate.measure, values, stderr, weights)
+        self._latest = UpdateRecord(names, estimate.measure, values, stderr, weights)
         self._report(trainer, estimate)
         return weights
 
@@ -239,8 +204,8 @@ class NTKWeightingCallback(Callback):
 
     def _wrapped(self, estimator: TraceEstimator) -> TraceEstimator:
         if self.capture:
-            return CapturedEstimator(estimator, measured=_ntk_view, terms=lambda module: module.terms)
-        return MeasuredEstimator(estimator, _ntk_view)
+            return CapturedEstimator(estimator, measured=PINNModule.ntk_view, terms=lambda module: module.terms)
+        return MeasuredEstimator(estimator, PINNModule.ntk_view)
 
     def _report(self, trainer: pl.Trainer, estimate: TraceEstimate) -> None:
         if not self._reported_paths and "paths" in estimate.info:
@@ -308,41 +273,27 @@ class NTKWeightingCallback(Callback):
 
 
 def _checked_arguments(
-    update_every_n_steps: Any,
-    estimator: Any,
-    weight_rule: Any,
-    trace_averager: Any,
-    on_nonfinite: Any,
-    capture: Any,
-    seed: Any,
+    every: Any, estimator: Any, rule: Any, averager: Any, on_nonfinite: Any, capture: Any, seed: Any
 ) -> TraceEstimator:
     """Raise a ``MisconfigurationException`` that says what to change for a bad argument; the estimator."""
-    if isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int):
-        raise MisconfigurationException(f"`update_every_n_steps` must be a positive int, got {update_every_n_steps!r}.")
-    if update_every_n_steps < 1:
-        raise MisconfigurationException(
-            f"`update_every_n_steps` must be >= 1 (1 = every optimizer step), got {update_every_n_steps}."
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise MisconfigurationException(message)
+
+    is_int = isinstance(every, int) and not isinstance(every, bool)
+    require(is_int, f"`update_every_n_steps` must be a positive int, got {every!r}.")
+    require(every >= 1, f"`update_every_n_steps` must be >= 1 (1 = every optimizer step), got {every}.")
+    for name, value, cls in (("weight_rule", rule, WeightRule), ("trace_averager", averager, TraceAverager)):
+        require(
+            value is None or isinstance(value, cls),
+            f"`{name}` must be a lightning_ntk.{cls.__name__} or None, got {type(value).__name__}.",
         )
+    require(on_nonfinite in ("raise", "skip"), f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}.")
+    require(isinstance(capture, bool), f"`capture` must be True or False, got {capture!r}.")
+    seed_ok = seed is None or (isinstance(seed, int) and not isinstance(seed, bool))
+    require(seed_ok, f"`seed` must be an int or None, got {seed!r}.")
     try:
-        checked = as_estimator(estimator)
+        return as_estimator(estimator)
     except ValueError as err:
         raise MisconfigurationException(f"`estimator`: {err}") from err
-    for name, value, cls in (
-        ("weight_rule", weight_rule, WeightRule),
-        ("trace_averager", trace_averager, TraceAverager),
-    ):
-        if value is not None and not isinstance(value, cls):
-            raise MisconfigurationException(
-                f"`{name}` must be a lightning_ntk.{cls.__name__} or None, got {type(value).__name__}."
-            )
-    if on_nonfinite not in ("raise", "skip"):
-        raise MisconfigurationException(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}.")
-    if not isinstance(capture, bool):
-        raise MisconfigurationException(f"`capture` must be True or False, got {capture!r}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise MisconfigurationException(f"`seed` must be an int or None, got {seed!r}.")
-    return checked
-
-
-def _ntk_view(module: PINNModule, batch: Any) -> Any:
-    return module.ntk_view(batch)
