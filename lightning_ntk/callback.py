@@ -115,8 +115,9 @@ class NTKWeightingCallback(Callback):
         """Checks that the module follows the :class:`~lightning_ntk.PINNModule` contract, and picks the
         default weight rule for it (``mean_trace`` if it has causal terms)."""
         require_pinn_module(pl_module, type(self).__name__)
+        assert isinstance(pl_module, PINNModule)
+        pl_module.add_before_optimizer_step(self, self.resolve_pending_check)  # a captured step calls it
         if self._default_rule:
-            assert isinstance(pl_module, PINNModule)
             grad_norms = self.estimator.name == "grad_norm"
             self.weight_rule = default_weight_rule(grad_norms=grad_norms, causal=bool(pl_module.causal))
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -34,9 +35,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_ntk.capture import CapturedCall
-
-if TYPE_CHECKING:
-    from lightning_ntk.module import PINNModule
+from lightning_ntk.losses import StepLosses
 
 __all__ = ["CapturedTrainingStep"]
 
@@ -44,17 +43,35 @@ _PRECISIONS = ("32-true", "32", "64-true", "64")
 
 
 class CapturedTrainingStep:
-    """The training step of one :class:`~lightning_ntk.PINNModule` with ``capture_step=True``."""
+    """The training step of one :class:`~lightning_ntk.PINNModule` with ``capture_step=True``.
 
-    def __init__(self, module: PINNModule) -> None:
+    Args:
+        module: The module (its trainer, optimizer, schedulers, ``terms`` and ``causal`` are read).
+        step_losses: ``step_losses(batch)``: the step's :class:`~lightning_ntk.losses.StepLosses`, replayed.
+        after_step: Called with the replay's :class:`~lightning_ntk.losses.StepLosses` (logging, causal ε).
+        before_optimizer_step: Called before each replay, as automatic optimization calls
+            ``on_before_optimizer_step`` (what callbacks registered with ``add_before_optimizer_step``).
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        step_losses: Callable[[Any], Any],
+        after_step: Callable[[Any], None],
+        before_optimizer_step: Callable[[], None],
+    ) -> None:
         self.module = module
+        self.step_losses = step_losses
+        self.after_step = after_step
+        self.before_optimizer_step = before_optimizer_step
         self.calls: dict[str, CapturedCall] = {}
         self._warned_shapes = False
 
     # ------------------------------------------------------------------ checks when fitting starts
 
-    def check(self) -> None:
-        """Refuse what a replayed step cannot do; on CUDA make Adam/AdamW capturable with a device LR."""
+    def prepare_for_replay(self) -> None:
+        """Refuse what a replayed step cannot do, and on CUDA make the optimizer's parameter groups
+        replayable (Adam/AdamW ``capturable=True`` with a device learning rate)."""
         module, trainer = self.module, self.module.trainer
         name = type(module).__name__
         if trainer.accumulate_grad_batches != 1:
@@ -107,14 +124,10 @@ class CapturedTrainingStep:
 
     def __call__(self, batch: Any) -> Tensor:
         module = self.module
-        trainer = module.trainer
         lightning_optimizer = module.optimizers()
         optimizer = getattr(lightning_optimizer, "optimizer", lightning_optimizer)
         # An update of this step's weights is judged before the parameters move.
-        for callback in trainer.callbacks:
-            resolve = getattr(callback, "resolve_pending_check", None)
-            if callable(resolve):
-                resolve()
+        self.before_optimizer_step()
         leaves, spec = tree_flatten(batch)
         if not all(isinstance(t, Tensor) for t in leaves):
             raise TypeError(
@@ -127,7 +140,7 @@ class CapturedTrainingStep:
         lightning_optimizer._on_after_step()
         total, losses, causal = outputs[0], outputs[1], outputs[2:]
         losses = dict(zip(module.terms, losses.unbind(0), strict=True))
-        module._log_step(total, losses, dict(zip(module.causal, causal, strict=True)))
+        self.after_step(StepLosses(total, losses, dict(zip(module.causal, causal, strict=True))))
         self._step_schedulers()
         return total
 
@@ -141,11 +154,11 @@ class CapturedTrainingStep:
         def step(*tensors: Tensor) -> tuple[Tensor, ...]:
             batch = tree_unflatten(list(tensors), spec)
             optimizer.zero_grad(set_to_none=False)  # the gradients stay the graph's static memory
-            total, losses, causal = module._weighted_loss(batch)
-            total.backward()
+            step = self.step_losses(batch)
+            step.total.backward()
             optimizer.step()
-            stacked = torch.stack([losses[name].detach() for name in module.terms])
-            return (total.detach(), stacked, *(causal[name] for name in module.causal))
+            stacked = torch.stack([step.losses[name].detach() for name in module.terms])
+            return (step.total.detach(), stacked, *(step.causal_weights[name] for name in module.causal))
 
         call = self.calls[key] = CapturedCall(
             step,
@@ -180,7 +193,7 @@ class CapturedTrainingStep:
                 config.scheduler.step()
 
 
-def _snapshot(module: PINNModule, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+def _snapshot(module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     """Save the values the step changes (parameters, gradients, optimizer state) and return what puts
     them back in place; optimizer state created after the snapshot is reset to Adam's initial zeros."""
     params = [p for p in module.parameters() if p.requires_grad]

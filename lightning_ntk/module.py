@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,9 +19,10 @@ from lightning_ntk import tags
 from lightning_ntk.captured_step import CapturedTrainingStep
 from lightning_ntk.causal import CausalResiduals, CausalWeighting
 from lightning_ntk.contract import check_residuals, check_terms
+from lightning_ntk.losses import StepLosses
 from lightning_ntk.tensorboard import add_chunk_profile
 
-__all__ = ["PINNModule", "require_pinn_module"]
+__all__ = ["PINNModule", "StepLosses", "require_pinn_module"]
 
 
 def _fresh_tensors(batch: Any) -> Any:
@@ -30,6 +31,8 @@ def _fresh_tensors(batch: Any) -> Any:
 
 
 _CHECKPOINT_KEY = "lightning_ntk"
+
+
 _NO_GRAD_INPUT = "One of the differentiated Tensors does not require grad"
 
 
@@ -120,7 +123,16 @@ class PINNModule(pl.LightningModule):
             raise TypeError(f"`capture_step` must be True or False, got {capture_step!r}.")
         self.capture_step = capture_step
         self.automatic_optimization = not capture_step
-        self._captured_step = CapturedTrainingStep(self) if capture_step else None
+        self._captured_step = (
+            CapturedTrainingStep(
+                self,
+                step_losses=self.step_losses,
+                after_step=self._after_captured_step,
+                before_optimizer_step=self._before_captured_optimizer_step,
+            )
+            if capture_step
+            else None
+        )
         self._terms = check_terms(terms)
         self.register_buffer("ntk_weights", torch.ones(len(self._terms)), persistent=True)
         if init_weights is not None:
@@ -130,6 +142,7 @@ class PINNModule(pl.LightningModule):
         self._point_weights_in_loss = True
         # In a dict: a view (an nn.Module holding this module) set as an attribute would be a submodule.
         self._views: dict[str, CausalResiduals] = {}
+        self._before_optimizer_step: dict[object, Callable[[], None]] = {}
 
     @property
     def causal(self) -> dict[str, CausalWeighting]:
@@ -258,10 +271,11 @@ class PINNModule(pl.LightningModule):
 
     def weighted_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """``(Σ_i w_i L_i, {term: L_i})`` on a batch; the weights are constants to autograd."""
-        total, losses, _ = self._weighted_loss(batch)
-        return total, losses
+        step = self.step_losses(batch)
+        return step.total, step.losses
 
-    def _weighted_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def step_losses(self, batch: Any) -> StepLosses:
+        """The :class:`StepLosses` of ``batch``: what :meth:`training_step` (and a captured step) computes."""
         recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         residuals = check_residuals(self.residuals(batch), self._terms, require_grad=recording)
         causal_weights = {}
@@ -286,12 +300,12 @@ class PINNModule(pl.LightningModule):
         losses = {name: self.term_loss(name, residuals[name]) for name in self._terms}
         stacked = torch.stack([losses[name] for name in self._terms])
         total = (self.ntk_weights.detach().to(stacked) * stacked).sum()
-        return total, losses, causal_weights
+        return StepLosses(total, losses, causal_weights)
 
     @override
     def on_fit_start(self) -> None:
         if self._captured_step is not None:
-            self._captured_step.check()
+            self._captured_step.prepare_for_replay()
 
     @override
     def on_train_epoch_end(self) -> None:
@@ -302,11 +316,27 @@ class PINNModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self._captured_step is not None:
             return self._captured_step(batch)
-        total, losses, causal_weights = self._weighted_loss(batch)
-        self._log_step(total, losses, causal_weights)
-        return total
+        step = self.step_losses(batch)
+        self.log_step_losses(step)
+        self.advance_causal_schedules(step.causal_weights)
+        return step.total
 
-    def _log_step(self, total: Tensor, losses: Mapping[str, Tensor], causal_weights: Mapping[str, Tensor]) -> None:
+    def add_before_optimizer_step(self, key: object, fn: Callable[[], None]) -> None:
+        """Have a captured step (``capture_step=True``, manual optimization) call ``fn()`` before it
+        replays the optimizer step, as automatic optimization calls ``on_before_optimizer_step``.
+        :class:`~lightning_ntk.NTKWeightingCallback` registers its validity check here at ``setup``; one
+        ``fn`` per ``key``."""
+        self._before_optimizer_step[key] = fn
+
+    def _after_captured_step(self, step: StepLosses) -> None:
+        self.log_step_losses(step)
+        self.advance_causal_schedules(step.causal_weights)
+
+    def _before_captured_optimizer_step(self) -> None:
+        for fn in self._before_optimizer_step.values():
+            fn()
+
+    def log_step_losses(self, step: StepLosses) -> None:
         """Log the step's total loss; per-term losses and causal statistics on the steps the logger writes.
 
         Each ``self.log`` costs Lightning ~0.3 ms of Python, more than a whole step of a small PINN, and
@@ -317,20 +347,25 @@ class PINNModule(pl.LightningModule):
         """
         trainer = self._trainer
         bar = trainer is not None and getattr(trainer, "progress_bar_callback", None) is not None
-        self.log(tags.scalar(tags.LOSS, "total"), total.detach(), prog_bar=bar)
-        writes = self._logger_writes_this_step()
-        if writes:
-            self.log_dict({tags.scalar(tags.LOSS, name): loss.detach() for name, loss in losses.items()})
+        self.log(tags.scalar(tags.LOSS, "total"), step.total.detach(), prog_bar=bar)
+        if not self._logger_writes_this_step():
+            return
+        self.log_dict({tags.scalar(tags.LOSS, name): loss.detach() for name, loss in step.losses.items()})
+        for name, weights in step.causal_weights.items():
+            cw = self._causal[name]
+            self.log(tags.scalar(tags.CAUSAL_MIN_WEIGHT, name), weights.min())
+            # A copy: the device ε moves on in place when the schedule advances.
+            self.log(tags.scalar(tags.CAUSAL_EPSILON, name), cw.epsilon_like(weights).clone())
+            if trainer is not None:
+                add_chunk_profile(
+                    trainer, tags.scalar(tags.CAUSAL_WEIGHTS, name), weights, cw.t_range, self.global_step
+                )
+
+    def advance_causal_schedules(self, causal_weights: Mapping[str, Tensor]) -> None:
+        """Keep each causal term's chunk weights of this step and move its ε schedule on where every chunk
+        is fitted, on the device (:meth:`~lightning_ntk.CausalWeighting.advance_on_device`)."""
         for name, weights in causal_weights.items():
             cw = self._causal[name]
-            if writes:
-                self.log(tags.scalar(tags.CAUSAL_MIN_WEIGHT, name), weights.min())
-                # A copy: the device ε moves on in place right below.
-                self.log(tags.scalar(tags.CAUSAL_EPSILON, name), cw.epsilon_like(weights).clone())
-                if trainer is not None:
-                    add_chunk_profile(
-                        trainer, tags.scalar(tags.CAUSAL_WEIGHTS, name), weights, cw.t_range, self.global_step
-                    )
             cw.last_weights = weights
             cw.advance_on_device()
 

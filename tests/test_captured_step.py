@@ -136,3 +136,41 @@ def test_a_plateau_schedule_is_refused_when_fitting_starts(tmp_path):
     trainer = quiet_trainer(tmp_path, max_steps=2, logger=False)
     with pytest.raises(MisconfigurationException, match="ReduceLROnPlateau needs a monitored metric"):
         trainer.fit(Plateau(capture_step=True), torch.utils.data.DataLoader(batches(2), batch_size=None))
+
+
+def test_captured_step_does_not_import_the_module_it_steps():
+    # No import circle between module.py and captured_step.py, TYPE_CHECKING imports included: the module
+    # hands the step what it needs (step_losses, after_step, before_optimizer_step) explicitly.
+    import ast
+    from pathlib import Path
+
+    import lightning_ntk.captured_step as captured_step
+
+    tree = ast.parse(Path(captured_step.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "lightning_ntk.module" not in imported and "lightning_ntk" not in imported
+
+
+def test_a_bad_update_is_judged_before_the_captured_step_moves_the_parameters(tmp_path):
+    # The callback registers its validity check with the module at setup; the captured step calls it
+    # before the replayed optimizer step, as automatic optimization calls on_before_optimizer_step.
+    class Poisoned(Heat):
+        def residuals(self, batch):
+            out = super().residuals(batch)
+            if self.global_step == 2:  # one batch whose ic residual is NaN (its trace too)
+                out = {**out, "ic": out["ic"] * torch.nan}
+            return out
+
+    model = Poisoned(capture_step=True)
+    seen = []
+
+    class Params(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([p.detach().clone() for p in pl_module.parameters()])
+
+    trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[NTKWeightingCallback(1), Params()], logger=False)
+    with pytest.raises(FloatingPointError, match=r"At optimizer step 2: the residual of term 'ic'"):
+        trainer.fit(model, torch.utils.data.DataLoader(batches(4), batch_size=None))
+    for p, before in zip(model.parameters(), seen[2], strict=True):
+        torch.testing.assert_close(p.detach(), before, rtol=0, atol=0)

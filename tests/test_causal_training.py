@@ -226,7 +226,8 @@ class StepLosses(pl.Callback):
         self.seen: list[dict[str, float]] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        total, losses, causal = module._weighted_loss(batch)
+        step = module.step_losses(batch)
+        total, losses, causal = step.total, step.losses, step.causal_weights
         seen = {tags.scalar(tags.LOSS, n): float(v.detach()) for n, v in losses.items()}
         seen[tags.scalar(tags.LOSS, "total")] = float(total.detach())
         seen[tags.scalar(tags.CAUSAL_MIN_WEIGHT, "pde")] = float(causal["pde"].min())
