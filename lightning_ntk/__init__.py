@@ -38,7 +38,6 @@ from lightning_ntk.weights import (
     clamp_weights,
     default_weight_rule,
     ema_update,
-    ntk_weights,
     trace_weights,
 )
 
@@ -116,7 +115,6 @@ __all__ = [
     "ntk_eigenvalues",
     "ntk_matrix",
     "ntk_traces",
-    "ntk_weights",
     "register_estimator",
     "trace_weights",
 ]

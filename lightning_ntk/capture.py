@@ -1,7 +1,7 @@
 """Replayable computations: a function of tensors with fixed shapes, captured once as a CUDA graph.
 
 At PINN sizes every eager GPU call is bound by kernel launches and Python, not by arithmetic (a
-3×256 network's exact traces: 12 ms eager, ~1.6 ms as a replayed graph; ``../shared/design.md`` §2c).
+3×256 network's exact traces: 12 ms eager, ~1.6 ms as a replayed graph; the table in ``docs/guides/gpu.md``).
 :class:`CapturedCall` wraps a function ``fn(*tensors) -> tensor or tuple of tensors`` and keeps one
 graph per *signature*: the inputs' shapes, dtypes and devices and the identity of the tensors that
 ``fn`` reads besides its inputs (the parameters, given as ``state``). A call copies its inputs into

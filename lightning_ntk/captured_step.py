@@ -1,7 +1,7 @@
 """The whole PINN training step replayed from one CUDA graph: ``PINNModule(capture_step=True)``.
 
 An eager PINN step on a GPU is launch-bound (a 3×256 network: 4.7 ms eager, ~1.3 ms as a graph;
-``../shared/design.md`` §2c). With ``capture_step=True`` the module optimizes manually and replays
+the table in ``docs/guides/gpu.md``). With ``capture_step=True`` the module optimizes manually and replays
 zero_grad, the residuals (with their ``create_graph`` input derivatives), the weighted loss, the
 backward pass and the optimizer step as one graph per batch layout (:class:`~lightning_ntk.capture.CapturedCall`).
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:  # the Gram path imports this module; a runtime import would be a circle
+    from lightning_ntk.jacobian.gram.layouts import LayoutEntry
 
 __all__ = ["ExactPathEntry", "ModuleMemory", "first_time", "forget", "memory_of"]
 
@@ -42,7 +45,7 @@ class ExactPathEntry:
 
     refused: str | None = None
     off_gram: dict[str, str] = field(default_factory=dict)
-    layouts: Any = None
+    layouts: LayoutEntry | None = None  # stored by jacobian.dispatch after each Gram call
     checked: bool = False
 
 

@@ -17,7 +17,6 @@ Weights are then optionally smoothed, ``w ← ema·w_old + (1 − ema)·λ``, an
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,12 +26,10 @@ __all__ = [
     "MODES",
     "WeightRule",
     "balancing_weights",
-    "check_traces",
     "check_values",
     "clamp_weights",
     "default_weight_rule",
     "ema_update",
-    "ntk_weights",
     "raise_for_values",
     "trace_weights",
 ]
@@ -231,20 +228,3 @@ def default_weight_rule(grad_norms: bool = False, causal: bool = False) -> Weigh
         'trace'
     """
     return WeightRule("mean_trace" if causal and not grad_norms else "trace")
-
-
-def ntk_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | None = None) -> Tensor:
-    """Deprecated name of :func:`balancing_weights` (it shared its name with the buffer
-    :attr:`PINNModule.ntk_weights <lightning_ntk.PINNModule>`)."""
-    warnings.warn(
-        "`ntk_weights(...)` is renamed `balancing_weights(...)`; the old name will be removed.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return balancing_weights(traces, mode, num_rows)
-
-
-def check_traces(traces: Tensor, names: Sequence[str], quantity: str = "NTK trace") -> None:
-    """Deprecated name of :func:`check_values`."""
-    warnings.warn("`check_traces` is renamed `check_values`.", DeprecationWarning, stacklevel=2)
-    check_values(traces, names, quantity)

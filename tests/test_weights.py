@@ -4,11 +4,9 @@ import torch
 from lightning_ntk.weights import (
     WeightRule,
     balancing_weights,
-    check_traces,
     check_values,
     clamp_weights,
     ema_update,
-    ntk_weights,
     trace_weights,
 )
 
@@ -102,10 +100,9 @@ def test_weight_rule_is_the_rule_then_smoothing_then_clamps():
     assert "mean_trace" in repr(rule)
 
 
-def test_old_names_warn_and_agree():
-    traces = torch.tensor([1.0, 4.0], dtype=torch.float64)
-    with pytest.warns(DeprecationWarning, match="balancing_weights"):
-        old = ntk_weights(traces)
-    torch.testing.assert_close(old, balancing_weights(traces))
-    with pytest.warns(DeprecationWarning, match="check_values"), pytest.raises(ValueError, match="'pde'"):
-        check_traces(torch.tensor([1.0, 0.0]), ["bc", "pde"])
+def test_the_deprecated_names_are_gone():
+    import lightning_ntk
+    import lightning_ntk.weights as weights
+
+    for name in ("ntk_weights", "check_traces"):
+        assert not hasattr(weights, name) and name not in lightning_ntk.__all__

@@ -176,12 +176,7 @@ def finite_difference_traces(
         >>> round(float(est.traces["data"]), 6)  # r = w: every probe gives z² = 1 = Tr K
         1.0
     """
-    check_positive_int(num_probes, "num_probes")
-    check_positive_number(step_scale, "step_scale")
-    check_positive_number(step_size, "step_size", allow_none=True)
-    _check_points_per_probe(points_per_probe)
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("NTK traces cannot be computed under torch.inference_mode.")
+    _check_call(num_probes, step_scale, step_size, points_per_probe)
     terms = getattr(module, "terms", None)
     named = {f"inner.{name}": p.detach() for name, p in trainable_parameters(module).items()}
     params = list(named.values())
@@ -210,11 +205,18 @@ def finite_difference_traces(
             diff = (plus[name] - minus[name]) / (2 * h)
             samples.setdefault(name, []).append(diff.square().sum() * (points / diff.shape[0]))
             rows[name] = plus[name].numel() // plus[name].shape[0] * points  # integers: no rounding down
-    traces, stderr = {}, {}
-    for name, values in samples.items():
-        traces[name], stderr[name] = mean_and_stderr(torch.stack(values))
+    stats = {name: mean_and_stderr(torch.stack(values)) for name, values in samples.items()}
     info = {"num_probes": num_probes, "step_size": h, "points_per_probe": points_per_probe}
-    return TraceEstimate(traces, stderr, rows, "fd", info)
+    return TraceEstimate({n: t for n, (t, _) in stats.items()}, {n: e for n, (_, e) in stats.items()}, rows, "fd", info)
+
+
+def _check_call(num_probes: int, step_scale: float, step_size: float | None, points_per_probe: PointsPerProbe) -> None:
+    check_positive_int(num_probes, "num_probes")
+    check_positive_number(step_scale, "step_scale")
+    check_positive_number(step_size, "step_size", allow_none=True)
+    _check_points_per_probe(points_per_probe)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("NTK traces cannot be computed under torch.inference_mode.")
 
 
 @register_estimator("fd")

@@ -126,7 +126,8 @@ def gram_squared_norms(
         GramUnsupported: The residual uses a parameter in a way the identities do not cover, for
             every term (the recording is shared).
     """
-    residuals, flat, uses, entry, located = _found_again(batch, params, residuals_fn, known)
+    found = _found_again(batch, params, residuals_fn, known)
+    residuals, flat, uses, entry, located = found.residuals, found.flat, found.uses, found.entry, found.located
     rows = {term: r.numel() for term, r in residuals.items()}
     outputs = _Outputs(uses)
     if entry is None:
@@ -161,14 +162,32 @@ def gram_squared_norms(
     return GramResult(norms, rows, unsupported, keep, backwards)
 
 
+@dataclass(frozen=True)
+class FoundUses:
+    """One evaluation's residuals and parameter uses, and whether a confirmed entry holds for them.
+
+    Attributes:
+        residuals: The residuals as evaluated.
+        flat: The same, one row per point (``(N, rows)``).
+        uses: The parameter uses of this evaluation (recorded or walked).
+        entry: The confirmed :class:`LayoutEntry` if it holds for this evaluation, else ``None`` (confirm again).
+        located: The entry's cut nodes in this evaluation's graph (``None`` with no entry).
+    """
+
+    residuals: Mapping[str, Tensor]
+    flat: dict[str, Tensor]
+    uses: list[Use]
+    entry: LayoutEntry | None
+    located: dict | None
+
+
 def _found_again(
     batch: object,
     params: Mapping[str, Tensor],
     residuals_fn: Callable[[object], Mapping[str, Tensor]],
     known: LayoutEntry | None,
-) -> tuple[Mapping[str, Tensor], dict[str, Tensor], list[Use], LayoutEntry | None, dict | None]:
-    """The residuals (as evaluated, and flat: a row per point) and the uses of this evaluation, with
-    ``known`` and its cut nodes if they hold for it (else ``None``, ``None``: confirm again).
+) -> FoundUses:
+    """The residuals and the uses of this evaluation, with ``known`` and its cut nodes if they hold for it.
 
     A warm call walks the graph of a plain evaluation where the entry has a walk plan; otherwise, or
     if the walk does not find the planned graph, the recorder runs."""
@@ -178,15 +197,15 @@ def _found_again(
         uses = walking.walk_uses(known.walk, list(flat.values()), params)
         located = None if uses is None else _locate_cuts(known, list(flat.values()))
         if located is not None:
-            return residuals, flat, uses, known, located
+            return FoundUses(residuals, flat, uses, known, located)
         known.walk = None  # this module's graph changes between calls: the recorder from now on
         del residuals, flat, uses
     residuals, uses = record_uses(params, residuals_fn, batch)
     flat = _flat(residuals)
     if known is None or known.fingerprint != fingerprint(uses):
-        return residuals, flat, uses, None, None
+        return FoundUses(residuals, flat, uses, None, None)
     located = _locate_cuts(known, list(flat.values()))
-    return residuals, flat, uses, (None if located is None else known), located
+    return FoundUses(residuals, flat, uses, None if located is None else known, located)
 
 
 def _flat(residuals: Mapping[str, Tensor]) -> dict[str, Tensor]:
