@@ -30,3 +30,12 @@ def test_readme_example_runs_as_written(heading, tmp_path):
         promised = float(re.search(r"\{'bc': ~([0-9.]+)", code_block(heading)).group(1))
         printed = float(re.search(r"\{'bc': ([0-9.eE+-]+)", done.stdout).group(1))
         assert printed == pytest.approx(promised, rel=0.3), (printed, promised)
+
+
+@pytest.mark.slow  # trains for ~30 s; CI runs it
+def test_readme_adaptive_collocation_continues_the_quick_start(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(code_block("## Quick start") + code_block("### Adaptive collocation") + "print('done')\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.rstrip().endswith("done")
