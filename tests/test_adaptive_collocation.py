@@ -169,7 +169,9 @@ def test_resume_equals_uninterrupted_with_per_step_fd_weights(tmp_path, stop):
     def callbacks():
         return [
             AdaptiveCollocation({"pde": unit_square}, score="rad", every_n_steps=3, pool_factor=4, seed=7),
-            NTKWeightingCallback(1, estimator="fd", trace_averager=TraceAverager(0.9), seed=3),
+            NTKWeightingCallback(
+                1, estimator="fd", trace_averager=TraceAverager(), seed=3
+            ),  # per-step fd at its defaults
         ]
 
     a = copy.deepcopy(init)
