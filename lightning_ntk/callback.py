@@ -17,7 +17,7 @@ from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_es
 from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.module import PINNModule, require_pinn_module
-from lightning_ntk.tensorboard import write_layout
+from lightning_ntk.tensorboard import write_custom_scalars
 from lightning_ntk.updates import UpdateRecord
 from lightning_ntk.validity import DeferredValidityCheck
 from lightning_ntk.weights import WeightRule, default_weight_rule
@@ -65,7 +65,7 @@ class NTKWeightingCallback(Callback):
         seed: Seeds the random generator (plus the global rank); ``None``: drawn at fit start.
         on_nonfinite: A NaN, infinite or zero value: ``"raise"`` an error naming the term and the step,
             or ``"skip"`` (warn, keep the previous weights).
-        capture: Replay the ``exact`` and ``fd`` computations from a CUDA graph per batch layout (checked
+        capture: Replay the ``exact`` and ``fd`` computations from a CUDA graph per batch signature (checked
             against an eager call first; eager where capture fails). On a CPU: eager, same buffers.
     """
 
@@ -127,7 +127,7 @@ class NTKWeightingCallback(Callback):
         device = pl_module.device
         self.rng.start(device, trainer.global_rank)
         if isinstance(pl_module, PINNModule):
-            write_layout(trainer, pl_module.terms, tuple(pl_module.causal))
+            write_custom_scalars(trainer, pl_module.terms, tuple(pl_module.causal))
         # Averages restored from a checkpoint live on the CPU until the module's device is known.
         if self.trace_averager is not None:
             self.trace_averager.to(device)

@@ -3,7 +3,7 @@
 An eager PINN step on a GPU is launch-bound (a 3×256 network: 4.7 ms eager, ~1.3 ms as a graph;
 the table in ``docs/guides/gpu.md``). With ``capture_step=True`` the module optimizes manually and replays
 zero_grad, the residuals (with their ``create_graph`` input derivatives), the weighted loss, the
-backward pass and the optimizer step as one graph per batch layout (:class:`~lightning_ntk.capture.CapturedCall`).
+backward pass and the optimizer step as one graph per batch signature (:class:`~lightning_ntk.capture.CapturedCall`).
 
 What changes between replays is read from device memory the graph points at, so everything that
 steers training still acts: the term weights (the ``ntk_weights`` buffer, written in place by

@@ -81,7 +81,7 @@ class PINNModule(pl.LightningModule):
         init_weights: Starting weight of some or all terms (default 1.0 each).
         causal: ``{term: CausalWeighting(...)}`` for the time-dependent terms to weight causally.
         capture_step: Replay the whole training step (zero_grad, residuals, weighted loss, backward,
-            optimizer step) from one CUDA graph per batch layout, with manual optimization
+            optimizer step) from one CUDA graph per batch signature, with manual optimization
             (:mod:`lightning_ntk.captured_step`): on a GPU, a launch-bound step becomes one replay.
             Term weights, causal ``ε`` and the learning rate stay device tensors updated between
             replays; what cannot be replayed is refused when fitting starts. On a CPU the step runs

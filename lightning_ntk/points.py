@@ -36,12 +36,12 @@ POINTWISE_RTOL = 1e-4
 
 def known_point_layout(module: nn.Module, batch: object) -> dict[str, int] | None:
     """The point count of every term once :func:`check_point_layout` confirmed it, else ``None``."""
-    return memory_of(module).point_layouts.get(batch_signature(batch))
+    return memory_of(module).point_counts.get(batch_signature(batch))
 
 
 def pointwise(module: nn.Module, batch: object) -> bool:
-    """False once :func:`check_point_layout` found the residuals not pointwise for this batch layout."""
-    layouts = memory_of(module).point_layouts
+    """False once :func:`check_point_layout` found the residuals not pointwise for this batch signature."""
+    layouts = memory_of(module).point_counts
     key = batch_signature(batch)
     return key not in layouts or layouts[key] is not None
 
@@ -115,7 +115,7 @@ def check_point_layout(
     evaluate: Callable[[object], Mapping[str, Tensor]],
     sample: Callable[[int], Tensor],
 ) -> dict[str, int]:
-    """Point count of every term, checked once per module and batch layout, then kept in the
+    """Point count of every term, checked once per module and batch signature, then kept in the
     module's :class:`~lightning_ntk.memory.ModuleMemory` (a failed check too).
 
     The check evaluates the residuals on the full batch and on a random subset of its points and
@@ -125,7 +125,7 @@ def check_point_layout(
     known = known_point_layout(module, batch)
     if known is not None:
         return known
-    layouts = memory_of(module).point_layouts
+    layouts = memory_of(module).point_counts
     full = evaluate(batch)
     layout = {name: r.shape[0] for name, r in full.items()}
     indices = {n: sample(n) for n in sorted(set(layout.values()))}

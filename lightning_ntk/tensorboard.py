@@ -21,7 +21,7 @@ __all__ = [
     "add_histogram",
     "custom_scalars_layout",
     "tensorboard_writers",
-    "write_layout",
+    "write_custom_scalars",
 ]
 
 
@@ -68,7 +68,7 @@ def custom_scalars_layout(terms: Sequence[str], causal: Sequence[str] = ()) -> d
     return layout
 
 
-def write_layout(trainer: pl.Trainer, terms: Sequence[str], causal: Sequence[str] = ()) -> None:
+def write_custom_scalars(trainer: pl.Trainer, terms: Sequence[str], causal: Sequence[str] = ()) -> None:
     for writer in tensorboard_writers(trainer):
         writer.add_custom_scalars(custom_scalars_layout(terms, causal))
 

@@ -159,7 +159,7 @@ def reference_traces(module: nn.Module, batch, params=None) -> dict[str, torch.T
 
 def layout_entry(module: nn.Module, batch):
     """What the Gram path confirmed for ``module`` and this batch's layout."""
-    return memory_of(module).exact[batch_signature(batch)].layouts
+    return memory_of(module).exact[batch_signature(batch)].gram
 
 
 def assert_exact(estimate, module: nn.Module, batch) -> None:

@@ -1,4 +1,4 @@
-"""The hot paths make no host synchronisation after their first call per batch layout (issue 28).
+"""The hot paths make no host synchronisation after their first call per batch signature (issue 28).
 
 On a GPU each host read of a device value stalls the stream and is illegal inside a CUDA graph; a
 CPU run counts the same reads as aten ops (``lightning_ntk.counting``), so this holds on any machine.

@@ -66,7 +66,7 @@ def test_cut_component_backwards_on_cuda_equal_cpu_read_nothing_on_the_host_and_
     cpu = estimate_ntk_traces(model, batch).traces
     model = model.to(CUDA)
     estimate_ntk_traces(model, to(batch, CUDA))  # confirms the layouts and the cuts
-    assert any(e.layouts is not None and e.layouts.cuts for e in memory_of(model).exact.values())
+    assert any(e.gram is not None and e.gram.cuts for e in memory_of(model).exact.values())
     torch.cuda.set_sync_debug_mode("error")
     try:
         est = as_estimator("exact")(model, to(batch, CUDA), None)

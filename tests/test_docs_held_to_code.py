@@ -41,7 +41,7 @@ def _has(obj: object, attr: str) -> bool:
 
 def _resolves(dotted: str) -> bool:
     parts = dotted.removeprefix("lightning_ntk.").split(".")
-    if parts[0][:1].isupper():  # a class, wherever it is defined: `ExactPathEntry.layouts`
+    if parts[0][:1].isupper():  # a class, wherever it is defined: `ExactPathEntry.gram`
         owners = [getattr(m, parts[0]) for m in _modules() if hasattr(m, parts[0])]
         return any(_has(owner, parts[1]) for owner in owners) if len(parts) == 2 else bool(owners)
     for prefix in PREFIXES:

@@ -251,7 +251,7 @@ def test_qtensor_exact_traces_take_the_gram_path_and_equal_a_per_entry_loop():
         for term, trace in estimate.traces.items():
             assert float(trace) == pytest.approx(float(want[term]), rel=1e-10), term
     # The pde rows are stacked per component: each component's backward is cut at the other's row.
-    (entry,) = [e.layouts for e in memory_of(model).exact.values()]
+    (entry,) = [e.gram for e in memory_of(model).exact.values()]
     assert sorted(c for _, c in entry.cuts) == [0, 1]
 
 

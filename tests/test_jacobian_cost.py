@@ -22,7 +22,7 @@ from lightning_ntk.points import batch_signature
 
 
 def warm_call(model, batch):
-    """Counts of the second exact call on the same module and batch layout."""
+    """Counts of the second exact call on the same module and batch signature."""
     exact_traces(model, batch)
     with OpCounter() as ops, BackwardCounter("lightning_ntk") as backwards:
         est = exact_traces(model, batch)
@@ -36,11 +36,11 @@ def test_the_second_call_finds_its_layouts_and_runs_only_the_backwards_it_needs(
         exact_traces(model, batch)
     entries = memory_of(model).exact
     assert list(entries) == [batch_signature(batch)]
-    confirmed = entries[batch_signature(batch)].layouts
+    confirmed = entries[batch_signature(batch)].gram
     assert confirmed is not None and entries[batch_signature(batch)].checked
     est, _, backwards = warm_call(model, batch)
     assert list(entries) == [batch_signature(batch)]
-    assert entries[batch_signature(batch)].layouts is confirmed
+    assert entries[batch_signature(batch)].gram is confirmed
     assert set(est.info["paths"].values()) == {"gram"}
     # Two scalar terms on their own points: one backward of the sum of both terms' rows; the first
     # call also ran a plain and a seeded backward per term and the cross-check's per-point backwards.
@@ -51,9 +51,9 @@ def test_the_second_call_finds_its_layouts_and_runs_only_the_backwards_it_needs(
 def test_a_new_batch_of_the_same_layout_reuses_the_layouts():
     model = AutogradPoisson(width=8).double()
     exact_traces(model, poisson_batch(n_r=12, seed=0))
-    confirmed = memory_of(model).exact[batch_signature(poisson_batch(n_r=12))].layouts
+    confirmed = memory_of(model).exact[batch_signature(poisson_batch(n_r=12))].gram
     _, ops, backwards = warm_call(model, poisson_batch(n_r=12, seed=1))
-    assert memory_of(model).exact[batch_signature(poisson_batch(n_r=12))].layouts is confirmed
+    assert memory_of(model).exact[batch_signature(poisson_batch(n_r=12))].gram is confirmed
     assert backwards == 1
     assert ops.syncs == 0
 

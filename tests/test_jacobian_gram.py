@@ -581,9 +581,9 @@ def decided(model):
     from lightning_ntk.memory import memory_of
 
     return {
-        key: (e.refused, dict(e.off_gram), e.layouts, e.checked)
+        key: (e.refused, dict(e.off_gram), e.gram, e.checked)
         for key, e in memory_of(model).exact.items()
-        if (e.refused, e.off_gram, e.layouts, e.checked) != (None, {}, None, False)
+        if (e.refused, e.off_gram, e.gram, e.checked) != (None, {}, None, False)
     }
 
 

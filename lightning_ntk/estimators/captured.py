@@ -1,4 +1,4 @@
-"""``CapturedEstimator``: an estimator whose computation is replayed from a CUDA graph per batch layout."""
+"""``CapturedEstimator``: an estimator whose computation is replayed from a CUDA graph per batch signature."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from lightning_ntk.estimators.finite_difference import FiniteDifference
 
 __all__ = ["CapturedEstimator", "MeasuredEstimator"]
 
-# The estimators whose work is a fixed sequence of kernels for a fixed batch layout.
+# The estimators whose work is a fixed sequence of kernels for a fixed batch signature.
 CAPTURABLE = (Exact, FiniteDifference)
 
 
 class CapturedEstimator(TraceEstimator):
-    """``estimator``, replayed from one CUDA graph per module and batch layout.
+    """``estimator``, replayed from one CUDA graph per module and batch signature.
 
     The graphs are :class:`~lightning_ntk.capture.CapturedCall` objects.
     The first replay of each graph is checked against an eager call, and a computation that cannot be

@@ -160,7 +160,7 @@ def finite_difference_traces(
         points_per_probe: Evaluate each probe on this many random points of every term (all points
             of terms with fewer) and scale by ``N_i / m``: still unbiased, ``m / N_i`` of the cost.
             ``"auto"`` (default): ``max(64, ⌈N_i/8⌉)``; ``None``: every point. Subsampling needs
-            pointwise residuals; the first call per module and batch layout checks that with one full
+            pointwise residuals; the first call per module and batch signature checks that with one full
             and one subsampled evaluation, and raises if it does not hold (``"auto"`` warns and uses
             every point instead).
 

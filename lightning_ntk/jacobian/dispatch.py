@@ -6,7 +6,7 @@ tried fastest first, each term on the first path that applies to it.
     per output component (``benchmarks/exact_cost.py``: 0.8–1.1 training steps for scalar residuals,
     1.0 for a two-output 2-D PINN) for residuals in any style (autograd,
     :mod:`lightning_ntk.derivatives`, ``torch.func``, :class:`~lightning_ntk.taylor.TaylorMLP`).
-    Cross-checked once per module and batch layout against a per-point path on three points per term.
+    Cross-checked once per module and batch signature against a per-point path on three points per term.
 ``"vmap"`` (:mod:`~lightning_ntk.jacobian.vmap`)
     ``torch.func.vmap`` over points of ``jacrev``: residuals that run under ``torch.func``.
 ``"loop"`` (:mod:`~lightning_ntk.jacobian.loop`)
@@ -19,7 +19,7 @@ path's per-point values are checked against the full-batch residual, so a wrong 
 time, never a wrong trace. A residual that fails on a batch the package cut (a term that slices the
 point tensor, say) makes that path step aside; ``rows`` evaluates only the batch it was given.
 
-What is decided per module and batch layout is one :class:`~lightning_ntk.memory.ExactPathEntry`.
+What is decided per module and batch signature is one :class:`~lightning_ntk.memory.ExactPathEntry`.
 ``docs/architecture.md`` follows a batch from the callback to the Gram products.
 """
 
@@ -192,7 +192,7 @@ class _GramStep:
 
 
 def _gram_step(request: _Request) -> _GramStep:
-    """The Gram path on the whole batch, cross-checked the first time per module and batch layout."""
+    """The Gram path on the whole batch, cross-checked the first time per module and batch signature."""
     entries = memory_of(request.module).exact
     signature = batch_signature(request.batch)
     entry = entries.setdefault(signature, ExactPathEntry())
@@ -223,7 +223,7 @@ def _cross_check(request: _Request, norms: Mapping[str, Tensor]) -> dict[str, st
     """The terms whose Gram norms disagree with a per-point path on three points, with the reason.
 
     The recorded uses cannot show everything (say, a parameter used inside a custom
-    ``autograd.Function``): this runs once per module and batch layout.
+    ``autograd.Function``): this runs once per module and batch signature.
     """
     if not norms:
         return {}
@@ -248,8 +248,8 @@ def _gram_in_slices(request: _Request, params: dict[str, Tensor], skip: frozense
 
     def run(b: object) -> GramResult:
         entry = entries.setdefault(batch_signature(b), ExactPathEntry())
-        result = gram_squared_norms(b, params, request.evaluate, entry.layouts, skip)
-        entry.layouts = result.layouts
+        result = gram_squared_norms(b, params, request.evaluate, entry.gram, skip)
+        entry.gram = result.gram
         return result
 
     batch = request.batch

@@ -19,7 +19,7 @@ One call, in three steps, each in its own module:
    plainly and finds the uses in the autograd graph (:mod:`~.walking`), where the confirming call
    showed that this finds every use with the same operand.
 2. :mod:`~.layouts` — where the points sit in each use's output, confirmed once per module and batch
-   layout by a seeded second backward and kept as one :class:`~.layouts.LayoutEntry`.
+   layout by a seeded second backward and kept as one :class:`~.layouts.GramEntry`.
 3. :mod:`~.accumulation` — the Gram products, per parameter, for all uses and output components.
 
 Between 1 and 3 run the backward passes: on a warm call one per output component for every group of
@@ -32,7 +32,7 @@ Invariants (each checked where it is named):
 
 1. Row ``n`` of a term depends on point ``n`` only, or the whole batch is the term's one point.
    Confirmed per use by the seeded backward (:func:`~.layouts.choose_layout`), and per term once per
-   module and batch layout by the dispatcher's cross-check against a per-point path on three points
+   module and batch signature by the dispatcher's cross-check against a per-point path on three points
    (:mod:`lightning_ntk.jacobian.dispatch`); a term that fails either takes a per-point path alone,
    the others stay here.
 2. Every parameter use is recorded: the recorder follows each tensor aliasing a parameter by an index
@@ -41,7 +41,7 @@ Invariants (each checked where it is named):
    ``autograd.Function``) are caught by the cross-check of invariant 1.
 3. Index maps live on the CPU and are read only while a layout is confirmed; what a warm call needs
    of them (:class:`~.layouts.UsePlan`) is kept on the device. A warm call reads nothing on the host.
-4. A :class:`~.layouts.LayoutEntry` is kept per module and batch signature together with the
+4. A :class:`~.layouts.GramEntry` is kept per module and batch signature together with the
    fingerprint of the uses (parameter, kind, output shape, operand geometry); another fingerprint
    confirms everything again.
 5. Terms share a backward only if no recorded use has a gradient from two of them, so the summed
@@ -72,10 +72,10 @@ from torch.autograd.graph import GradientEdge
 from lightning_ntk.jacobian.gram import cuts, walking
 from lightning_ntk.jacobian.gram.accumulation import plan_use, term_norms
 from lightning_ntk.jacobian.gram.graph import Graph, locate
-from lightning_ntk.jacobian.gram.layouts import LayoutEntry, UseKey, UsePlan, choose_layout
+from lightning_ntk.jacobian.gram.layouts import GramEntry, UseKey, UsePlan, choose_layout
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, evaluate_plainly, fingerprint, record_uses
 
-__all__ = ["GramResult", "GramUnsupported", "LayoutEntry", "gram_squared_norms"]
+__all__ = ["GramEntry", "GramResult", "GramUnsupported", "gram_squared_norms"]
 
 # Gradients of one backward, aligned with the recorded uses' outputs (None: not reached).
 Grads = tuple[Tensor | None, ...]
@@ -89,7 +89,7 @@ class GramResult:
         norms: term → per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows), parameters' dtype.
         num_rows: term → residual entries, for every term.
         unsupported: term → the reason the identities do not cover it (rows that mix points, say).
-        layouts: What this call confirmed or reused, to keep for the next call with this batch
+        gram: What this call confirmed or reused, to keep for the next call with this batch
             layout (``None``: nothing to keep, as after a batch with non-finite residuals).
         backwards: Backward passes this call ran.
     """
@@ -97,7 +97,7 @@ class GramResult:
     norms: dict[str, Tensor]
     num_rows: dict[str, int]
     unsupported: dict[str, str]
-    layouts: LayoutEntry | None = None
+    gram: GramEntry | None = None
     backwards: int = 0
 
 
@@ -106,7 +106,7 @@ def gram_squared_norms(
     batch: object,
     params: Mapping[str, Tensor],
     residuals_fn: Callable[[object], Mapping[str, Tensor]],
-    known: LayoutEntry | None = None,
+    known: GramEntry | None = None,
     skip: frozenset[str] = frozenset(),
 ) -> GramResult:
     """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, term by term.
@@ -119,7 +119,7 @@ def gram_squared_norms(
         batch: What ``residuals_fn`` takes.
         params: The trainable parameters by name.
         residuals_fn: Evaluates and checks the residuals.
-        known: What an earlier call on a batch of this layout confirmed (:attr:`GramResult.layouts`).
+        known: What an earlier call on a batch of this layout confirmed (:attr:`GramResult.gram`).
         skip: Terms not to compute (known to need another path).
 
     Raises:
@@ -170,14 +170,14 @@ class FoundUses:
         residuals: The residuals as evaluated.
         flat: The same, one row per point (``(N, rows)``).
         uses: The parameter uses of this evaluation (recorded or walked).
-        entry: The confirmed :class:`LayoutEntry` if it holds for this evaluation, else ``None`` (confirm again).
+        entry: The confirmed :class:`GramEntry` if it holds for this evaluation, else ``None`` (confirm again).
         located: The entry's cut nodes in this evaluation's graph (``None`` with no entry).
     """
 
     residuals: Mapping[str, Tensor]
     flat: dict[str, Tensor]
     uses: list[Use]
-    entry: LayoutEntry | None
+    entry: GramEntry | None
     located: dict | None
 
 
@@ -185,7 +185,7 @@ def _found_again(
     batch: object,
     params: Mapping[str, Tensor],
     residuals_fn: Callable[[object], Mapping[str, Tensor]],
-    known: LayoutEntry | None,
+    known: GramEntry | None,
 ) -> FoundUses:
     """The residuals and the uses of this evaluation, with ``known`` and its cut nodes if they hold for it.
 
@@ -233,12 +233,12 @@ class _Outputs:
 
 def _confirm(
     uses: list[Use], flat: Mapping[str, Tensor], outputs: _Outputs, params: Mapping[str, Tensor], skip: frozenset[str]
-) -> tuple[LayoutEntry, dict[str, list[Grads]], int]:
+) -> tuple[GramEntry, dict[str, list[Grads]], int]:
     """Layouts and plans of every use, term by term and component by component (two backwards each:
     plain and seeded), the groups of terms that may share a backward from now on, and, with several
     output components, where each group's backward of a component is cut (one traced backward per
     term and component)."""
-    entry = LayoutEntry(fingerprint(uses))
+    entry = GramEntry(fingerprint(uses))
     seeds = torch.Generator(device="cpu").manual_seed(0)
     terms = [t for t in flat if t not in skip]
     several = any(flat[t].shape[1] > 1 for t in terms)
@@ -290,7 +290,7 @@ def _cut_nodes(graph: Graph, reach: list[list[set[int]]], c: int) -> list[int]:
     return cuts.find_cuts(graph, mine, others)
 
 
-def _locate_cuts(entry: LayoutEntry, roots: list[Tensor]) -> dict[tuple[int, int], list] | None:
+def _locate_cuts(entry: GramEntry, roots: list[Tensor]) -> dict[tuple[int, int], list] | None:
     """The entry's cut nodes in this call's graph, or ``None`` if the graph is not the confirmed one."""
     located = {}
     for key, found in entry.cuts.items():
@@ -316,7 +316,7 @@ def _disjoint_groups(touched: Mapping[str, set[int]]) -> list[list[str]]:
 
 
 def _grads_by_group(
-    entry: LayoutEntry,
+    entry: GramEntry,
     uses: list[Use],
     flat: Mapping[str, Tensor],
     outputs: _Outputs,

@@ -11,7 +11,7 @@ number of uses, and one more batch dimension for the output components of a poin
 ``∂r_n/∂W`` itself is cheaper (thin layers) or a use is elementwise (a bias: a dense per-point
 gradient), the gradient is formed and squared.
 
-:func:`plan_use` works out once per module and batch layout what a use needs on every call
+:func:`plan_use` works out once per module and batch signature what a use needs on every call
 (orientation, index maps on the device); :func:`term_norms` does the arithmetic.
 """
 
@@ -33,7 +33,7 @@ __all__ = ["plan_use", "term_norms"]
 _DENSE_BYTES = 1 << 29
 
 
-# ------------------------------------------------------------------ once per module and batch layout
+# ------------------------------------------------------------------ once per module and batch signature
 
 
 def plan_use(use: Use, layout: Layout, n: int, params: Mapping[str, Tensor]) -> UsePlan:

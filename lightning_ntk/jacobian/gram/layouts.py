@@ -1,10 +1,10 @@
-"""Where the points sit in each recorded use, decided once per module and batch layout, and what is
+"""Where the points sit in each recorded use, decided once per module and batch signature, and what is
 kept of that decision.
 
 The axis of a product's output that holds a term's points is inferred from shapes
 (:func:`choose_layout` tries each candidate) and confirmed by a second backward with random per-point
 seeds: the gradient of ``Σ_n w_n r_n`` must equal ``w_n`` times that of ``Σ_n r_n`` on every row of
-point ``n``. What was confirmed is one :class:`LayoutEntry` per module and batch layout: a
+point ``n``. What was confirmed is one :class:`GramEntry` per module and batch signature: a
 :class:`UsePlan` per (term, component, use), the groups of terms that share one backward, and where
 each of those backwards is cut.
 """
@@ -24,7 +24,7 @@ from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, UseKind
 from lightning_ntk.jacobian.gram.walking import WalkPlan
 from lightning_ntk.points import POINTWISE_RTOL
 
-__all__ = ["Layout", "LayoutEntry", "Split", "UseKey", "UsePlan", "choose_layout"]
+__all__ = ["GramEntry", "Layout", "Split", "UseKey", "UsePlan", "choose_layout"]
 
 
 class Split(Enum):
@@ -175,8 +175,8 @@ class UsePlan:
 
 
 @dataclass
-class LayoutEntry:
-    """What one module and batch layout confirmed.
+class GramEntry:
+    """What one module and batch signature confirmed.
 
     Attributes:
         fingerprint: The uses it saw (:func:`~lightning_ntk.jacobian.gram.recording.fingerprint`);
