@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -255,15 +256,18 @@ class AdaptiveCollocation(Callback):
     ) -> tuple[Tensor, Tensor | None]:
         """``(q, K̃)`` over the pool: residual norms and, for ``"ntk"``, the NTK diagonal (causally scaled)."""
         norms, diagonal = [], []
-        for chunk in pool.split(self.chunk_size):
-            chunk_batch = _with_leaf(batch, target, chunk.clone())
-            with torch.enable_grad():
-                residuals = check_residuals(pl_module.residuals(chunk_batch), pl_module.terms, require_grad=False)
-                if self.score == "ntk":
-                    k = per_point_squared_norms(pl_module, chunk_batch, reference=residuals).norms[name]
-                    diagonal.append(k.detach())
-            norms.append(point_residual_norms(residuals[name]))
-            components = max(1, residuals[name][:1].numel())
+        # The residual score needs no graph through the parameters: only the input derivatives.
+        frozen = _parameters_frozen(pl_module) if self.score == "rad" else contextlib.nullcontext()
+        with frozen:
+            for chunk in pool.split(self.chunk_size):
+                chunk_batch = _with_leaf(batch, target, chunk.clone())
+                with torch.enable_grad():
+                    residuals = check_residuals(pl_module.residuals(chunk_batch), pl_module.terms, require_grad=False)
+                    if self.score == "ntk":
+                        k = per_point_squared_norms(pl_module, chunk_batch, reference=residuals).norms[name]
+                        diagonal.append(k.detach())
+                norms.append(point_residual_norms(residuals[name]))
+                components = max(1, residuals[name][:1].numel())
         r = torch.cat(norms)
         k = torch.cat(diagonal) if diagonal else None
         cw = pl_module.causal.get(name)
@@ -315,6 +319,19 @@ class AdaptiveCollocation(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Moves restored pools to the module's device."""
         self.pools = {name: pool.to(pl_module.device) for name, pool in self.pools.items()}
+
+
+@contextlib.contextmanager
+def _parameters_frozen(module: torch.nn.Module) -> Iterator[None]:
+    """The module's trainable parameters with ``requires_grad=False`` inside, restored after."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def _with_leaf(batch: Any, target: Tensor, replacement: Tensor) -> Any:
