@@ -217,7 +217,7 @@ def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) 
     p.add_argument(
         "--importance",
         choices=["none", "traces", "loss"],
-        default="traces",
+        default="loss",
         help="where the importance weights of adaptive points go",
     )
 

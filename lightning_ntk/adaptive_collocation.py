@@ -50,11 +50,13 @@ class AdaptiveCollocation(Callback):
     (:mod:`lightning_ntk.causal`): time chunks whose causal weight is still ≈ 0 get only the uniform share.
 
     **Importance weights.** Points drawn from ``p`` carry ``ω_n = 1/(P p_n)``
-    (:meth:`~lightning_ntk.PINNModule.set_point_weights`). ``importance="traces"`` (default) puts them in
-    the NTK traces only: the loss focuses on the drawn points, while the traces the weight rule balances
-    stay uniform-measure ones (without this, concentrating points where ``K_nn`` is large inflates
-    ``Tr K / N`` and every other term's weight). ``"loss"`` puts them in the loss too (an unbiased,
-    lower-variance estimate of the uniform loss); ``"none"`` in neither.
+    (:meth:`~lightning_ntk.PINNModule.set_point_weights`). ``importance="loss"`` (default) puts them in
+    the loss and the NTK traces: the loss, the causal chunk losses and the traces the weight rule balances
+    stay unbiased estimates of their uniform-measure values, and the points only lower their variance.
+    ``"traces"`` puts them in the traces only (the loss focuses on the drawn points, as RAD does; without
+    weights there, concentrating points where ``K_nn`` is large inflates ``Tr K / N`` and every other
+    term's weight); ``"none"`` in neither. On Burgers, focusing the loss was the worse choice for both
+    scores (``docs/results.md``, adaptive collocation).
 
     **Distributed.** Each rank draws its own pool from a generator seeded ``seed + global_rank`` and draws
     its own points from it; one collective per scoring (a sum) makes ``mean(q^a)`` the mean over every
@@ -72,7 +74,7 @@ class AdaptiveCollocation(Callback):
         pool_factor: Pool size as a multiple of the term's points per batch (≥ 1).
         a: Sharpness of the density (RAD's ``k``).
         c: Uniform share ``c / (1 + c)`` of the density.
-        importance: ``"traces"``, ``"loss"`` or ``"none"`` (see above).
+        importance: ``"loss"``, ``"traces"`` or ``"none"`` (see above).
         points: ``{term: fn(batch) -> Tensor}``: the tensor of the batch that holds the term's points
             (default ``batch[term]``); it is overwritten in place.
         chunk_size: Pool points scored at a time.
@@ -97,7 +99,7 @@ class AdaptiveCollocation(Callback):
         pool_factor: int = 8,
         a: float = 1.0,
         c: float = 1.0,
-        importance: str = "traces",
+        importance: str = "loss",
         points: Mapping[str, Callable[[Any], Tensor]] | None = None,
         chunk_size: int = 2048,
         seed: int = 0,
