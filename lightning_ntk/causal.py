@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from lightning_ntk.contract import check_residuals
 
 __all__ = [
     "CausalResiduals",
+    "CausalState",
     "CausalWeighting",
     "causal_trace",
     "causal_weights",
@@ -125,6 +127,34 @@ def causal_trace(point_norms: Tensor, chunks: Tensor, weights: Tensor) -> Tensor
     return (chunk_scales(chunks, weights.to(point_norms))[chunks] * point_norms).sum()
 
 
+@dataclass
+class CausalState:
+    """Where a :class:`CausalWeighting` is in its ``ε`` schedule: device tensors, moved together.
+
+    Attributes:
+        stage: Index of the current ``ε`` (0-dim int64).
+        schedule: The ``ε`` values (float64).
+        epsilon: ``schedule[stage]`` (0-dim float64), refilled in place when the stage moves: a
+            replayed CUDA graph reads it where a Python float would have been frozen into the graph.
+    """
+
+    stage: Tensor
+    schedule: Tensor
+    epsilon: Tensor
+
+    @classmethod
+    def at_stage(cls, schedule: Sequence[float], stage: int, device: torch.device | str = "cpu") -> CausalState:
+        values = torch.tensor(list(schedule), dtype=torch.float64, device=device)
+        return cls(torch.tensor(stage, device=device), values, values[stage].clone())
+
+    def to(self, device: torch.device) -> CausalState:
+        return CausalState(self.stage.to(device), self.schedule.to(device), self.epsilon.to(device))
+
+    def set_stage(self, stage: int) -> None:
+        self.stage.fill_(stage)
+        self.epsilon.copy_(self.schedule[stage])
+
+
 class CausalWeighting:
     """Causal weights for one time-dependent term, with an optional schedule for ``ε``.
 
@@ -175,42 +205,29 @@ class CausalWeighting:
         self.t_range = (float(t_range[0]), float(t_range[1]))
         self.schedule = schedule
         self.advance_at = float(advance_at)
-        self._stage = 0
-        # ε as a device scalar, refilled in place when the stage moves: a replayed CUDA graph reads it
-        # where a Python float would have been frozen into the graph.
-        self._epsilon_on_device: Tensor | None = None
-        # Where :meth:`advance_on_device` moved the stage without reading it: the host copy is stale
-        # until ``stage`` is next read.
-        self._stage_on_device: Tensor | None = None
-        self._schedule_on_device: Tensor | None = None
+        self.state = CausalState.at_stage(schedule, 0)
         self.last_weights: Tensor | None = None
         self._range_checked = False
 
     @property
     def stage(self) -> int:
-        """Index of the current ``ε`` in ``schedule``."""
-        if self._stage_on_device is not None:
-            self._stage = int(self._stage_on_device)
-        return self._stage
+        """Index of the current ``ε`` in ``schedule`` (read from the state's device)."""
+        return int(self.state.stage)
 
     @stage.setter
     def stage(self, value: int) -> None:
-        self._stage = int(value)
-        if self._stage_on_device is not None:
-            self._stage_on_device.fill_(self._stage)
-        if self._epsilon_on_device is not None:
-            self._epsilon_on_device.fill_(self.epsilon)
+        self.state.set_stage(int(value))
 
     @property
     def epsilon(self) -> float:
         return self.schedule[self.stage]
 
     def epsilon_like(self, like: Tensor) -> Tensor:
-        """The current ``ε`` as a 0-dim tensor on ``like``'s device and dtype, kept from call to call."""
-        eps = self._epsilon_on_device
-        if eps is None or eps.device != like.device or eps.dtype != like.dtype:
-            eps = self._epsilon_on_device = torch.tensor(self.epsilon, dtype=like.dtype).to(like.device)
-        return eps
+        """The current ``ε`` as a 0-dim tensor on ``like``'s device and dtype, read from the state in
+        place (a replayed CUDA graph sees the stage move)."""
+        if self.state.epsilon.device != like.device:
+            self.state = self.state.to(like.device)
+        return self.state.epsilon.to(like.dtype)
 
     def chunks(self, points: Tensor) -> Tensor:
         """The chunk of every point (row) of ``points``."""
@@ -278,39 +295,18 @@ class CausalWeighting:
         scaled, self.last_weights = self.apply(residual, points)
         return scaled.square().mean()
 
-    def trace(self, point_norms: Tensor, points: Tensor, residual: Tensor) -> Tensor:
-        """:func:`causal_trace` of per-point NTK norms with the weights of ``residual`` on ``points``."""
-        chunks, weights = self.weights(residual, points)
-        return causal_trace(point_norms, chunks, weights)
-
     def advance_on_device(self) -> None:
-        """:meth:`advance` decided and done on the device of ``last_weights``, with no host read.
-
-        The stage and the device ``ε`` (:meth:`epsilon_like`) move in place; ``stage`` and ``epsilon``
-        read the stage back when asked (at logging or checkpoint time, not every step).
-        """
-        weights, eps = self.last_weights, self._epsilon_on_device
+        """Move to the next ``ε`` if every chunk's weight in ``last_weights`` exceeds ``advance_at``, decided
+        and done on the state's device with no host read (``stage`` and ``epsilon`` read it when asked)."""
+        weights = self.last_weights
         if weights is None or len(self.schedule) == 1:
             return
-        if eps is None or eps.device != weights.device:
-            eps = self.epsilon_like(weights)
-        if self._stage_on_device is None or self._stage_on_device.device != eps.device:
-            self._stage_on_device = torch.tensor(self.stage).to(eps.device)
-        if self._schedule_on_device is None or self._schedule_on_device.device != eps.device:
-            self._schedule_on_device = torch.tensor(self.schedule, dtype=eps.dtype).to(eps.device)
-        schedule = self._schedule_on_device.to(eps.dtype)
-        moved = (weights.min() > self.advance_at) & (self._stage_on_device < len(self.schedule) - 1)
-        self._stage_on_device.add_(moved.to(self._stage_on_device.dtype))
-        eps.copy_(schedule.index_select(0, self._stage_on_device.view(1)).view(()))
-
-    def advance(self) -> bool:
-        """Move to the next ``ε`` if every chunk's weight exceeds ``advance_at``; whether it moved."""
-        if self.last_weights is None or self.stage + 1 >= len(self.schedule):
-            return False
-        if bool(self.last_weights.min() > self.advance_at):
-            self.stage += 1
-            return True
-        return False
+        if self.state.stage.device != weights.device:
+            self.state = self.state.to(weights.device)
+        state = self.state
+        moved = (weights.min() > self.advance_at) & (state.stage < len(self.schedule) - 1)
+        state.stage.add_(moved.to(state.stage.dtype))
+        state.epsilon.copy_(state.schedule.index_select(0, state.stage.view(1)).view(()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "schedule": list(self.schedule)}

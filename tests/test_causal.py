@@ -77,7 +77,7 @@ def test_causal_trace_weights_each_points_ntk_norm_by_its_chunk():
     norms = reference_point_norms(model, points)["pde"]  # hand-built Jacobian, one row at a time
     residual = model.residuals(points)["pde"].detach()
     cw = CausalWeighting(time_column=1, num_chunks=3, epsilon=5.0)
-    got = cw.trace(norms, points, residual)
+    got = causal_trace(norms, *cw.weights(residual, points))
     losses = [float(residual[2 * k : 2 * k + 2].square().mean()) for k in range(3)]
     weights = [math.exp(-5.0 * sum(losses[:k])) for k in range(3)]
     want = sum(weights[n // 2] * float(norms[n]) for n in range(6))
@@ -92,9 +92,11 @@ def test_epsilon_schedule_advances_once_every_chunk_is_fitted_and_round_trips():
     cw = CausalWeighting(time_column=0, num_chunks=2, epsilon_schedule=[0.01, 0.1, 1.0], advance_at=0.99)
     points = torch.tensor([[0.1], [0.9]])
     cw.loss(torch.tensor([10.0, 0.0]), points)  # w_1 = exp(-0.01·100) = 0.37: not fitted yet
-    assert not cw.advance() and cw.epsilon == 0.01
+    cw.advance_on_device()
+    assert cw.epsilon == 0.01 and cw.stage == 0
     cw.loss(torch.tensor([0.1, 0.0]), points)  # w_1 = exp(-0.01·0.01) > 0.99
-    assert cw.advance() and cw.epsilon == 0.1
+    cw.advance_on_device()
+    assert cw.epsilon == 0.1 and float(cw.epsilon_like(points)) == pytest.approx(0.1)
     other = CausalWeighting(time_column=0, num_chunks=2, epsilon_schedule=[0.01, 0.1, 1.0])
     other.load_state_dict(cw.state_dict())
     assert other.epsilon == 0.1
@@ -189,7 +191,8 @@ def test_uneven_chunks_give_jax_pis_mean_of_chunk_means_and_the_loss_is_the_scal
     assert max(weights) / min(weights) > 2  # the causal trace is far from the plain one
     cw = CausalWeighting(time_column=1, num_chunks=4, epsilon=EPS)
     r = model.residuals(batch)["pde"]
-    assert float(cw.trace(norms, batch["pde"], r)) == pytest.approx(jax_pi_trace(members, weights, norms), rel=1e-12)
+    got = causal_trace(norms, *cw.weights(r, batch["pde"]))
+    assert float(got) == pytest.approx(jax_pi_trace(members, weights, norms), rel=1e-12)
     want_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / 4
     assert float(cw.loss(r, batch["pde"])) == pytest.approx(want_loss, rel=1e-12)
     scaled, w = cw.apply(r, batch["pde"])
@@ -285,3 +288,19 @@ def test_times_that_fill_the_range_say_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cw.chunks(_times(torch.linspace(0, 1, 40).tolist()))
+
+
+def test_the_schedule_state_is_one_object_of_tensors_with_no_host_copy():
+    cw = CausalWeighting(time_column=0, num_chunks=2, epsilon_schedule=[0.5, 1.0, 2.0], advance_at=0.1)
+    state = cw.state
+    assert [t.dtype for t in (state.stage, state.schedule, state.epsilon)] == [
+        torch.int64,
+        torch.float64,
+        torch.float64,
+    ]
+    cw.last_weights = torch.tensor([1.0, 0.9])
+    cw.advance_on_device()  # moves the tensors in place; nothing on the host to go stale
+    assert int(state.stage) == 1 and float(state.epsilon) == 1.0 and cw.stage == 1 and cw.epsilon == 1.0
+    cw.stage = 2
+    assert float(state.epsilon) == 2.0
+    assert not {"_stage", "_stage_on_device", "_epsilon_on_device"} & set(vars(cw))
