@@ -291,24 +291,47 @@ def _gram_in_slices(request: _Request, params: dict[str, Tensor], skip: frozense
 
 
 @dataclass(frozen=True)
+class _GroupJob:
+    """What a per-point path computes: the norms of one group of terms that share their points.
+
+    Attributes:
+        split: The batch, split by point.
+        group: The terms of the group.
+        reference: The full-batch residuals.
+        params: The trainable parameters by name.
+        chunk: Points per vectorized chunk.
+        index: The subset of points to compute (``None``: all).
+        shrink: Cut the other groups' points to one row (the first try).
+    """
+
+    split: PointSplit
+    group: list[str]
+    reference: Mapping[str, Tensor]
+    params: Mapping[str, Tensor]
+    chunk: int
+    index: Tensor | None
+    shrink: bool
+
+
+@dataclass(frozen=True)
 class _PointPath:
-    """A per-point path: ``compute(request, split, terms, reference, params, chunk, index, shrink_others)``
-    gives the norms of one point group or :class:`~lightning_ntk.jacobian.common.Skipped`."""
+    """A per-point path: ``compute(request, job)`` gives the norms of one point group (a :class:`_GroupJob`)
+    or :class:`~lightning_ntk.jacobian.common.Skipped`."""
 
     name: str
-    compute: Callable[..., dict[str, Tensor] | Skipped]
+    compute: Callable[[_Request, _GroupJob], dict[str, Tensor] | Skipped]
 
 
-def _vmap(request, split, group, reference, params, chunk, index, shrink):
-    return vmap_norms(request.module, split, group, reference, params, chunk, index, shrink)
+def _vmap(request: _Request, job: _GroupJob) -> dict[str, Tensor] | Skipped:
+    return vmap_norms(request.module, job.split, job.group, job.reference, job.params, job.chunk, job.index, job.shrink)
 
 
-def _loop(request, split, group, reference, params, chunk, index, shrink):
-    return loop_norms(request.module, split, group, reference, params, index, shrink)
+def _loop(request: _Request, job: _GroupJob) -> dict[str, Tensor] | Skipped:
+    return loop_norms(request.module, job.split, job.group, job.reference, job.params, job.index, job.shrink)
 
 
-def _rows(request, split, group, reference, params, chunk, index, shrink):
-    return rows_norms(reference, group, params, index)
+def _rows(request: _Request, job: _GroupJob) -> dict[str, Tensor] | Skipped:
+    return rows_norms(job.reference, job.group, job.params, job.index)
 
 
 # In the order they are tried; ``rows`` needs no split of the batch and always applies.
@@ -351,7 +374,8 @@ def _per_point_norms(
             if name != "rows" and not split.splittable:
                 continue
             for shrink in (True, False):  # other groups' points cut to one row first, then left whole
-                result = _POINT_PATHS[name].compute(request, split, group, reference, params, chunk, index, shrink)
+                job = _GroupJob(split, group, reference, params, chunk, index, shrink)
+                result = _POINT_PATHS[name].compute(request, job)
                 if not isinstance(result, Skipped) or not result.retry:
                     break
             if not isinstance(result, Skipped):
