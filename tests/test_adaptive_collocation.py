@@ -328,3 +328,27 @@ def test_ddp_ranks_draw_their_own_share_from_their_own_pools(tmp_path):
         raw = q / mean + 1.0
         got = torch.tensor(records[0]["density"], dtype=torch.float64)
         torch.testing.assert_close(got, raw / raw.sum(), rtol=1e-9, atol=0)
+
+
+def test_the_density_image_puts_x_to_the_right_and_t_upward(tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_ntk.tensorboard import add_density_image
+
+    logger = TensorBoardLogger(tmp_path, name="img")
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[logger])
+    points = torch.tensor([[0.9, 0.95], [0.0, 0.0], [1.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    density = torch.tensor([0.97, 0.01, 0.01, 0.01], dtype=torch.float64)  # nearly all at large x, large t
+    assert add_density_image(trainer, "collocation/density/pde", points, density, step=3, bins=4)
+    logger.experiment.flush()
+    (image,) = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload().Images("collocation/density/pde")
+    pixels = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("L"), dtype=float)
+    assert image.step == 3 and pixels.shape == (4, 4)
+    assert pixels[0, 3] == pixels.max() == 255  # top right: x large (right), t large (up)
+    assert pixels[3, 0] == pytest.approx(255 * (0.01 / 0.97) ** 0.5, abs=1.5)  # bottom left, √-scaled
