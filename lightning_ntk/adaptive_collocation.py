@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_ntk import tags
+from lightning_ntk.callback import NTKWeightingCallback
 from lightning_ntk.causal import chunk_scales
 from lightning_ntk.collocation import draw, point_residual_norms, scored_density
 from lightning_ntk.contract import check_residuals
@@ -163,8 +164,6 @@ class AdaptiveCollocation(Callback):
                 f"AdaptiveCollocation has samplers for {unknown}, which {type(pl_module).__name__} does not declare; "
                 f"declared terms: {list(pl_module.terms)}."
             )
-        from lightning_ntk.callback import NTKWeightingCallback
-
         weighting = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, NTKWeightingCallback)]
         if weighting and weighting[0] < trainer.callbacks.index(self):
             raise MisconfigurationException(
