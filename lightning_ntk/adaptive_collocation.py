@@ -249,7 +249,8 @@ class AdaptiveCollocation(Callback):
         if pool.dtype != target.dtype:
             raise ValueError(f"{fix}; it returned {pool.dtype}.")
         if pool.device.type != "cpu" and pool.device != target.device:
-            raise ValueError(f"{fix} on the CPU or on {target.device}; it returned them on {pool.device}.")
+            where = "the CPU" if target.device.type == "cpu" else f"the CPU or {target.device}"
+            raise ValueError(f"{fix} on {where}; it returned them on {pool.device}.")
         return pool.to(target.device)
 
     def _pool_scores(
