@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.callback import NTKWeightingCallback
-from lightning_ntk.causal import chunk_scales
+from lightning_ntk.causal import point_scales
 from lightning_ntk.collocation import draw, point_residual_norms, scored_density
 from lightning_ntk.contract import check_residuals
 from lightning_ntk.jacobian import per_point_squared_norms
@@ -276,7 +276,7 @@ class AdaptiveCollocation(Callback):
         if cw is not None:
             # The pool's chunk losses (mean square over a point's components, as in training).
             chunks, weights = cw.weights(r / math.sqrt(components), pool)
-            s = chunk_scales(chunks, weights)[chunks.to(weights.device)].to(r)
+            s = point_scales(chunks, weights).to(r)
             r = r * s.sqrt()
             k = None if k is None else k * s
         return (r if k is None else r * k.clamp_min(0).sqrt()), k

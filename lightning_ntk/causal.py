@@ -47,6 +47,7 @@ __all__ = [
     "chunk_losses",
     "chunk_scales",
     "point_scales",
+    "scale_rows",
     "time_chunks",
 ]
 
@@ -288,7 +289,7 @@ class CausalWeighting:
         """``(√s_n · r_n, w)``: the scaled residual (its mean square is the causal loss; its NTK the causal
         NTK) and the chunk weights; ``point_weights``: importance weights ``ω`` (:func:`point_scales`)."""
         chunks, weights = self.weights(residual, points, point_weights)
-        return _scale_rows(residual, point_scales(chunks, weights, point_weights)), weights
+        return scale_rows(residual, point_scales(chunks, weights, point_weights)), weights
 
     def loss(self, residual: Tensor, points: Tensor) -> Tensor:
         """``mean_k(w_k L_k)``; the weights (no gradient) are kept in ``last_weights``."""
@@ -323,7 +324,8 @@ class CausalWeighting:
         )
 
 
-def _scale_rows(residual: Tensor, scales: Tensor) -> Tensor:
+def scale_rows(residual: Tensor, scales: Tensor) -> Tensor:
+    """``√scales_n ·`` every row of point ``n`` of ``residual`` (``(N,)``, ``(N, d)``, …)."""
     factor = scales.to(residual).sqrt()
     return residual * factor.reshape(-1, *([1] * (residual.ndim - 1)))
 
@@ -400,12 +402,12 @@ class CausalResiduals(nn.Module):
         points = self._causal_points(batch)
         for name, cw in self.causal.items():
             if name in self._omega:
-                out[name] = _scale_rows(out[name], self._rows_of(name, out[name], self._scales[name]))
+                out[name] = scale_rows(out[name], self._rows_of(name, out[name], self._scales[name]))
             else:
-                out[name] = _scale_rows(out[name], self._scales[name][cw.chunks(points[name]).to(out[name].device)])
+                out[name] = scale_rows(out[name], self._scales[name][cw.chunks(points[name]).to(out[name].device)])
         for name, omega in self._omega.items():
             if name not in self.causal:
-                out[name] = _scale_rows(out[name], self._rows_of(name, out[name], omega))
+                out[name] = scale_rows(out[name], self._rows_of(name, out[name], omega))
         return out
 
     def _rows_of(self, name: str, residual: Tensor, per_point: Tensor) -> Tensor:

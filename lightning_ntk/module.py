@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.captured_step import CapturedTrainingStep
-from lightning_ntk.causal import CausalResiduals, CausalWeighting
+from lightning_ntk.causal import CausalResiduals, CausalWeighting, scale_rows
 from lightning_ntk.contract import check_residuals, check_terms
 from lightning_ntk.losses import StepLosses
 from lightning_ntk.tensorboard import add_chunk_profile
@@ -288,9 +288,7 @@ class PINNModule(pl.LightningModule):
                     "(call `set_point_weights(None)` before evaluating other points)."
                 )
             if name not in self._causal:
-                residuals[name] = residuals[name] * omega.to(residuals[name]).sqrt().reshape(
-                    -1, *([1] * (residuals[name].ndim - 1))
-                )
+                residuals[name] = scale_rows(residuals[name], omega)
         if self._causal:
             points = self.residual_points(batch)
             for name, cw in self._causal.items():
