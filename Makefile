@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs lint format bench bench-gpu clean
+.PHONY: demo test test-oldest test-newest docs lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The declared dependency ranges at both ends (not in CI: several GB of CUDA wheels each).
+test-oldest:
+	bash tools/test_versions.sh oldest
+
+test-newest:
+	bash tools/test_versions.sh newest
 
 DOCS_STAMP := $(VENV)/.docs-installed
 
@@ -46,4 +53,4 @@ bench-gpu:
 	PYTHONPATH=. $(PYTHON) benchmarks/gpu.py --out gpu_table.md
 
 clean:
-	rm -rf $(VENV) lightning_logs .pytest_cache docs/_build docs/auto_examples docs/sg_execution_times.rst
+	rm -rf $(VENV) .venv-oldest .venv-newest lightning_logs .pytest_cache docs/_build docs/auto_examples docs/sg_execution_times.rst

@@ -7,7 +7,11 @@ style (``requires_grad_`` + ``torch.autograd.grad(create_graph=True)``):
 - ``1d-256``: 1-D Poisson ``u_xx`` + a boundary term, 3×256 tanh, N=4,096 points per term;
 - ``1d-64``: the same at 3×64, N=1,024;
 - ``2d-2out``: a 2-D two-output gradient flow (Q-tensor type: ``p_t = L Δp − a p − 2c(p²+q²)p``, the
-  same for ``q``), 4×128 tanh on periodic inputs, 1,024 pde + 256 ic points, residuals of shape (N, 2).
+  same for ``q``), 4×128 tanh on periodic inputs, 1,024 pde + 256 ic points, residuals of shape (N, 2);
+- ``2d-flow``: steady incompressible Navier–Stokes (Kovasznay flow, Re = 40), three outputs ``(u, v, p)``,
+  four terms: x-momentum, y-momentum and continuity (each one scalar per point, second derivatives by
+  ``torch.autograd.grad``) on 2,048 interior points and the velocity ``(u, v)`` on 512 boundary points;
+  4×128 tanh.
 
 Rows per case: the plain step (weighted loss, backward, Adam) and warm exact traces and ``fd``
 (first calls done before timing), as medians of CPU time, and the median of the ratios of each call to
@@ -74,6 +78,60 @@ class QTensor2d(PINNModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
+class SteadyFlow2d(PINNModule):
+    """Steady incompressible Navier–Stokes, ``(u·∇)u + ∇p − ν Δu = 0`` and ``∇·u = 0``, in the ordinary
+    autograd style: one network ``(x, y) → (u, v, p)``, three interior terms on the same points and the
+    velocity on the boundary."""
+
+    def __init__(self, width: int = 128, depth: int = 4, nu: float = 1 / 40) -> None:
+        super().__init__(terms=["momentum_x", "momentum_y", "continuity", "boundary"])
+        layers: list[nn.Module] = [nn.Linear(2, width), nn.Tanh()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        self.net = nn.Sequential(*layers, nn.Linear(width, 3))
+        self.nu = nu
+
+    def residuals(self, batch):
+        xy_b, uv_b, xy = batch
+        xy = xy.clone().requires_grad_(True)
+        u, v, p = self.net(xy).unbind(1)
+
+        def grad(f):
+            return torch.autograd.grad(f.sum(), xy, create_graph=True)[0]
+
+        du, dv, dp = grad(u), grad(v), grad(p)
+        u_xx, u_yy = grad(du[:, 0])[:, 0], grad(du[:, 1])[:, 1]
+        v_xx, v_yy = grad(dv[:, 0])[:, 0], grad(dv[:, 1])[:, 1]
+        return {
+            "momentum_x": u * du[:, 0] + v * du[:, 1] + dp[:, 0] - self.nu * (u_xx + u_yy),
+            "momentum_y": u * dv[:, 0] + v * dv[:, 1] + dp[:, 1] - self.nu * (v_xx + v_yy),
+            "continuity": du[:, 0] + dv[:, 1],
+            "boundary": self.net(xy_b)[:, :2] - uv_b,
+        }
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def kovasznay(xy: torch.Tensor, re: float = 40.0) -> torch.Tensor:
+    """The exact Kovasznay velocity ``(u, v)`` at ``xy``."""
+    lam = re / 2 - math.sqrt(re**2 / 4 + 4 * math.pi**2)
+    x, y = xy[:, 0], xy[:, 1]
+    e = torch.exp(lam * x)
+    return torch.stack([1 - e * torch.cos(2 * math.pi * y), lam / (2 * math.pi) * e * torch.sin(2 * math.pi * y)], 1)
+
+
+def flow_batch(n_interior: int = 2048, n_boundary: int = 512, seed: int = 0):
+    """Points on ``[-0.5, 1] × [-0.5, 1.5]``: the boundary's four sides in equal shares, then the interior."""
+    g = torch.Generator().manual_seed(seed)
+    low, high = torch.tensor([-0.5, -0.5]), torch.tensor([1.0, 1.5])
+    s = torch.rand(n_boundary, generator=g)
+    side = torch.arange(n_boundary) % 4
+    unit = torch.stack([torch.where(side < 2, s, side.eq(3).float()), torch.where(side < 2, side.float(), s)], 1)
+    xy_b = low + unit * (high - low)
+    return xy_b, kovasznay(xy_b), low + torch.rand(n_interior, 2, generator=g) * (high - low)
+
+
 def qtensor_batch(n_pde: int = 1024, n_ic: int = 256, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     xy0 = torch.rand(n_ic, 2, generator=g)
@@ -88,6 +146,7 @@ def cases() -> dict[str, tuple[PINNModule, object]]:
         "1d-256": (AutogradPoisson(256, 3), make_batch(4096, torch.device("cpu"))),
         "1d-64": (AutogradPoisson(64, 3), make_batch(1024, torch.device("cpu"))),
         "2d-2out": (QTensor2d(128, 4), qtensor_batch()),
+        "2d-flow": (SteadyFlow2d(128, 4), flow_batch()),
     }
 
 

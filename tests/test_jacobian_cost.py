@@ -81,12 +81,19 @@ def reference_network(width: int = 16, n: int = 64):
 
 
 def plain_step_ops(model, batch) -> int:
+    """Aten ops of one warm plain step: loss (the module's weighted loss, else the sum of the terms'
+    mean squares), backward, Adam. The budgets below are ratios to it: op counts of the same graph
+    differ between torch releases (389 against 380 for the reference network on torch 2.4)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss_of():
+        if hasattr(model, "weighted_loss"):
+            return model.weighted_loss(batch)[0]
+        return sum(r.square().mean() for r in model.residuals(batch).values())
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss, _ = model.weighted_loss(batch)
-        loss.backward()
+        loss_of().backward()
         opt.step()
 
     step()
@@ -99,11 +106,11 @@ def test_warm_exact_traces_stay_within_their_aten_op_budget():
     model, batch = reference_network()
     _, ops, backwards = warm_call(model, batch)
     step = plain_step_ops(copy.deepcopy(model), batch)
-    assert step == 380  # measured on torch 2.13 (the same at 3×256, N=4,096): one plain step's launches
-    assert ops.total <= 1.5 * step, ops.total
-    # measured 369 (0.97 steps; 403 while every call recorded, 504 before the use-major factors,
-    # 1,203 before the cache hit)
-    assert ops.total <= 380, ops.total
+    if torch.__version__.startswith("2.13."):  # the pinned release (the same at 3×256, N=4,096)
+        assert step == 380
+    # measured 369 of 380 on torch 2.13 and 373 of 389 on 2.4 (403 of 380 while every call recorded,
+    # 504 before the use-major factors, 1,203 before the cache hit)
+    assert ops.total <= step, (ops.total, step)
     assert ops.syncs == 0
     assert backwards == 1
 
@@ -142,9 +149,9 @@ def test_a_residual_stacked_from_component_rows_runs_each_component_through_its_
     assert set(est.info["paths"].values()) == {"gram"}
     assert backwards == 2
     assert ops.syncs == 0
-    assert ops.total <= 590, (
-        ops.total
-    )  # measured 576; 608 recording every call; 784 when the zeros run through the other row
+    # measured 576 of a plain step's 452 on torch 2.13 and 604 of 479 on 2.4; 608 of 452 recording
+    # every call, 784 of 452 when the zeros run through the other row
+    assert ops.total <= 1.3 * plain_step_ops(copy.deepcopy(model), batch), ops.total
     want = reference_traces(model, batch)
     for name in want:
         torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
