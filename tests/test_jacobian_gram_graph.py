@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import two_branches
+import torch
+from conftest import StackedTwoField, two_branches, two_field_batch
 
-from lightning_ntk.jacobian.gram.graph import Graph, NodePath, locate
+from lightning_ntk.jacobian.gram.graph import Graph, NodePath, breadth_first, locate
 
 
 def test_the_walk_is_breadth_first_from_the_residuals_and_knows_every_parent():
@@ -30,3 +31,16 @@ def test_locate_finds_a_node_again_in_a_new_graph_and_refuses_another_graph():
     wrong = NodePath(path.root, (*path.steps[:-1], (path.steps[-1][0], "TanhBackward0")))
     assert locate([wrong], [again]) is None
     assert locate([path], [again.detach()]) is None
+
+
+def test_the_walks_node_list_is_the_graphs_node_order():
+    # A warm call's walk checks node names position by position against the confirming call's Graph:
+    # the lean list must be in exactly that order (shared nodes, several residuals, double backward).
+    torch.manual_seed(0)
+    residuals = StackedTwoField().double().residuals(two_field_batch())
+    roots = [r.reshape(r.shape[0], -1) for r in residuals.values()]
+    nodes = breadth_first(roots)
+    assert nodes == Graph(roots).nodes
+    assert len(nodes) > 50 and len(set(nodes)) == len(nodes)
+    x, _, _, r = two_branches()
+    assert breadth_first([r, r]) == Graph([r, r]).nodes

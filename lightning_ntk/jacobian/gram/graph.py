@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-__all__ = ["Graph", "NodePath", "locate"]
+__all__ = ["Graph", "NodePath", "breadth_first", "locate"]
 
 
 class NodePath(NamedTuple):
@@ -71,6 +71,28 @@ class Graph:
                 return NodePath(-1 - parent, tuple(reversed(steps)))
             steps.append((edge, self.nodes[i].name()))
             i = parent
+
+
+def breadth_first(roots: Sequence[Tensor]) -> list:
+    """The nodes of :class:`Graph` in its order, without its edges: what a warm call's walk needs, at
+    about half the cost of building the graph."""
+    nodes = []
+    seen = set()
+    for r in roots:
+        node = r.grad_fn
+        if node is not None and node not in seen:
+            seen.add(node)
+            nodes.append(node)
+    start = 0
+    while start < len(nodes):
+        end = len(nodes)
+        for node in nodes[start:end]:
+            for child, _ in node.next_functions:
+                if child is not None and child not in seen:
+                    seen.add(child)
+                    nodes.append(child)
+        start = end
+    return nodes
 
 
 def locate(paths: Sequence[NodePath], roots: Sequence[Tensor]) -> list | None:

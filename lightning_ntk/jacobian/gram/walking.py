@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from lightning_ntk.jacobian.gram.graph import Graph
+from lightning_ntk.jacobian.gram.graph import Graph, breadth_first
 from lightning_ntk.jacobian.gram.recording import Use
 
 __all__ = ["WalkPlan", "plan_walk", "walk_uses"]
@@ -121,8 +121,7 @@ def walk_uses(plan: WalkPlan, roots: Sequence[Tensor], params: Mapping[str, Tens
 
 
 def _walk(plan: WalkPlan, roots: Sequence[Tensor], params: Mapping[str, Tensor]) -> list[Use] | None:
-    graph = Graph(roots)
-    nodes = graph.nodes
+    nodes = breadth_first(roots)
     if len(nodes) != len(plan.names) or any(n.name() != name for n, name in zip(nodes, plan.names, strict=True)):
         return None
     if any(nodes[i].variable is not params[name] for i, name in plan.leaves):
