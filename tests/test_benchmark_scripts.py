@@ -24,3 +24,31 @@ def test_the_gpu_check_runs_in_its_cpu_mode_and_prints_one_table(tmp_path):
     assert "| 8 | 32 |" in table
     assert "Two-output 2-D PINN, 4x8 tanh, 32 pde + 8 ic points" in table
     assert "| capture_step=False |" in table and "| capture_step=True |" in table
+
+
+def test_the_flow_case_of_the_cost_benchmark_is_exact_on_the_gram_path():
+    # benchmarks/exact_cost.py's three-output, four-term flow system: what it times must be exact traces
+    # on the Gram path (a fallback would time another path), with one backward per group and component.
+    import torch
+    from conftest import reference_traces
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from exact_cost import SteadyFlow2d, flow_batch
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from lightning_ntk.counting import BackwardCounter
+    from lightning_ntk.estimators.exact import exact_traces
+
+    torch.manual_seed(0)
+    model = SteadyFlow2d(width=6, depth=2).double()
+    batch = tuple(t.double() for t in flow_batch(n_interior=9, n_boundary=8))
+    assert batch[1].shape == (8, 2) and (batch[0].min(0).values == torch.tensor([-0.5, -0.5])).all()
+    exact_traces(model, batch)
+    with BackwardCounter("lightning_ntk") as backwards:
+        est = exact_traces(model, batch)
+    assert set(est.info["paths"].values()) == {"gram"}
+    assert backwards.calls == 4  # momentum_x with the boundary's u, its v, momentum_y, continuity
+    want = reference_traces(model, batch)
+    for name in want:
+        torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)

@@ -42,5 +42,5 @@ def test_the_walks_node_list_is_the_graphs_node_order():
     nodes = breadth_first(roots)
     assert nodes == Graph(roots).nodes
     assert len(nodes) > 50 and len(set(nodes)) == len(nodes)
-    x, _, _, r = two_branches()
+    *_, r = two_branches()
     assert breadth_first([r, r]) == Graph([r, r]).nodes

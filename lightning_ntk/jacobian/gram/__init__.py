@@ -147,12 +147,13 @@ def gram_squared_norms(
         try:
             for c, g in enumerate(per_component):
                 confirmed[c] = {}
-                for i, j in outputs.slot.items():
-                    plan = entry.plans.get(UseKey(term, c, i))
-                    if plan is not None:
-                        if g[j] is None:
-                            raise GramUnsupported("the parameter uses changed since the layout was confirmed")
-                        confirmed[c][i] = (g[j], plan)
+                for i, plan in entry.planned(term, c):
+                    j = outputs.slot.get(i)
+                    if j is None:
+                        continue
+                    if g[j] is None:
+                        raise GramUnsupported("the parameter uses changed since the layout was confirmed")
+                    confirmed[c][i] = (g[j], plan)
             norms[term] = term_norms(uses, confirmed, params, flat[term].shape[0], entry.workspace)
         except GramUnsupported as err:
             unsupported[term] = str(err)
@@ -338,8 +339,8 @@ def _grads_by_group(
             total = sum(flat[t][:, c].sum() for t in terms if c < flat[t].shape[1])
             g = cuts.backward(total, outputs.tensors, located.get((k, c), ()), arriving)
             backwards += 1
-            if any(g[j] is not None and not any(UseKey(t, c, i) in entry.plans for t in terms)
-                   for i, j in outputs.slot.items()):  # fmt: skip
+            planned = {i for t in terms for i, _ in entry.planned(t, c)}
+            if any(g[j] is not None for i, j in outputs.slot.items() if i not in planned):
                 # A use reached now that reached none of these terms when the layouts were confirmed.
                 g = (None,) * len(g)
             for t in terms:

@@ -199,3 +199,14 @@ class GramEntry:
     cuts: dict[tuple[int, int], tuple[NodePath, ...]] = field(default_factory=dict)
     walk: WalkPlan | None = None
     workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
+    _planned: dict[tuple, tuple] = field(default_factory=dict, repr=False)
+
+    def planned(self, term: str, component: int) -> tuple[tuple[int, UsePlan], ...]:
+        """``(use, plan)`` of every use with a plan for ``term`` and ``component``, in use order: a warm
+        call looks these up instead of a key per use, term and component."""
+        key = (term, component)
+        found = self._planned.get(key)
+        if found is None:
+            found = tuple(sorted(((k.use, p) for k, p in self.plans.items() if k[:2] == key), key=lambda up: up[0]))
+            self._planned[key] = found
+        return found

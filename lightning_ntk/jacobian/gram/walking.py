@@ -135,8 +135,17 @@ def _walk(plan: WalkPlan, roots: Sequence[Tensor], params: Mapping[str, Tensor])
             continue
         node = nodes[site.node]
         other = None if site.other is None else getattr(node, site.other)
-        walked.append(replace(use, output=GradientEdge(node, site.output_nr), other=other))
+        walked.append(_with_tensors(use, GradientEdge(node, site.output_nr), other))
     return walked
+
+
+def _with_tensors(use: Use, output: GradientEdge, other: Tensor | None) -> Use:
+    """``use`` with this graph's output edge and operand (``dataclasses.replace`` runs ``__init__`` again,
+    several times slower, for every use of every warm call)."""
+    found = object.__new__(Use)
+    found.__dict__.update(use.__dict__)
+    found.output, found.other = output, other
+    return found
 
 
 def _number(value: object) -> float | None:
