@@ -4,16 +4,21 @@ All runs in one process on the same problem (1-D Poisson-type residual + boundar
 per term, tanh MLP, Adam, full batch), through a real `lightning.pytorch.Trainer`. Each run takes
 2n+1 steps; the time of steps 1 … 2n (from the start of step 1 to the start of step 2n+1) is
 divided by 2n, so a run that updates every n steps pays for exactly two updates, as in a long run.
+The runs are repeated in rounds (``--repeats``, each round runs plain first); a ratio is the median
+over rounds of a run's time over the plain run of its own round, so a slower stretch of a shared
+machine moves both.
 
     python benchmarks/step_overhead.py                       # 3×256, N=1024, CPU
     python benchmarks/step_overhead.py --width 64            # a smaller network
     python benchmarks/step_overhead.py --style autograd      # u_xx by torch.autograd.grad
     python benchmarks/step_overhead.py --device cuda
+    python benchmarks/step_overhead.py --runs fd --repeats 5   # only plain and per-step fd, five rounds
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import lightning.pytorch as pl
@@ -61,6 +66,33 @@ def time_per_step(args, callback: NTKWeightingCallback | None, device: torch.dev
     return (clock.starts[steps] - clock.starts[1]) / (steps - 1)
 
 
+# Each run besides plain: its label and how to build its callback (a fresh one per round).
+RUNS = {
+    "fd": (
+        "fd every step, defaults (1 probe, auto points)",
+        lambda args: NTKWeightingCallback(
+            update_every_n_steps=1, estimator="fd", trace_averager=TraceAverager(0.99), seed=0
+        ),
+    ),
+    "fd-all": (
+        "fd every step, every point (points_per_probe=None)",
+        lambda args: NTKWeightingCallback(
+            update_every_n_steps=1,
+            estimator=FiniteDifference(points_per_probe=None),
+            trace_averager=TraceAverager(0.99),
+            seed=0,
+        ),
+    ),
+    "exact": ("exact every {every} steps", lambda args: NTKWeightingCallback(update_every_n_steps=args.every)),
+    "hutchpp": (
+        "hutchpp (9) every {every} steps",
+        lambda args: NTKWeightingCallback(
+            update_every_n_steps=args.every, estimator=HutchPlusPlus(num_probes=9), seed=0
+        ),
+    ),
+}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1024, help="points per term")
@@ -70,31 +102,25 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--style", choices=list(MODELS), default="helpers", help="how the residual takes u_xx")
     p.add_argument("--error-steps", type=int, default=300, help="per-step fd updates for the error report (0: skip)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of runs; ratios are medians over rounds")
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs besides plain")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    per_step = NTKWeightingCallback(update_every_n_steps=1, estimator="fd", trace_averager=TraceAverager(0.99), seed=0)
-    runs = {
-        "plain": None,
-        "fd every step, defaults (1 probe, auto points)": per_step,
-        "fd every step, every point (points_per_probe=None)": NTKWeightingCallback(
-            update_every_n_steps=1,
-            estimator=FiniteDifference(points_per_probe=None),
-            trace_averager=TraceAverager(0.99),
-            seed=0,
-        ),
-        f"exact every {args.every} steps": NTKWeightingCallback(update_every_n_steps=args.every),
-        f"hutchpp (9) every {args.every} steps": NTKWeightingCallback(
-            update_every_n_steps=args.every, estimator=HutchPlusPlus(num_probes=9), seed=0
-        ),
-    }
-    times = {name: time_per_step(args, cb, device) for name, cb in runs.items()}
+    names = {key: label.format(every=args.every) for key, (label, _) in RUNS.items() if key in args.runs}
+    times: dict[str, list[float]] = {key: [] for key in ["plain", *names]}
+    for _ in range(args.repeats):
+        for key in times:
+            callback = None if key == "plain" else RUNS[key][1](args)
+            times[key].append(time_per_step(args, callback, device))
     print(
         f"device={device} torch {torch.__version__}  N={args.n} per term  "
-        f"MLP {args.depth}x{args.width} tanh  residual style: {args.style}"
+        f"MLP {args.depth}x{args.width} tanh  residual style: {args.style}  rounds: {args.repeats}"
     )
-    print(f"{'run':<42}{'s / step':>10}{'× plain':>9}")
-    for name, t in times.items():
-        print(f"{name:<52}{t:10.4f}{t / times['plain']:9.2f}")
+    print(f"{'run':<52}{'s / step':>10}{'× plain':>9}  (median; per round)")
+    for key, label in {"plain": "plain", **names}.items():
+        ratios = [t / plain for t, plain in zip(times[key], times["plain"], strict=True)]
+        each = " ".join(f"{r:.2f}" for r in ratios)
+        print(f"{label:<52}{statistics.median(times[key]):10.4f}{statistics.median(ratios):9.2f}  ({each})")
     if args.error_steps:
         print(
             f"\nRMS error (4 seeds) of the averaged fd trace after {args.error_steps} per-step updates, "
