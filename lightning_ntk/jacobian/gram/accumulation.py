@@ -202,6 +202,14 @@ class _Accumulator:
     def squared_norms(self, n: int) -> Tensor:
         if not self.xs:
             return sum(_squared_norms(d, 1) for d in self.dense.values())
+        if not self.dense and all(len(xs) == 1 and xs[0].shape[0] == 1 for xs in self.xs.values()):
+            # One row of one use per point and component (a network evaluated once on the term's points):
+            # ‖x ⊗ y‖² = ‖x‖² ‖y‖², from the factors as they are (no stacking, no outer product).
+            total = None
+            for c in sorted(self.xs):
+                norms = _squared_norms(self.xs[c][0][0], 1) * _squared_norms(self.ys[c][0][0], 1)
+                total = norms if total is None else total + norms
+            return total
         components = sorted(set(self.xs) | set(self.dense))
         a, b = self.xs[components[0]][0].shape[2], self.ys[components[0]][0].shape[2]
         rows = max(sum(x.shape[0] for x in xs) for xs in self.xs.values())
@@ -210,8 +218,10 @@ class _Accumulator:
             for c in components:
                 full = self.dense.get(c)
                 if c in self.xs:
-                    x, y = self.stacked("x", self.xs[c], n), self.stacked("y", self.ys[c], n)
-                    outer = self.outer_sum(x, y, ordered=full is not None)
+                    outer = self.thin_sum(c) if a == 1 or b == 1 else None
+                    if outer is None:
+                        x, y = self.stacked("x", self.xs[c], n), self.stacked("y", self.ys[c], n)
+                        outer = self.outer_sum(x, y, ordered=full is not None)
                     full = outer if full is None else full + outer
                 norms = _squared_norms(full, 1)
                 total = norms if total is None else total + norms
@@ -236,6 +246,18 @@ class _Accumulator:
             norms = gram_x.mul_(gram_y).sum((0, 2, 3))
             total = norms if total is None else total + norms
         return total
+
+    def thin_sum(self, c: int) -> Tensor | None:
+        """``Σ_k x_k ⊗ y_k`` per point as ``(N, a·b)`` for a parameter with one row or one column, from the
+        factors as they are when each use has one row per point (``None`` otherwise): one multiply-add per
+        use instead of stacking every use's factors first."""
+        pairs = list(zip(self.xs[c], self.ys[c], strict=True))
+        if any(x.shape[0] != 1 for x, _ in pairs):
+            return None
+        full = pairs[0][0][0] * pairs[0][1][0]  # (N, a) ⊙ (N, b), one of them of width 1
+        for x, y in pairs[1:]:
+            full.addcmul_(x[0], y[0])
+        return full
 
     def outer_sum(self, x: Tensor, y: Tensor, ordered: bool) -> Tensor:
         """``Σ_k x_k ⊗ y_k`` per point, flattened to ``(N, a·b)``: in the parameter's ``(a, b)`` order
