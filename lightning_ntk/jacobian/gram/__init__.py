@@ -330,14 +330,16 @@ def _grads_by_group(
     grads: dict[str, list[Grads]] = {}
     broken: dict[str, Tensor] = {}
     backwards = 0
-    for k, group in enumerate(entry.groups):
-        terms = [t for t in group if t not in skip]
-        if not terms:
-            continue
+    groups = [(k, [t for t in group if t not in skip]) for k, group in enumerate(entry.groups)]
+    groups = [(k, terms) for k, terms in groups if terms]
+    last = sum(max(flat[t].shape[1] for t in terms) for _, terms in groups)
+    for k, terms in groups:
         arriving: list[Tensor] = []
         for c in range(max(flat[t].shape[1] for t in terms)):
             total = sum(flat[t][:, c].sum() for t in terms if c < flat[t].shape[1])
-            g = cuts.backward(total, outputs.tensors, located.get((k, c), ()), arriving)
+            # The last backward of the call frees the graph as it goes (nothing runs through it again):
+            # faster, and the accumulation then reuses memory that is still in cache.
+            g = cuts.backward(total, outputs.tensors, located.get((k, c), ()), arriving, retain=backwards + 1 < last)
             backwards += 1
             planned = {i for t in terms for i, _ in entry.planned(t, c)}
             if any(g[j] is not None for i, j in outputs.slot.items() if i not in planned):

@@ -134,7 +134,9 @@ def term_norms(
         for i, (grad, plan) in per_use.items():
             use = uses[i]
             p = params[use.name]
-            acc = accs.setdefault(use.name, _Accumulator(use.name, tuple(p.shape), p.dtype, workspace))
+            acc = accs.get(use.name)
+            if acc is None:  # built once per parameter, not once per use (setdefault would build it each time)
+                acc = accs[use.name] = _Accumulator(use.name, tuple(p.shape), p.dtype, workspace)
             if use.kind is UseKind.ELEMENTWISE:
                 _add_elementwise_use(acc, c, use, grad, plan, n, p.numel())
                 continue
@@ -144,10 +146,12 @@ def term_norms(
                 s_acc = _Accumulator(use.factor.name, tuple(s.shape), s.dtype, workspace)
                 s_acc = accs.setdefault(use.factor.name, s_acc)
                 _factorize_last(acc, s_acc, c, use, plan, p, s.numel(), n)
-    first = next(iter(params.values()))
-    total = first.new_zeros(n)
-    for acc in accs.values():
-        total = total + acc.squared_norms(n)
+    if not accs:
+        return next(iter(params.values())).new_zeros(n)
+    parts = [acc.squared_norms(n) for acc in accs.values()]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
     return total
 
 
@@ -280,6 +284,12 @@ def _squared_norms(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
     return torch.linalg.vector_norm(t, dim=dim).square()
 
 
+def _promoted(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Factors recorded under autocast are promoted to the parameter's dtype; most already have it, and a
+    # dtype comparison costs a tenth of a call to `to` on every factor of every warm call.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _use_major(points_first: Tensor, n: int) -> Tensor:
     """``(N, …, w)`` as ``(R, N, w)``: a point's rows as ``R`` blocks of all points (one op in the
     common case of one row per point)."""
@@ -295,8 +305,8 @@ def _add_matrix_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: Use
     layout = plan.layout
     if other.shape[:-1] != grad.shape[:-1]:
         other = other.expand(*grad.shape[:-1], other.shape[-1])
-    rows_other = _use_major(layout.points_first(other, n), n).to(acc.dtype)
-    rows_grad = _use_major(layout.points_first(grad, n), n).to(acc.dtype)
+    rows_other = _promoted(_use_major(layout.points_first(other, n), n), acc.dtype)
+    rows_grad = _promoted(_use_major(layout.points_first(grad, n), n), acc.dtype)
     if use.scale != 1.0:
         rows_other = rows_other * use.scale
     if plan.same:  # ∂/∂P = l ⊗ g with P ≅ W
@@ -340,8 +350,9 @@ def _factorize_last(
 
 def _add_elementwise_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: UsePlan, n: int, numel: int) -> None:
     contribution = grad if use.other is None else grad * use.other
-    contribution = contribution.expand(grad.shape)
-    per_point = plan.layout.points_first(contribution, n).reshape(n, -1).to(acc.dtype)
+    if contribution.shape != grad.shape:
+        contribution = contribution.expand(grad.shape)
+    per_point = _promoted(plan.layout.points_first(contribution, n).reshape(n, -1), acc.dtype)
     if plan.identity:
         acc.add_dense(c, per_point if use.scale == 1.0 else per_point * use.scale)
         return

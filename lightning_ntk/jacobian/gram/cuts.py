@@ -84,9 +84,12 @@ def find_cuts(graph: Graph, mine: set[int], others: set[int]) -> list[int]:
     return cuts
 
 
-def backward(output: Tensor, inputs: Sequence[Tensor], cut: Sequence = (), arriving: list | None = None) -> Grads:
+def backward(
+    output: Tensor, inputs: Sequence[Tensor], cut: Sequence = (), arriving: list | None = None, retain: bool = True
+) -> Grads:
     """Gradients of ``output`` at ``inputs`` (``None`` where not reached), with the ``cut`` nodes given
-    no gradient; what arrives at them is tested for nonzero values into ``arriving`` (device bools)."""
+    no gradient; what arrives at them is tested for nonzero values into ``arriving`` (device bools).
+    ``retain=False`` frees the graph's saved tensors on the way (the caller's last backward)."""
     if not inputs or not output.requires_grad:
         return (None,) * len(inputs)
 
@@ -97,7 +100,7 @@ def backward(output: Tensor, inputs: Sequence[Tensor], cut: Sequence = (), arriv
 
     handles = [node.register_prehook(drop) for node in cut]
     try:
-        return torch.autograd.grad(output, list(inputs), retain_graph=True, allow_unused=True)
+        return torch.autograd.grad(output, list(inputs), retain_graph=retain, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
