@@ -17,11 +17,11 @@ from lightning_ntk import PINNModule
 from lightning_ntk.derivatives import partial
 
 
-def mlp(width: int, depth: int, d: int = 1) -> nn.Sequential:
+def mlp(width: int, depth: int, d: int = 1, d_out: int = 1) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(d, width), nn.Tanh()]
     for _ in range(depth - 1):
         layers += [nn.Linear(width, width), nn.Tanh()]
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, d_out))
     return nn.Sequential(*layers)
 
 

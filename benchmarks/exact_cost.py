@@ -31,8 +31,7 @@ import statistics
 import time
 
 import torch
-from _problem import AutogradPoisson, make_batch, train_step_fn
-from torch import nn
+from _problem import AutogradPoisson, make_batch, mlp, train_step_fn
 
 from lightning_ntk import PINNModule
 from lightning_ntk.counting import BackwardCounter, OpCounter
@@ -49,10 +48,7 @@ class QTensor2d(PINNModule):
 
     def __init__(self, width: int = 128, depth: int = 4, L: float = 1e-3, a: float = -1.0, c: float = 1.0) -> None:
         super().__init__(terms=["ic", "pde"])
-        layers: list[nn.Module] = [nn.Linear(5, width), nn.Tanh()]
-        for _ in range(depth - 1):
-            layers += [nn.Linear(width, width), nn.Tanh()]
-        self.net = nn.Sequential(*layers, nn.Linear(width, 2))
+        self.net = mlp(width, depth, d=5, d_out=2)
         self.L, self.a, self.c = L, a, c
 
     def field(self, txy: torch.Tensor) -> torch.Tensor:
@@ -85,10 +81,7 @@ class SteadyFlow2d(PINNModule):
 
     def __init__(self, width: int = 128, depth: int = 4, nu: float = 1 / 40) -> None:
         super().__init__(terms=["momentum_x", "momentum_y", "continuity", "boundary"])
-        layers: list[nn.Module] = [nn.Linear(2, width), nn.Tanh()]
-        for _ in range(depth - 1):
-            layers += [nn.Linear(width, width), nn.Tanh()]
-        self.net = nn.Sequential(*layers, nn.Linear(width, 3))
+        self.net = mlp(width, depth, d=2, d_out=3)
         self.nu = nu
 
     def residuals(self, batch):
