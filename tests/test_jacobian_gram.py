@@ -693,3 +693,20 @@ def test_a_re_wrapping_tensor_subclass_gets_exact_traces_by_a_fallback_with_its_
     want = reference_point_norms(model, batch)
     for name in want:
         torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=0)
+
+
+def test_a_thin_parameter_sums_factors_that_autograd_returns_as_zero_tensors():
+    # torch 2.15's autograd hands some unreached gradients back as ZeroTensors, which are immutable: the
+    # sum of a thin parameter's rank-one factors must not write into one (it sent the 1-D Poisson example
+    # to the slow vmap path there). Per point: Σ_k x_k ⊗ y_k with y of width 1.
+    from lightning_ntk.jacobian.gram.accumulation import _Accumulator
+
+    g = torch.Generator().manual_seed(0)
+    n, a = 5, 3
+    zero = torch._efficientzerotensor((1, n, a), dtype=torch.float64)
+    x1, y0, y1 = (torch.rand(1, n, w, generator=g, dtype=torch.float64) for w in (a, 1, 1))
+    acc = _Accumulator("w", (a, 1), torch.float64, None)
+    acc.add_factors(0, zero, y0)
+    acc.add_factors(0, x1, y1)
+    torch.testing.assert_close(acc.thin_sum(0), x1[0] * y1[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(acc.squared_norms(n), (x1[0] * y1[0]).square().sum(1), rtol=1e-12, atol=0)

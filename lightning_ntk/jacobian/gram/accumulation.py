@@ -260,7 +260,9 @@ class _Accumulator:
             return None
         full = pairs[0][0][0] * pairs[0][1][0]  # (N, a) ⊙ (N, b), one of them of width 1
         for x, y in pairs[1:]:
-            full.addcmul_(x[0], y[0])
+            # Not in place: a gradient autograd returns as a ZeroTensor (torch ≥ 2.15) makes the product one,
+            # and ZeroTensors are immutable.
+            full = torch.addcmul(full, x[0], y[0])
         return full
 
     def outer_sum(self, x: Tensor, y: Tensor, ordered: bool) -> Tensor:
