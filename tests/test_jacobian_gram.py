@@ -710,3 +710,15 @@ def test_a_thin_parameter_sums_factors_that_autograd_returns_as_zero_tensors():
     acc.add_factors(0, x1, y1)
     torch.testing.assert_close(acc.thin_sum(0), x1[0] * y1[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(acc.squared_norms(n), (x1[0] * y1[0]).square().sum(1), rtol=1e-12, atol=0)
+
+
+def test_per_parameter_norms_of_several_dtypes_add_up_with_promotion():
+    # A module whose parameters differ in dtype gives per-parameter norms of several dtypes: they are
+    # summed with promotion to the widest dtype, as the adds they replaced did.
+    from lightning_ntk.jacobian.gram.accumulation import _sum
+
+    parts = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25], dtype=torch.float64), torch.tensor([1.0, 1.0])]
+    total = _sum(parts)
+    assert total.dtype == torch.float64
+    torch.testing.assert_close(total, torch.tensor([2.5, 3.25], dtype=torch.float64))
+    torch.testing.assert_close(_sum(parts[::2]), torch.tensor([2.0, 3.0]))

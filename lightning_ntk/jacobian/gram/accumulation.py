@@ -148,18 +148,14 @@ def term_norms(
                 _factorize_last(acc, s_acc, c, use, plan, p, s.numel(), n)
     if not accs:
         return next(iter(params.values())).new_zeros(n)
-    parts = [acc.squared_norms(n) for acc in accs.values()]
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+    return _sum([acc.squared_norms(n) for acc in accs.values()])
 
 
 @dataclass
 class _Accumulator:
     """Per-point gradient pieces of one parameter, per output component: rank-one factors (``x`` over
     the parameter's rows, ``y`` over its columns; each use's as ``(R, N, ·)``, its ``R`` rows per point
-    as blocks of all points) and a dense part."""
+    as blocks of all points, or ``(N, ·)`` with one row per point) and a dense part."""
 
     name: str
     shape: tuple[int, ...]
@@ -187,9 +183,9 @@ class _Accumulator:
 
     def stacked(self, role: str, factors: list[Tensor], n: int) -> Tensor:
         """``(N, R, ·)``: every use's factors side by side for each point."""
-        rows = sum(f.shape[0] for f in factors)
-        out = self.buffer(role, (n, rows, factors[0].shape[2]), factors[0])
-        return torch.cat([f.transpose(0, 1) for f in factors], 1, out=out)
+        rows = sum(_rows(f) for f in factors)
+        out = self.buffer(role, (n, rows, factors[0].shape[-1]), factors[0])
+        return torch.cat([f.unsqueeze(1) if f.ndim == 2 else f.transpose(0, 1) for f in factors], 1, out=out)
 
     def stacked_by_use(self, role: str, factors: dict[int, list[Tensor]], components: list[int], n: int) -> Tensor:
         """``(C, R, N, ·)``: every use's factors one block after another, per component. Seen as
@@ -197,26 +193,30 @@ class _Accumulator:
         the rows of each point (each use's rows are copied as one block, and the product reads them
         as such)."""
         first = factors[components[0]][0]
-        rows = sum(f.shape[0] for f in factors[components[0]])
-        out = self.buffer(role + "_by_use", (len(components), rows, n, first.shape[2]), first)
+        rows = sum(_rows(f) for f in factors[components[0]])
+        out = self.buffer(role + "_by_use", (len(components), rows, n, first.shape[-1]), first)
         for k, c in enumerate(components):
-            torch.cat(factors[c], 0, out=out[k])
+            if all(f.ndim == 2 for f in factors[c]):
+                torch.stack(factors[c], 0, out=out[k])
+            else:
+                torch.cat([_blocks(f) for f in factors[c]], 0, out=out[k])
         return out
 
     def squared_norms(self, n: int) -> Tensor:
         if not self.xs:
-            return sum(_squared_norms(d, 1) for d in self.dense.values())
-        if not self.dense and all(len(xs) == 1 and xs[0].shape[0] == 1 for xs in self.xs.values()):
+            return _sum([_squared_norms(d, 1) for d in self.dense.values()])
+        if not self.dense and all(len(xs) == 1 and _rows(xs[0]) == 1 for xs in self.xs.values()):
             # One row of one use per point and component (a network evaluated once on the term's points):
             # ‖x ⊗ y‖² = ‖x‖² ‖y‖², from the factors as they are (no stacking, no outer product).
             total = None
             for c in sorted(self.xs):
-                norms = _squared_norms(self.xs[c][0][0], 1) * _squared_norms(self.ys[c][0][0], 1)
+                x, y = _single(self.xs[c][0]), _single(self.ys[c][0])
+                norms = (torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(y, dim=1)).square()
                 total = norms if total is None else total + norms
             return total
         components = sorted(set(self.xs) | set(self.dense))
-        a, b = self.xs[components[0]][0].shape[2], self.ys[components[0]][0].shape[2]
-        rows = max(sum(x.shape[0] for x in xs) for xs in self.xs.values())
+        a, b = self.xs[components[0]][0].shape[-1], self.ys[components[0]][0].shape[-1]
+        rows = max(sum(_rows(x) for x in xs) for xs in self.xs.values())
         if self.dense or a * b <= rows * (a + b):  # forming ∂r_n/∂W is cheaper (thin layers)
             total = None
             for c in components:
@@ -231,7 +231,7 @@ class _Accumulator:
                 total = norms if total is None else total + norms
             return total
         # One Gram product per side and component for all uses: (N, R, a) and (N, R, b).
-        shapes = {tuple(x.shape[0] for x in self.xs[c]) for c in components}
+        shapes = {tuple(_rows(x) for x in self.xs[c]) for c in components}
         groups = [components] if len(shapes) == 1 else [[c] for c in components]
         total = None
         for group in groups:
@@ -256,13 +256,13 @@ class _Accumulator:
         factors as they are when each use has one row per point (``None`` otherwise): one multiply-add per
         use instead of stacking every use's factors first."""
         pairs = list(zip(self.xs[c], self.ys[c], strict=True))
-        if any(x.shape[0] != 1 for x, _ in pairs):
+        if any(_rows(x) != 1 for x, _ in pairs):
             return None
-        full = pairs[0][0][0] * pairs[0][1][0]  # (N, a) ⊙ (N, b), one of them of width 1
+        full = _single(pairs[0][0]) * _single(pairs[0][1])  # (N, a) ⊙ (N, b), one of them of width 1
         for x, y in pairs[1:]:
             # Not in place: a gradient autograd returns as a ZeroTensor (torch ≥ 2.15) makes the product one,
             # and ZeroTensors are immutable.
-            full = torch.addcmul(full, x[0], y[0])
+            full = torch.addcmul(full, _single(x), _single(y))
         return full
 
     def outer_sum(self, x: Tensor, y: Tensor, ordered: bool) -> Tensor:
@@ -281,6 +281,12 @@ class _Accumulator:
         return torch.bmm(y.transpose(1, 2), x, out=self.buffer("outer", (n, b, a), x)).view(n, -1)
 
 
+def _sum(parts: list[Tensor]) -> Tensor:
+    """The sum of same-shaped tensors: one stack and one reduction instead of an add per part (``stack``
+    promotes parts of several dtypes, as from parameters of several dtypes, like the adds did)."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
 def _squared_norms(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
     # A norm reduces without materializing the squares (twice as fast on a CPU for large rows).
     return torch.linalg.vector_norm(t, dim=dim).square()
@@ -293,11 +299,26 @@ def _promoted(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _use_major(points_first: Tensor, n: int) -> Tensor:
-    """``(N, …, w)`` as ``(R, N, w)``: a point's rows as ``R`` blocks of all points (one op in the
-    common case of one row per point)."""
+    """``(N, …, w)`` as ``(R, N, w)``: a point's rows as ``R`` blocks of all points; one row per point
+    (the common case) stays ``(N, w)``, with no view op (each is a dispatch on every warm call)."""
     if points_first.ndim == 2:
-        return points_first.unsqueeze(0)
+        return points_first
     return points_first.reshape(n, -1, points_first.shape[-1]).transpose(0, 1)
+
+
+def _rows(factor: Tensor) -> int:
+    """Rows per point of a factor: ``(N, w)`` has one, ``(R, N, w)`` has ``R``."""
+    return 1 if factor.ndim == 2 else factor.shape[0]
+
+
+def _single(factor: Tensor) -> Tensor:
+    """The ``(N, w)`` of a factor with one row per point."""
+    return factor if factor.ndim == 2 else factor[0]
+
+
+def _blocks(factor: Tensor) -> Tensor:
+    """A factor as ``(R, N, w)``."""
+    return factor.unsqueeze(0) if factor.ndim == 2 else factor
 
 
 def _add_matrix_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: UsePlan, n: int) -> None:
@@ -338,7 +359,7 @@ def _factorize_last(
     factor[plan.factor_frame] = values
     factor = factor.view(v.shape)
     q = (factor * v.detach()).to(acc.dtype)
-    u, w = acc.xs[c][-1], acc.ys[c][-1]
+    u, w = _blocks(acc.xs[c][-1]), _blocks(acc.ys[c][-1])
     if plan.factor_along == 0:
         scale = factor[:, 0].to(acc.dtype)
         grad_s = (u * (w @ q.T)).sum(0)  # Σ_k u_k ⊙ (Q w_k), (N, rows of V)
