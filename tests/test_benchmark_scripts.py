@@ -53,8 +53,8 @@ def test_the_flow_case_of_the_cost_benchmark_is_exact_on_the_gram_path():
     assert set(est.info["paths"].values()) == {"gram"}
     assert backwards.calls == 4  # momentum_x with the boundary's u, its v, momentum_y, continuity
     assert ops.syncs == 0
-    # measured 913 of a plain step's 698 on torch 2.13 (1,597 of 1,224 at the benchmark's 4×128)
-    assert ops.total <= 1.35 * plain_step_ops(copy.deepcopy(model), batch), ops.total
+    # measured 780 of a plain step's 698 on torch 2.13, 825 of 740 on 2.4 (1,354 of 1,224 at the benchmark's 4×128)
+    assert ops.total <= 1.2 * plain_step_ops(copy.deepcopy(model), batch), ops.total
     want = reference_traces(model, batch)
     for name in want:
         torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)

@@ -108,10 +108,10 @@ def test_warm_exact_traces_stay_within_their_aten_op_budget():
     step = plain_step_ops(copy.deepcopy(model), batch)
     if torch.__version__.startswith("2.13."):  # the pinned release (the same at 3×256, N=4,096)
         assert step == 380
-    # measured 345 of 380 on torch 2.13 (369 before a single use's norms were taken from its factors) and
-    # 373 of 389 on 2.4 (403 of 380 while every call recorded,
+    # measured 276 of 380 on torch 2.13 and 280 of 389 on 2.4 (369 of 380 before the one-row factors and
+    # single-use norms of issue 39, 403 of 380 while every call recorded,
     # 504 before the use-major factors, 1,203 before the cache hit)
-    assert ops.total <= step, (ops.total, step)
+    assert ops.total <= 0.8 * step, (ops.total, step)
     assert ops.syncs == 0
     assert backwards == 1
 
@@ -150,9 +150,9 @@ def test_a_residual_stacked_from_component_rows_runs_each_component_through_its_
     assert set(est.info["paths"].values()) == {"gram"}
     assert backwards == 2
     assert ops.syncs == 0
-    # measured 563 of a plain step's 452 on torch 2.13 and 604 of 479 on 2.4; 608 of 452 recording
+    # measured 487 of a plain step's 452 on torch 2.13 and 515 of 479 on 2.4 (576 before issue 39); 608 of 452 recording
     # every call, 784 of 452 when the zeros run through the other row
-    assert ops.total <= 1.3 * plain_step_ops(copy.deepcopy(model), batch), ops.total
+    assert ops.total <= 1.15 * plain_step_ops(copy.deepcopy(model), batch), ops.total
     want = reference_traces(model, batch)
     for name in want:
         torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
