@@ -41,9 +41,9 @@ def known_point_layout(module: nn.Module, batch: object) -> dict[str, int] | Non
 
 def pointwise(module: nn.Module, batch: object) -> bool:
     """False once :func:`check_point_layout` found the residuals not pointwise for this batch signature."""
-    layouts = memory_of(module).point_counts
+    counts = memory_of(module).point_counts
     key = batch_signature(batch)
-    return key not in layouts or layouts[key] is not None
+    return key not in counts or counts[key] is not None
 
 
 def batch_signature(batch: object) -> tuple:
@@ -125,14 +125,14 @@ def check_point_layout(
     known = known_point_layout(module, batch)
     if known is not None:
         return known
-    layouts = memory_of(module).point_counts
+    counts = memory_of(module).point_counts
     full = evaluate(batch)
     layout = {name: r.shape[0] for name, r in full.items()}
     indices = {n: sample(n) for n in sorted(set(layout.values()))}
     try:
         part = evaluate(subsample_batch(batch, indices))
     except Exception as err:  # the full batch evaluated: the cut is what the residual does not survive
-        layouts[batch_signature(batch)] = None
+        counts[batch_signature(batch)] = None
         raise ValueError(
             "Point subsampling does not apply: the residual fails on a random subset of the batch's points "
             f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); a term that "
@@ -141,11 +141,11 @@ def check_point_layout(
     for name, r in part.items():
         want = full[name][indices[layout[name]].to(full[name].device)]
         if r.shape != want.shape or not close(r, want):
-            layouts[batch_signature(batch)] = None
+            counts[batch_signature(batch)] = None
             raise ValueError(
                 f"Point subsampling does not reproduce the residual of term {name!r}: its row n must depend "
                 "only on point n, and every tensor in the batch with that term's point count must hold one "
                 "row per point."
             )
-    layouts[batch_signature(batch)] = layout
+    counts[batch_signature(batch)] = layout
     return layout

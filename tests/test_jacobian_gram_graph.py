@@ -33,14 +33,41 @@ def test_locate_finds_a_node_again_in_a_new_graph_and_refuses_another_graph():
     assert locate([path], [again.detach()]) is None
 
 
-def test_the_walks_node_list_is_the_graphs_node_order():
+def _levels(roots):
+    """Breadth first by explicit levels (the roots' nodes, then each level's children in edge order):
+    an independent reference for the order both the graph and the warm call's walk use."""
+    seen, order, level = set(), [], []
+    for r in roots:
+        if r.grad_fn is not None and r.grad_fn not in seen:
+            seen.add(r.grad_fn)
+            level.append(r.grad_fn)
+    while level:
+        order += level
+        following = []
+        for node in level:
+            for child, _ in node.next_functions:
+                if child is not None and child not in seen:
+                    seen.add(child)
+                    following.append(child)
+        level = following
+    return order
+
+
+def test_the_node_order_is_breadth_first_by_levels_and_the_graph_knows_how_each_was_reached():
     # A warm call's walk checks node names position by position against the confirming call's Graph:
-    # the lean list must be in exactly that order (shared nodes, several residuals, double backward).
+    # both must list the nodes in this order (shared nodes, several residuals, double backward).
     torch.manual_seed(0)
     residuals = StackedTwoField().double().residuals(two_field_batch())
     roots = [r.reshape(r.shape[0], -1) for r in residuals.values()]
     nodes = breadth_first(roots)
-    assert nodes == Graph(roots).nodes
+    assert nodes == _levels(roots)
     assert len(nodes) > 50 and len(set(nodes)) == len(nodes)
+    graph = Graph(roots)
+    assert graph.nodes == nodes
+    for i, node in enumerate(nodes):
+        parent, edge = graph.via[i]
+        if edge >= 0:  # reached from the earliest parent that has an edge to it
+            assert node is nodes[parent].next_functions[edge][0]
+            assert parent == min(graph.parents[i])
     *_, r = two_branches()
-    assert breadth_first([r, r]) == Graph([r, r]).nodes
+    assert breadth_first([r, r]) == _levels([r, r])

@@ -34,34 +34,20 @@ class Graph:
     """
 
     def __init__(self, roots: Sequence[Tensor]) -> None:
-        self.nodes: list = []
-        self.index: dict = {}
+        self.nodes: list = breadth_first(roots)
+        self.index: dict = {node: i for i, node in enumerate(self.nodes)}
         self.parents: dict[int, list[int]] = {}
         self.via: dict[int, tuple[int, int]] = {}
-        frontier = []
         for k, r in enumerate(roots):
-            if r.grad_fn is not None and r.grad_fn not in self.index:
-                self._add(r.grad_fn, (-1 - k, -1))
-                frontier.append(r.grad_fn)
-        while frontier:
-            following = []
-            for node in frontier:
-                i = self.index[node]
-                for edge, (child, _) in enumerate(node.next_functions):
-                    if child is None:
-                        continue
-                    j = self.index.get(child)
-                    if j is None:
-                        j = self._add(child, (i, edge))
-                        following.append(child)
+            if r.grad_fn is not None:
+                self.via.setdefault(self.index[r.grad_fn], (-1 - k, -1))
+        # In node order, the first parent to reach a node is the one the breadth-first walk came from.
+        for i, node in enumerate(self.nodes):
+            for edge, (child, _) in enumerate(node.next_functions):
+                if child is not None:
+                    j = self.index[child]
+                    self.via.setdefault(j, (i, edge))
                     self.parents.setdefault(j, []).append(i)
-            frontier = following
-
-    def _add(self, node, via: tuple[int, int]) -> int:
-        i = self.index[node] = len(self.nodes)
-        self.nodes.append(node)
-        self.via[i] = via
-        return i
 
     def path(self, i: int) -> NodePath:
         steps = []
@@ -74,8 +60,8 @@ class Graph:
 
 
 def breadth_first(roots: Sequence[Tensor]) -> list:
-    """The nodes of :class:`Graph` in its order, without its edges: what a warm call's walk needs, at
-    about half the cost of building the graph."""
+    """The nodes below ``roots``, breadth first (the roots' nodes, then each level in edge order): the
+    order of :class:`Graph`, and all a warm call's walk needs of it, at about half its cost."""
     nodes = []
     seen = set()
     for r in roots:
