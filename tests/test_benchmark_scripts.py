@@ -58,3 +58,39 @@ def test_the_flow_case_of_the_cost_benchmark_is_exact_on_the_gram_path():
     want = reference_traces(model, batch)
     for name in want:
         torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
+
+
+def test_the_fd_points_benchmark_compares_the_point_fractions_it_names():
+    # benchmarks/fd_points.py backs the "auto" default of FiniteDifference: each row must run with the
+    # fraction it names (and put the module's default back), and its statistics must be those of the draws.
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import fd_points
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import lightning_ntk.estimators.finite_difference as fd
+
+    class Linear(torch.nn.Module):  # r = w x: every probe on every point gives Tr K = Σ x², exactly
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.sizes: list[int] = []
+
+        def residuals(self, x):
+            self.sizes.append(x.shape[0])
+            return {"data": self.w * x}
+
+    x = torch.linspace(0.5, 1.5, 2000, dtype=torch.float64).reshape(-1, 1)
+    exact = {"data": x.square().sum()}
+    eighth, every = Linear(), Linear()
+    stats, _ = fd_points.spread(eighth, x, exact, "auto", 8, draws=3)
+    stats_all, _ = fd_points.spread(every, x, exact, None, 16, draws=2)
+    assert fd.AUTO_FRACTION == 16
+    assert eighth.sizes[-6:] == [250] * 6 and every.sizes == [2000] * 4  # two evaluations per draw
+    std, bias = stats_all["data"]
+    assert abs(bias) < 1e-6 and std < 1e-6  # every point of a linear residual: exact up to rounding
+    std, bias = stats["data"]
+    assert std > 1e-3  # a subsample of 250 unequal points shows in the spread
+    assert [fraction for _, _, fraction in fd_points.ROWS] == [16, 8, 16]

@@ -229,10 +229,11 @@ def test_fd_points_per_probe_checks_the_layout_once_and_rejects_non_pointwise_re
         estimate_ntk_traces(NotPointwise().double(), batch, "fd", points_per_probe=8)
 
 
-def test_auto_points_per_probe_is_an_eighth_but_at_least_64():
+def test_auto_points_per_probe_is_a_sixteenth_but_at_least_64():
     from lightning_ntk.estimators.finite_difference import auto_points_per_probe
 
-    assert [auto_points_per_probe(n) for n in (10, 64, 100, 513, 1000, 1024)] == [10, 64, 64, 65, 125, 128]
+    sizes = (10, 64, 100, 1024, 1025, 2000, 4096)
+    assert [auto_points_per_probe(n) for n in sizes] == [10, 64, 64, 64, 65, 125, 256]
 
 
 class ShapeRecording(AutogradPoisson):
