@@ -17,7 +17,7 @@ solution and error are saved as ``wave_1d.png`` in the run's log directory.
     python examples/wave_1d.py fit --config examples/configs/wave_1d_paper_ntk.yaml   # §7.3 via the CLI
 
 The network is a :class:`~lightning_ntk.taylor.TaylorMLP` by default (``--network sequential`` for
-an ``nn.Sequential`` with nested-jvp derivatives): its exact NTK traces cost about one training
+an ``nn.Sequential`` differentiated by ``derivatives.partial``): its exact NTK traces cost about one training
 step. ``--authors-code`` switches to the conventions of the authors' published code: standardized
 inputs, ``L_u`` as the sum of the means over t = 0, x = 0 and x = 1, continuous lr decay.
 """
@@ -67,7 +67,7 @@ class Wave1D(PINNModule):
         network: ``"taylor"``: a :class:`~lightning_ntk.taylor.TaylorMLP` whose Taylor streams give
             u_t, u_tt and u_xx in one pass and whose exact traces cost about one training step;
             ``"sequential"``: an ``nn.Sequential`` differentiated with
-            :func:`lightning_ntk.derivatives.partial` (nested ``torch.func.jvp``). Same
+            :func:`lightning_ntk.derivatives.partial` (nested ``torch.func.grad``). Same
             initialization, same function.
         standardize_inputs: Feed ``(x − 0.5)/σ, (t − 0.5)/σ`` with ``σ = 1/√12`` (the mean and
             standard deviation of the uniform residual points) to the network, as the authors'

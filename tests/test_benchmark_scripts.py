@@ -94,3 +94,15 @@ def test_the_fd_points_benchmark_compares_the_point_fractions_it_names():
     std, bias = stats["data"]
     assert std > 1e-3  # a subsample of 250 unequal points shows in the spread
     assert [fraction for _, _, fraction in fd_points.ROWS] == [16, 8, 16]
+
+
+def test_the_derivatives_benchmark_times_two_paths_that_agree(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import derivatives_cost
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    derivatives_cost.main(["--width", "8", "--depth", "2", "--points", "4", "16", "--repeats", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("4", "frozen"), ("4", "with"), ("16", "frozen"), ("16", "with")]
+    assert all(float(r[-1]) < 1e-5 for r in rows)  # reverse and forward mode give the same u_xx

@@ -58,3 +58,57 @@ def test_partial_under_inference_mode_matches_normal_mode():
         lap = laplacian(net, x)
     torch.testing.assert_close(got, want.detach())
     torch.testing.assert_close(lap, want.detach())
+
+
+def two_output_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+
+
+@pytest.mark.parametrize("dims", [(0,), (1, 0), (1, 1, 0)])
+def test_partial_of_several_outputs_matches_autograd_per_output(dims):
+    # Several values per point take nested jvp (reverse mode would need a pass per value).
+    net = two_output_mlp()
+    x = torch.rand(7, 2, dtype=torch.float64)
+    got = partial(net, x, *dims)
+    for c in range(2):
+        want = autograd_partial(lambda y, c=c: net(y)[:, c : c + 1], x, *dims)
+        torch.testing.assert_close(got[:, c : c + 1], want, rtol=1e-10, atol=1e-12)
+
+
+def test_one_value_per_point_takes_reverse_mode_and_no_zero_tangents():
+    # Forward-mode AD gives each parameter a zero tangent whose sums PyTorch sizes in Python (slow on
+    # every call); nested reverse mode has none.
+    from lightning_ntk.counting import OpCounter
+
+    x = torch.rand(5, 2, dtype=torch.float64)
+    with OpCounter() as one:
+        partial(mlp(d_in=2, width=7).double(), x, 0, 1)
+    with OpCounter() as several:
+        partial(two_output_mlp(), x, 0, 1)
+    assert one.ops.get("_efficientzerotensor", 0) == 0
+    assert several.ops.get("_efficientzerotensor", 0) > 0  # the jvp path, for contrast
+
+
+def test_a_module_with_several_outputs_is_remembered_and_goes_straight_to_jvp():
+    from lightning_ntk.counting import OpCounter
+    from lightning_ntk.derivatives import _known_several_values
+
+    net, x = two_output_mlp(), torch.rand(5, 2, dtype=torch.float64)
+    with OpCounter() as first:
+        partial(net, x, 0, 0)
+    assert _known_several_values(net)
+    with OpCounter() as second:
+        partial(net, x, 0, 0)
+    # The first call also began a reverse-mode evaluation (one forward) before it found two values.
+    assert sum(second.ops.values()) < sum(first.ops.values())
+    assert not _known_several_values(mlp(d_in=2, width=3)) and not _known_several_values(torch.sin)
+
+
+def test_partial_of_a_function_linear_in_its_input_is_zero_and_keeps_the_output_shape():
+    lin = torch.nn.Linear(2, 1).double()
+    x = torch.rand(4, 2, dtype=torch.float64)
+    assert partial(lin, x, 0, 1).shape == (4, 1) and partial(lin, x, 0, 1).abs().max() == 0
+    torch.testing.assert_close(partial(lin, x, 1), lin.weight[0, 1].expand(4, 1))
+    two = torch.full((4,), 2.0, dtype=torch.float64)
+    torch.testing.assert_close(partial(lambda y: y.square().sum(1), x, 0, 0), two)
