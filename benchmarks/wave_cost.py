@@ -2,8 +2,8 @@
 
 The wave example (Wang et al. §7.3) with 300 fresh points per term, three terms (u, u_t, u_tt − 4u_xx),
 for the two network choices of ``examples/wave_1d.py``: a ``TaylorMLP`` (derivatives from explicit
-streams, exact traces by Gram identities) and an ``nn.Sequential`` (nested ``torch.func.jvp``
-derivatives; exact traces by the same Gram path). Medians in one process; the ratio
+streams, exact traces by Gram identities) and an ``nn.Sequential`` (``derivatives.partial``: nested
+``torch.func.grad``; exact traces by the same Gram path). Medians in one process; the ratio
 "traces/step" is what one exact weight update costs in training steps.
 
     python benchmarks/wave_cost.py                     # 3×500, 5×500, 3×200, 3×100 on the CPU
