@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     forward = copy.deepcopy(reverse)
     derivatives._remember_several_values(forward)  # the path of a network with several outputs
     cpu = torch.device("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); u_xx of a {args.depth}x{args.width} tanh MLP")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} thread(s); u_xx of a {args.depth}x{args.width} tanh MLP")
     print(f"{'points':>7}  {'parameters':<18}{'reverse [ms]':>13}{'forward [ms]':>13}{'ratio':>7}  max |difference|")
     for n in args.points:
         x = torch.rand(n, 1)

@@ -125,8 +125,9 @@ def _remember_several_values(fn: PointwiseFn) -> None:
         _one_value_per_point[fn] = False
 
 
-def _reverse(point_fn: PointwiseFn, x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``∂^k point_fn / ∂x_{dims}`` of a function with one value per point by nested ``grad``."""
+def _reverse(point_fn: PointwiseFn, x: Tensor, dims: tuple[int, ...], whole: bool = False) -> Tensor:
+    """``∂^k point_fn / ∂x_{dims}`` of a function with one value per point by nested ``grad``; with
+    ``whole``, the gradient of that with respect to the point, ``(N, d)``."""
     shape: list[torch.Size] = []
 
     def value(xi: Tensor) -> Tensor:
@@ -139,6 +140,8 @@ def _reverse(point_fn: PointwiseFn, x: Tensor, dims: tuple[int, ...]) -> Tensor:
     h = value
     for dim in dims:
         h = _component(grad(h), dim)
+    if whole:
+        return vmap(grad(h))(x)
     out = vmap(h)(x)
     return out.reshape(x.shape[0], *shape[0])
 
@@ -151,7 +154,7 @@ def _component(g: Callable[[Tensor], Tensor], dim: int) -> Callable[[Tensor], Te
 
 
 def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:
-    """Gradient of a scalar-output ``fn`` at every point, shape ``(N, d)``.
+    """Gradient of a scalar-output ``fn`` at every point, shape ``(N, d)`` (one reverse pass for all ``d``).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -159,6 +162,14 @@ def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:
         torch.Size([8, 2])
     """
     _check_points(x)
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return gradient(fn, x.clone())
+    if not _known_several_values(fn):
+        try:
+            return _reverse(_per_point(fn), x, (), whole=True)  # every column from one reverse pass
+        except _SeveralValues:
+            _remember_several_values(fn)
     columns = [partial(fn, x, j).reshape(x.shape[0]) for j in range(x.shape[-1])]
     return torch.stack(columns, dim=-1)
 

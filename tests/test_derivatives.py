@@ -112,3 +112,52 @@ def test_partial_of_a_function_linear_in_its_input_is_zero_and_keeps_the_output_
     torch.testing.assert_close(partial(lin, x, 1), lin.weight[0, 1].expand(4, 1))
     two = torch.full((4,), 2.0, dtype=torch.float64)
     torch.testing.assert_close(partial(lambda y: y.square().sum(1), x, 0, 0), two)
+
+
+def test_gradient_takes_one_reverse_pass_and_matches_autograd_with_parameter_gradients():
+    from lightning_ntk.counting import OpCounter
+
+    net = mlp(d_in=3, width=5).double()
+    x = torch.rand(4, 3, dtype=torch.float64)
+    with OpCounter() as ops:
+        got = gradient(net, x)
+    assert ops.ops["tanh"] == 2  # one evaluation of the two tanh layers for all three columns (not three)
+    want = torch.cat([autograd_partial(net, x, j) for j in range(3)], dim=1)
+    params = list(net.parameters())
+    g_got = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.inference_mode():
+        torch.testing.assert_close(gradient(net, x), want.detach())
+
+
+@pytest.mark.parametrize("helper", ["gradient", "partial", "laplacian"])
+def test_residuals_written_with_the_helpers_get_exact_traces_on_the_gram_path(helper):
+    # Reverse mode under vmap must keep every parameter use per point, as forward mode did.
+    from conftest import reference_point_norms
+
+    from lightning_ntk.jacobian.dispatch import per_point_squared_norms
+
+    class Eikonal(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = mlp(d_in=2, width=6).double()
+
+        def residuals(self, x):
+            if helper == "gradient":
+                r = gradient(self.net, x).square().sum(1, keepdim=True) - 1
+            elif helper == "partial":
+                r = partial(self.net, x, 0, 1) + partial(self.net, x, 1)
+            else:
+                r = laplacian(self.net, x)
+            return {"pde": r, "bc": self.net(x[:3])}
+
+    model, x = Eikonal(), torch.rand(7, 2, dtype=torch.float64)
+    got = per_point_squared_norms(model, x, paths=("gram",))
+    want = reference_point_norms(model, x)
+    for name in want:
+        torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=1e-12)
