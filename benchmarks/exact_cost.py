@@ -20,12 +20,14 @@ dispatched, host synchronisations and backward passes (``torch.autograd.grad`` c
 package) per warm call, counted under a ``TorchDispatchMode``.
 
     OMP_NUM_THREADS=1 python benchmarks/exact_cost.py               # every case, 1 thread
+    OMP_NUM_THREADS=1 python benchmarks/exact_cost.py --breakdown --repeats 15   # where the time goes
     python benchmarks/exact_cost.py --cases 2d-2out --repeats 9
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -33,6 +35,7 @@ import time
 import torch
 from _problem import AutogradPoisson, make_batch, mlp, train_step_fn
 
+import lightning_ntk.jacobian.gram as gram
 from lightning_ntk import PINNModule
 from lightning_ntk.counting import BackwardCounter, OpCounter
 from lightning_ntk.estimators.exact import exact_traces
@@ -175,11 +178,84 @@ def count(fn) -> tuple[OpCounter, int]:
     return ops, backwards.calls
 
 
+def step_phases(model, batch, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of a plain step's forward (weighted loss), backward and optimizer step."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rows = []
+    for i in range(repeats + 1):
+        t0 = time.process_time()
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.weighted_loss(batch)
+        t1 = time.process_time()
+        loss.backward()
+        t2 = time.process_time()
+        opt.step()
+        t3 = time.process_time()
+        if i:  # the first step warms up
+            rows.append({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2})
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+# What a warm exact call spends its time on: the functions of the Gram path that do each part.
+PHASES = {
+    "evaluation": (gram, "evaluate_plainly"),
+    "walk": (gram.walking, "walk_uses"),
+    "backwards": (gram.cuts, "backward"),
+    "Gram products": (gram, "term_norms"),
+}
+
+
+def exact_phases(model, batch, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of a warm exact call's phases (:data:`PHASES`) and the rest of the call."""
+    spent: dict[str, float] = {}
+    saved = {name: getattr(owner, attr) for name, (owner, attr) in PHASES.items()}
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - start
+
+        return call
+
+    for name, (owner, attr) in PHASES.items():
+        setattr(owner, attr, timed(name, saved[name]))
+    rows = []
+    try:
+        exact_traces(model, batch)
+        for _ in range(repeats):
+            spent.clear()
+            total = cpu_time(lambda: exact_traces(model, batch))
+            rows.append({**{name: spent.get(name, 0.0) for name in PHASES}, "rest": total - sum(spent.values())})
+    finally:
+        for name, (owner, attr) in PHASES.items():
+            setattr(owner, attr, saved[name])
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def print_breakdown(name: str, model, batch, repeats: int) -> None:
+    step = step_phases(model, batch, repeats)
+    exact = exact_phases(model, batch, repeats)
+    parts = lambda d: ", ".join(f"{k} {v * 1e3:.2f}" for k, v in d.items())  # noqa: E731
+    print(f"{name:<9}step [ms]: {parts(step)} (sum {sum(step.values()) * 1e3:.2f})")
+    print(f"{'':<9}exact [ms]: {parts(exact)} (sum {sum(exact.values()) * 1e3:.2f})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(cases()))
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--breakdown", action="store_true", help="where a step's and a warm exact call's time goes")
     args = p.parse_args(argv)
+    if args.breakdown:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU ms, medians of {args.repeats}")
+        for name, (model, batch) in cases().items():
+            if name in args.cases:
+                print_breakdown(name, model, batch, args.repeats)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU seconds, medians of {args.repeats}")
     print(
         f"{'case':<9}{'computation':<16}{'median [s]':>11}{'× step':>8}{'aten ops':>10}{'× step':>8}{'syncs':>7}"

@@ -106,3 +106,19 @@ def test_the_derivatives_benchmark_times_two_paths_that_agree(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[0], r[1]) for r in rows] == [("4", "frozen"), ("4", "with"), ("16", "frozen"), ("16", "with")]
     assert all(float(r[-1]) < 1e-5 for r in rows)  # reverse and forward mode give the same u_xx
+
+
+def test_the_cost_breakdown_times_each_phase_and_puts_the_functions_back(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import exact_cost
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    before = {name: getattr(owner, attr) for name, (owner, attr) in exact_cost.PHASES.items()}
+    exact_cost.main(["--cases", "1d-64", "--breakdown", "--repeats", "2"])
+    assert {name: getattr(owner, attr) for name, (owner, attr) in exact_cost.PHASES.items()} == before
+    step, exact = capsys.readouterr().out.splitlines()[1:3]
+    assert "forward" in step and "backward" in step and "optimizer" in step
+    spent = dict(part.rsplit(" ", 1) for part in exact.split(": ", 1)[1].split(" (")[0].split(", "))
+    assert set(spent) == {"evaluation", "walk", "backwards", "Gram products", "rest"}
+    assert all(float(v) > 0 for k, v in spent.items() if k != "rest")  # each phase ran in the warm call
