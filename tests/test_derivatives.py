@@ -13,12 +13,8 @@ def autograd_partial(net, x, *dims):
     return out
 
 
-@pytest.mark.parametrize("dims", [(), (0,), (1,), (0, 0), (0, 1), (1, 1, 0)])
-def test_partial_matches_autograd_values_and_parameter_gradients(dims):
-    net = mlp(d_in=2, width=7).double()
-    x = torch.rand(9, 2, dtype=torch.float64)
-    got, want = partial(net, x, *dims), autograd_partial(net, x, *dims)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+def assert_same_parameter_gradients(net, got, want):
+    """The gradients of ``Σ got²`` and ``Σ want²`` with respect to ``net``'s parameters agree (or both are unused)."""
     params = list(net.parameters())
     g_got = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
     g_want = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
@@ -26,6 +22,15 @@ def test_partial_matches_autograd_values_and_parameter_gradients(dims):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dims", [(), (0,), (1,), (0, 0), (0, 1), (1, 1, 0)])
+def test_partial_matches_autograd_values_and_parameter_gradients(dims):
+    net = mlp(d_in=2, width=7).double()
+    x = torch.rand(9, 2, dtype=torch.float64)
+    got, want = partial(net, x, *dims), autograd_partial(net, x, *dims)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert_same_parameter_gradients(net, got, want)
 
 
 def test_gradient_and_laplacian():
@@ -123,13 +128,7 @@ def test_gradient_takes_one_reverse_pass_and_matches_autograd_with_parameter_gra
         got = gradient(net, x)
     assert ops.ops["tanh"] == 2  # one evaluation of the two tanh layers for all three columns (not three)
     want = torch.cat([autograd_partial(net, x, j) for j in range(3)], dim=1)
-    params = list(net.parameters())
-    g_got = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
-    g_want = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
-    for a, b in zip(g_got, g_want, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_same_parameter_gradients(net, got, want)
     with torch.inference_mode():
         torch.testing.assert_close(gradient(net, x), want.detach())
 
