@@ -51,6 +51,7 @@ format: $(STAMP)
 # installed (no .venv needed); writes gpu_table.md.
 bench-gpu:
 	PYTHONPATH=. $(PYTHON) benchmarks/gpu.py --out gpu_table.md
+	PYTHONPATH=. $(PYTHON) benchmarks/derivatives_cost.py --device cuda --points 1024 16384
 
 clean:
 	rm -rf $(VENV) .venv-oldest .venv-newest lightning_logs .pytest_cache docs/_build docs/auto_examples docs/sg_execution_times.rst

@@ -8,6 +8,7 @@ marking the network as one with several values per point.
 
     OMP_NUM_THREADS=1 python benchmarks/derivatives_cost.py
     python benchmarks/derivatives_cost.py --width 64 --points 128 1024 4096
+    python benchmarks/derivatives_cost.py --device cuda --points 1024 16384   # part of `make bench-gpu`
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ def main(argv=None) -> None:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--points", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    reverse = mlp(args.width, args.depth)
+    reverse = mlp(args.width, args.depth).to(device)
     forward = copy.deepcopy(reverse)
     derivatives._remember_several_values(forward)  # the path of a network with several outputs
-    cpu = torch.device("cpu")
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} thread(s); u_xx of a {args.depth}x{args.width} tanh MLP")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {threads} thread(s)"
+    print(f"torch {torch.__version__}, {where}; u_xx of a {args.depth}x{args.width} tanh MLP")
     print(f"{'points':>7}  {'parameters':<18}{'reverse [ms]':>13}{'forward [ms]':>13}{'ratio':>7}  max |difference|")
     for n in args.points:
-        x = torch.rand(n, 1)
+        x = torch.rand(n, 1, device=device)
         for train in (False, True):
             for net in (reverse, forward):
                 net.requires_grad_(train)
@@ -49,8 +52,8 @@ def main(argv=None) -> None:
                 return out
 
             diff = (call(reverse) - call(forward)).abs().max().item()
-            t_rev = median_time(lambda: call(reverse), args.repeats, cpu)
-            t_fwd = median_time(lambda: call(forward), args.repeats, cpu)
+            t_rev = median_time(lambda: call(reverse), args.repeats, device)
+            t_fwd = median_time(lambda: call(forward), args.repeats, device)
             label = "with gradients" if train else "frozen"
             print(f"{n:>7}  {label:<18}{t_rev * 1e3:13.2f}{t_fwd * 1e3:13.2f}{t_fwd / t_rev:7.2f}  {diff:.1e}")
 
