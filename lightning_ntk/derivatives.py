@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 __all__ = ["gradient", "laplacian", "partial"]
 
@@ -129,6 +129,17 @@ def _reverse(point_fn: PointwiseFn, x: Tensor, dims: tuple[int, ...], whole: boo
     """``∂^k point_fn / ∂x_{dims}`` of a function with one value per point by nested ``grad``; with
     ``whole``, the gradient of that with respect to the point, ``(N, d)``."""
     shape: list[torch.Size] = []
+    h = _one_value(point_fn, shape)
+    for dim in dims:
+        h = _component(grad(h), dim)
+    if whole:
+        return vmap(grad(h))(x)
+    out = vmap(h)(x)
+    return out.reshape(x.shape[0], *shape[0])
+
+
+def _one_value(point_fn: PointwiseFn, shape: list[torch.Size]) -> Callable[[Tensor], Tensor]:
+    """``point_fn`` as a function to a 0-dim tensor (for ``grad``); the shape of its value goes to ``shape``."""
 
     def value(xi: Tensor) -> Tensor:
         out = point_fn(xi)
@@ -137,12 +148,26 @@ def _reverse(point_fn: PointwiseFn, x: Tensor, dims: tuple[int, ...], whole: boo
         shape.append(out.shape)
         return out.reshape(())
 
-    h = value
-    for dim in dims:
-        h = _component(grad(h), dim)
-    if whole:
-        return vmap(grad(h))(x)
-    out = vmap(h)(x)
+    return value
+
+
+def _reverse_laplacian(point_fn: PointwiseFn, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``Σ_j ∂²point_fn/∂x_j²`` of a function with one value per point: one evaluation and one gradient per
+    point, then one more backward of that gradient per ``j`` (its graph is kept, not rebuilt for each ``j``)."""
+    shape: list[torch.Size] = []
+    value = _one_value(point_fn, shape)
+
+    def at_point(xi: Tensor, *directions: Tensor) -> Tensor:
+        _, pullback = vjp(grad(value), xi)
+        total = pullback(directions[0])[0][dims[0]]
+        for e, j in zip(directions[1:], dims[1:], strict=True):
+            total = total + pullback(e)[0][j]
+        return total
+
+    # The unit vectors are vmapped with the points (not constants), so that every product in the second
+    # backward has one row per point (the Gram path of the exact traces needs it).
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    out = vmap(at_point)(x, *(eye[j].expand_as(x) for j in dims))
     return out.reshape(x.shape[0], *shape[0])
 
 
@@ -175,7 +200,8 @@ def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:
 
 
 def laplacian(fn: PointwiseFn, x: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
-    """Sum of pure second derivatives ``Σ_j ∂²fn/∂x_j²`` at every point, shaped like ``fn(x)``.
+    """Sum of pure second derivatives ``Σ_j ∂²fn/∂x_j²`` at every point, shaped like ``fn(x)``. With one
+    value per point: one evaluation and one gradient per point, then one more backward per dimension.
 
     Args:
         fn: Maps points ``(n, d)`` to outputs ``(n,)`` or ``(n, k)``.
@@ -191,6 +217,17 @@ def laplacian(fn: PointwiseFn, x: Tensor, dims: tuple[int, ...] | None = None) -
     dims = tuple(range(x.shape[-1])) if dims is None else tuple(dims)
     if not dims:
         raise ValueError("`dims` is empty: name at least one input dimension.")
+    for dim in dims:
+        if not isinstance(dim, int) or not 0 <= dim < x.shape[-1]:
+            raise ValueError(f"Derivative dimension {dim!r} is out of range for points with d={x.shape[-1]}.")
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return laplacian(fn, x.clone(), dims)
+    if not _known_several_values(fn):
+        try:
+            return _reverse_laplacian(_per_point(fn), x, dims)
+        except _SeveralValues:
+            _remember_several_values(fn)
     total = partial(fn, x, dims[0], dims[0])
     for j in dims[1:]:
         total = total + partial(fn, x, j, j)

@@ -160,3 +160,23 @@ def test_residuals_written_with_the_helpers_get_exact_traces_on_the_gram_path(he
     want = reference_point_norms(model, x)
     for name in want:
         torch.testing.assert_close(got.norms[name], want[name], rtol=1e-10, atol=1e-12)
+
+
+def test_laplacian_evaluates_the_network_once_and_keeps_several_outputs_on_jvp():
+    from lightning_ntk.counting import OpCounter
+
+    net = mlp(d_in=3, width=5).double()
+    x = torch.rand(4, 3, dtype=torch.float64)
+    with OpCounter() as ops:
+        got = laplacian(net, x, dims=(0, 2))
+    assert ops.ops["tanh"] == 2  # one evaluation of the two tanh layers, not one per dimension
+    want = autograd_partial(net, x, 0, 0) + autograd_partial(net, x, 2, 2)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert_same_parameter_gradients(net, got, want)
+    two = two_output_mlp()
+    y = torch.rand(5, 2, dtype=torch.float64)
+    for c in range(2):
+        want = sum(autograd_partial(lambda z, c=c: two(z)[:, c : c + 1], y, j, j) for j in range(2))
+        torch.testing.assert_close(laplacian(two, y)[:, c : c + 1], want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="out of range"):
+        laplacian(net, x, dims=(3,))
