@@ -80,20 +80,16 @@ def partial(fn: PointwiseFn, x: Tensor, *dims: int) -> Tensor:
     """
     _check_points(x)
     d = x.shape[-1]
-    for dim in dims:
-        if not isinstance(dim, int) or not 0 <= dim < d:
-            raise ValueError(f"Derivative dimension {dim!r} is out of range for points with d={d}.")
+    _check_dims(x, dims)
     if torch.is_inference_mode_enabled():
         # Forward-mode AD under vmap has no batching rule in inference mode on some torch versions
         # (2.11: "aten::_make_dual"); validation under Trainer(inference_mode=True) must still work.
         with torch.inference_mode(False):
             return partial(fn, x.clone(), *dims)
     point_fn = _per_point(fn)
-    if dims and not _known_several_values(fn):
-        try:
-            return _reverse(point_fn, x, dims)
-        except _SeveralValues:
-            _remember_several_values(fn)
+    out = _by_reverse_mode(fn, lambda: _reverse(point_fn, x, dims)) if dims else None
+    if out is not None:
+        return out
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
 
     def g(xi: Tensor, *directions: Tensor) -> Tensor:
@@ -123,6 +119,24 @@ def _remember_several_values(fn: PointwiseFn) -> None:
     # A function that is not weakly referenceable is not remembered: its next call tries reverse mode again.
     with contextlib.suppress(TypeError):
         _one_value_per_point[fn] = False
+
+
+def _check_dims(x: Tensor, dims: tuple[int, ...]) -> None:
+    for dim in dims:
+        if not isinstance(dim, int) or not 0 <= dim < x.shape[-1]:
+            raise ValueError(f"Derivative dimension {dim!r} is out of range for points with d={x.shape[-1]}.")
+
+
+def _by_reverse_mode(fn: PointwiseFn, compute: Callable[[], Tensor]) -> Tensor | None:
+    """``compute()`` (a reverse-mode path), or ``None`` where ``fn`` gives several values per point (then
+    remembered, so that its later calls skip straight to the forward-mode path)."""
+    if _known_several_values(fn):
+        return None
+    try:
+        return compute()
+    except _SeveralValues:
+        _remember_several_values(fn)
+        return None
 
 
 def _reverse(point_fn: PointwiseFn, x: Tensor, dims: tuple[int, ...], whole: bool = False) -> Tensor:
@@ -190,11 +204,9 @@ def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:
     if torch.is_inference_mode_enabled():
         with torch.inference_mode(False):
             return gradient(fn, x.clone())
-    if not _known_several_values(fn):
-        try:
-            return _reverse(_per_point(fn), x, (), whole=True)  # every column from one reverse pass
-        except _SeveralValues:
-            _remember_several_values(fn)
+    out = _by_reverse_mode(fn, lambda: _reverse(_per_point(fn), x, (), whole=True))  # all columns in one pass
+    if out is not None:
+        return out
     columns = [partial(fn, x, j).reshape(x.shape[0]) for j in range(x.shape[-1])]
     return torch.stack(columns, dim=-1)
 
@@ -217,17 +229,13 @@ def laplacian(fn: PointwiseFn, x: Tensor, dims: tuple[int, ...] | None = None) -
     dims = tuple(range(x.shape[-1])) if dims is None else tuple(dims)
     if not dims:
         raise ValueError("`dims` is empty: name at least one input dimension.")
-    for dim in dims:
-        if not isinstance(dim, int) or not 0 <= dim < x.shape[-1]:
-            raise ValueError(f"Derivative dimension {dim!r} is out of range for points with d={x.shape[-1]}.")
+    _check_dims(x, dims)
     if torch.is_inference_mode_enabled():
         with torch.inference_mode(False):
             return laplacian(fn, x.clone(), dims)
-    if not _known_several_values(fn):
-        try:
-            return _reverse_laplacian(_per_point(fn), x, dims)
-        except _SeveralValues:
-            _remember_several_values(fn)
+    out = _by_reverse_mode(fn, lambda: _reverse_laplacian(_per_point(fn), x, dims))
+    if out is not None:
+        return out
     total = partial(fn, x, dims[0], dims[0])
     for j in dims[1:]:
         total = total + partial(fn, x, j, j)
