@@ -8,6 +8,7 @@ written beside each.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -158,26 +159,58 @@ def test_a_residual_stacked_from_component_rows_runs_each_component_through_its_
         torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
 
 
+class TwoTermsSharingUses(nn.Module):
+    """One evaluation on the points of both terms, rows split afterwards: their uses overlap."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    def residuals(self, batch):
+        x_b, x_r = batch
+        u = self.net(torch.cat([x_b, x_r]))
+        return {"bc": u[: x_b.shape[0]], "pde": u[x_b.shape[0] :] - torch.sin(x_r)}
+
+
 def test_terms_that_share_network_evaluations_do_not_share_a_backward():
     """One evaluation on the points of both terms (rows split afterwards): the uses overlap, so each
     term gets a backward of its own, and the norms stay exact."""
-
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1))
-
-        def residuals(self, batch):
-            x_b, x_r = batch
-            u = self.net(torch.cat([x_b, x_r]))
-            return {"bc": u[: x_b.shape[0]], "pde": u[x_b.shape[0] :] - torch.sin(x_r)}
-
     torch.manual_seed(0)
-    model = Shared().double()
+    model = TwoTermsSharingUses().double()
     batch = poisson_batch(n_r=7)
     est, _, backwards = warm_call(model, batch)
     assert set(est.info["paths"].values()) == {"gram"}
     assert backwards == 2
+    want = reference_traces(model, batch)
+    for name in want:
+        torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
+
+
+def test_a_warm_call_holds_one_backwards_gradients_at_a_time(monkeypatch):
+    """Each group's norms are taken before the next backward runs, and its gradients are freed: a call
+    with many terms then needs little more memory than a training step (measured: the flow case of
+    benchmarks/exact_cost.py faulted in ~50 MB of fresh pages per call when every backward's gradients
+    were held to the end)."""
+    from lightning_ntk.jacobian.gram import cuts
+
+    torch.manual_seed(0)
+    model = TwoTermsSharingUses().double()
+    batch = poisson_batch(n_r=7)
+    exact_traces(model, batch)
+    alive: list[weakref.ref] = []
+    held: list[int] = []  # per backward, the earlier backwards' gradients still alive when it starts
+    backward = cuts.backward
+
+    def watched(*args, **kwargs):
+        held.append(sum(r() is not None for r in alive))
+        grads = backward(*args, **kwargs)
+        alive.extend(weakref.ref(g) for g in grads if g is not None)
+        return grads
+
+    monkeypatch.setattr(cuts, "backward", watched)
+    est = exact_traces(model, batch)
+    assert set(est.info["paths"].values()) == {"gram"}
+    assert held == [0, 0]
     want = reference_traces(model, batch)
     for name in want:
         torch.testing.assert_close(est.traces[name], want[name], rtol=1e-10, atol=0)
