@@ -24,6 +24,7 @@ result depends only on point ``n``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from collections.abc import Callable
 
@@ -104,21 +105,32 @@ class _SeveralValues(Exception):
     """A point's output has more than one value: reverse mode would need one pass per value."""
 
 
-# Functions (modules) found to give several values per point, so later calls go straight to `jvp`.
-_one_value_per_point: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Functions (modules) found to give several values per point, so later calls go straight to `jvp`:
+# owner → the functions of it found so (``None``: the owner itself is the function).
+_several_values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _memo_key(fn: PointwiseFn) -> tuple[object, object]:
+    # A bound method (``self.u``) is a new object at every attribute access: remembered by its instance
+    # and function, or it would never be found again.
+    if inspect.ismethod(fn):
+        return fn.__self__, fn.__func__
+    return fn, None
 
 
 def _known_several_values(fn: PointwiseFn) -> bool:
+    owner, func = _memo_key(fn)
     try:
-        return _one_value_per_point.get(fn, True) is False
+        return func in _several_values.get(owner, ())
     except TypeError:  # not weakly referenceable
         return False
 
 
 def _remember_several_values(fn: PointwiseFn) -> None:
     # A function that is not weakly referenceable is not remembered: its next call tries reverse mode again.
+    owner, func = _memo_key(fn)
     with contextlib.suppress(TypeError):
-        _one_value_per_point[fn] = False
+        _several_values.setdefault(owner, set()).add(func)
 
 
 def _check_dims(x: Tensor, dims: tuple[int, ...]) -> None:

@@ -110,6 +110,36 @@ def test_a_module_with_several_outputs_is_remembered_and_goes_straight_to_jvp():
     assert not _known_several_values(mlp(d_in=2, width=3)) and not _known_several_values(torch.sin)
 
 
+class FlowFields(torch.nn.Module):
+    """Residual code that passes bound methods: ``self.uvp`` (two values per point), ``self.u`` (one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = two_output_mlp()
+
+    def uvp(self, x):
+        return self.net(x)
+
+    def u(self, x):
+        return self.net(x)[:, :1]
+
+
+def test_a_bound_method_with_several_outputs_is_remembered_by_its_instance_and_function():
+    from lightning_ntk.counting import OpCounter
+    from lightning_ntk.derivatives import _known_several_values
+
+    fields, x = FlowFields(), torch.rand(5, 2, dtype=torch.float64)
+    with OpCounter() as first:
+        partial(fields.uvp, x, 0, 0)
+    assert _known_several_values(fields.uvp)  # a new bound-method object, the same instance and function
+    with OpCounter() as second:
+        partial(fields.uvp, x, 0, 0)
+    assert sum(second.ops.values()) < sum(first.ops.values())
+    # The instance's one-value method and another instance's method are not taken for it.
+    assert not _known_several_values(fields.u) and not _known_several_values(FlowFields().uvp)
+    torch.testing.assert_close(partial(fields.u, x, 0, 0), autograd_partial(fields.u, x, 0, 0), rtol=1e-10, atol=1e-12)
+
+
 def test_partial_of_a_function_linear_in_its_input_is_zero_and_keeps_the_output_shape():
     lin = torch.nn.Linear(2, 1).double()
     x = torch.rand(4, 2, dtype=torch.float64)
