@@ -17,7 +17,9 @@ Rows per case: the plain step (weighted loss, backward, Adam) and warm exact tra
 (first calls done before timing), as medians of CPU time, and the median of the ratios of each call to
 the step timed just before it (the two alternate, so a slower stretch of a shared machine moves both); aten ops
 dispatched, host synchronisations and backward passes (``torch.autograd.grad`` calls made by the
-package) per warm call, counted under a ``TorchDispatchMode``.
+package) per warm call, counted under a ``TorchDispatchMode``; and minor page faults per call (median; the
+step's a mean over its own timed calls): a call that holds more memory than the step makes the allocator
+give pages back to the system after it and fault them in again on the next call, which costs system time.
 
     OMP_NUM_THREADS=1 python benchmarks/exact_cost.py               # every case, 1 thread
     OMP_NUM_THREADS=1 python benchmarks/exact_cost.py --breakdown --repeats 15   # where the time goes
@@ -31,6 +33,11 @@ import copy
 import math
 import statistics
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import torch
 from _problem import AutogradPoisson, make_batch, mlp, train_step_fn
@@ -152,22 +159,36 @@ def cpu_time(fn) -> float:
     return time.process_time() - start
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing, as on Windows)."""
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def cpu_median(fn, repeats: int) -> float:
     fn()
     return statistics.median(cpu_time(fn) for _ in range(repeats))
 
 
-def paired(fn, step, repeats: int) -> tuple[float, float]:
-    """Median CPU time of ``fn`` and the median ratio to ``step``, the two timed alternately."""
+def faults_of(fn) -> int:
+    before = page_faults()
+    fn()
+    return page_faults() - before
+
+
+def paired(fn, step, repeats: int) -> tuple[float, float, float]:
+    """Median CPU time of ``fn``, the median ratio to ``step`` (the two timed alternately), and the median
+    page faults of a call of ``fn`` (memory the allocator gave back to the system and takes again)."""
     fn()
     step()
-    times, ratios = [], []
+    times, ratios, faults = [], [], []
     for _ in range(repeats):
         t_step = cpu_time(step)
+        before = page_faults()
         t = cpu_time(fn)
+        faults.append(page_faults() - before)
         times.append(t)
         ratios.append(t / t_step)
-    return statistics.median(times), statistics.median(ratios)
+    return statistics.median(times), statistics.median(ratios), statistics.median(faults)
 
 
 def count(fn) -> tuple[OpCounter, int]:
@@ -259,7 +280,7 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU seconds, medians of {args.repeats}")
     print(
         f"{'case':<9}{'computation':<16}{'median [s]':>11}{'× step':>8}{'aten ops':>10}{'× step':>8}{'syncs':>7}"
-        f"{'backwards':>11}"
+        f"{'backwards':>11}{'faults':>8}"
     )
     for name, (model, batch) in cases().items():
         if name not in args.cases:
@@ -272,13 +293,14 @@ def main(argv=None) -> None:
             "fd (1 probe)": lambda m=model, b=batch, g=generator: finite_difference_traces(m, b, generator=g),
         }
         t_step = cpu_median(step, args.repeats)
+        step_faults = statistics.median(faults_of(step) for _ in range(3))
         ops_step = count(step)[0].total
         for what, fn in calls.items():
-            t, ratio = (t_step, 1.0) if fn is step else paired(fn, step, args.repeats)
+            t, ratio, faults = (t_step, 1.0, step_faults) if fn is step else paired(fn, step, args.repeats)
             counter, grads = count(fn)
             print(
                 f"{name:<9}{what:<16}{t:11.4f}{ratio:8.2f}{counter.total:10d}{counter.total / ops_step:8.2f}"
-                f"{counter.syncs:7d}{grads:11d}"
+                f"{counter.syncs:7d}{grads:11d}{faults:8.0f}"
             )
 
 

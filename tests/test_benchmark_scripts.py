@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -124,3 +127,20 @@ def test_the_cost_breakdown_times_each_phase_and_puts_the_functions_back(capsys)
     spent = dict(part.rsplit(" ", 1) for part in exact.split(": ", 1)[1].split(" (")[0].split(", "))
     assert set(spent) == {"evaluation", "walk", "backwards", "Gram products", "rest"}
     assert all(float(v) > 0 for k, v in spent.items() if k != "rest")  # each phase ran in the warm call
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="page faults are read with `resource` (Unix)")
+def test_the_cost_table_counts_the_page_faults_a_call_takes(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import exact_cost
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # 64 MiB written into fresh memory (above glibc's mmap threshold): every page is faulted in.
+    assert exact_cost.faults_of(lambda: torch.ones(1 << 24)) > 4000
+    assert exact_cost.faults_of(lambda: None) < 100
+    exact_cost.main(["--cases", "1d-64", "--repeats", "1"])
+    header, *rows = capsys.readouterr().out.splitlines()[1:]
+    assert header.split()[-1] == "faults"
+    assert [" ".join(r.split()[1:3]) for r in rows] == ["training step", "exact traces", "fd (1"]
+    assert all(r.split()[-1].isdigit() for r in rows)
