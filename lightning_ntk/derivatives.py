@@ -24,9 +24,11 @@ result depends only on point ``n``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,6 +62,23 @@ def _directional(g: Callable[..., Tensor], k: int) -> Callable[..., Tensor]:
     return dg
 
 
+def _outside_inference_mode(helper: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``helper(fn, x, ...)`` with autograd on even under ``torch.inference_mode``: validation under
+    ``Trainer(inference_mode=True)`` must still get ``u_xx``, and ``torch.func`` transforms need autograd
+    there (forward-mode AD under vmap has no batching rule in inference mode on some torch versions,
+    2.11: ``aten::_make_dual``). The points are cloned out of inference mode."""
+
+    @functools.wraps(helper)
+    def wrapped(fn: PointwiseFn, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return helper(fn, x.clone() if isinstance(x, Tensor) else x, *args, **kwargs)
+        return helper(fn, x, *args, **kwargs)
+
+    return wrapped
+
+
+@_outside_inference_mode
 def partial(fn: PointwiseFn, x: Tensor, *dims: int) -> Tensor:
     """Mixed partial derivative ``∂^k fn / ∂x_{dims[0]} … ∂x_{dims[k-1]}`` at every point.
 
@@ -82,11 +101,6 @@ def partial(fn: PointwiseFn, x: Tensor, *dims: int) -> Tensor:
     _check_points(x)
     d = x.shape[-1]
     _check_dims(x, dims)
-    if torch.is_inference_mode_enabled():
-        # Forward-mode AD under vmap has no batching rule in inference mode on some torch versions
-        # (2.11: "aten::_make_dual"); validation under Trainer(inference_mode=True) must still work.
-        with torch.inference_mode(False):
-            return partial(fn, x.clone(), *dims)
     point_fn = _per_point(fn)
     out = _by_reverse_mode(fn, lambda: _reverse(point_fn, x, dims)) if dims else None
     if out is not None:
@@ -204,6 +218,7 @@ def _component(g: Callable[[Tensor], Tensor], dim: int) -> Callable[[Tensor], Te
     return picked
 
 
+@_outside_inference_mode
 def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:
     """Gradient of a scalar-output ``fn`` at every point, shape ``(N, d)`` (one reverse pass for all ``d``).
 
@@ -213,9 +228,6 @@ def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:
         torch.Size([8, 2])
     """
     _check_points(x)
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
-            return gradient(fn, x.clone())
     out = _by_reverse_mode(fn, lambda: _reverse(_per_point(fn), x, (), whole=True))  # all columns in one pass
     if out is not None:
         return out
@@ -223,6 +235,7 @@ def gradient(fn: PointwiseFn, x: Tensor) -> Tensor:
     return torch.stack(columns, dim=-1)
 
 
+@_outside_inference_mode
 def laplacian(fn: PointwiseFn, x: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
     """Sum of pure second derivatives ``Σ_j ∂²fn/∂x_j²`` at every point, shaped like ``fn(x)``. With one
     value per point: one evaluation and one gradient per point, then one more backward per dimension.
@@ -242,9 +255,6 @@ def laplacian(fn: PointwiseFn, x: Tensor, dims: tuple[int, ...] | None = None) -
     if not dims:
         raise ValueError("`dims` is empty: name at least one input dimension.")
     _check_dims(x, dims)
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
-            return laplacian(fn, x.clone(), dims)
     out = _by_reverse_mode(fn, lambda: _reverse_laplacian(_per_point(fn), x, dims))
     if out is not None:
         return out

@@ -134,21 +134,29 @@ def term_norms(
         for i, (grad, plan) in per_use.items():
             use = uses[i]
             p = params[use.name]
-            acc = accs.get(use.name)
-            if acc is None:  # built once per parameter, not once per use (setdefault would build it each time)
-                acc = accs[use.name] = _Accumulator(use.name, tuple(p.shape), p.dtype, workspace)
+            acc = _accumulator(accs, use.name, p, workspace)
             if use.kind is UseKind.ELEMENTWISE:
                 _add_elementwise_use(acc, c, use, grad, plan, n, p.numel())
                 continue
             _add_matrix_use(acc, c, use, grad, plan, n)
             if use.factor is not None:
                 s = params[use.factor.name]
-                s_acc = _Accumulator(use.factor.name, tuple(s.shape), s.dtype, workspace)
-                s_acc = accs.setdefault(use.factor.name, s_acc)
+                s_acc = _accumulator(accs, use.factor.name, s, workspace)
                 _factorize_last(acc, s_acc, c, use, plan, p, s.numel(), n)
     if not accs:
         return next(iter(params.values())).new_zeros(n)
     return _sum([acc.squared_norms(n) for acc in accs.values()])
+
+
+def _accumulator(
+    accs: dict[str, _Accumulator], name: str, p: Tensor, workspace: dict[tuple, Tensor] | None
+) -> _Accumulator:
+    """The accumulator of parameter ``name``, built on its first use only (``setdefault`` would build one
+    for every use of every warm call and throw it away)."""
+    acc = accs.get(name)
+    if acc is None:
+        acc = accs[name] = _Accumulator(name, tuple(p.shape), p.dtype, workspace)
+    return acc
 
 
 @dataclass
