@@ -393,3 +393,68 @@ def grid_2d(n_x: int, n_y: int, x: tuple[float, float], y: tuple[float, float]) 
     """``(n_x·n_y, 2)`` points of a tensor grid, x-major (reshape to ``(n_x, n_y)``)."""
     gx, gy = torch.meshgrid(torch.linspace(*x, n_x), torch.linspace(*y, n_y), indexing="ij")
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+
+
+class ErrorCurve(pl.Callback):
+    """Records ``(seconds, step, error, extras)`` every ``every`` seconds of training and stops the fit after
+    ``seconds`` of it; the time spent measuring the error is not counted (equal wall time means equal
+    training time)."""
+
+    def __init__(self, seconds: float, every: float, extra: dict[str, Callable[[], float]] | None = None) -> None:
+        self.seconds, self.every, self.extra = seconds, every, extra or {}
+        self.points: list[dict[str, float]] = []
+        self._start = self._paused = 0.0
+        self._next = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start, self._paused, self._next = time.perf_counter(), 0.0, 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        elapsed = now - self._start - self._paused
+        done = elapsed >= self.seconds
+        if elapsed >= self._next or done:
+            point = {"seconds": elapsed, "step": trainer.global_step, "error": pl_module.relative_l2_error()}
+            point.update({name: fn() for name, fn in self.extra.items()})
+            self.points.append(point)
+            extras = "  ".join(f"{k} {point[k]:.3e}" for k in self.extra)
+            print(f"  t {elapsed:7.1f}s  step {trainer.global_step:>6}  rel. L2 {point['error']:.3e}  {extras}", flush=True)
+            self._next += self.every
+            self._paused += time.perf_counter() - now
+        if done:
+            trainer.should_stop = True
+
+
+def timed_fit(
+    model: GridPINN, data: pl.LightningDataModule, args: argparse.Namespace, extra: dict | None = None
+) -> dict:
+    """Trains for ``args.seconds`` of wall time (``args.optimizer``; Adam with exact NTK weights every
+    ``args.ntk_every`` steps), records the error curve, prints it and writes it to ``args.out`` (JSON)."""
+    import json
+
+    curve = ErrorCurve(args.seconds, args.report_seconds, extra)
+    callbacks: list[pl.Callback] = [curve]
+    if args.optimizer == "adam" and args.ntk_every > 0:
+        callbacks.append(NTKWeightingCallback(args.ntk_every, seed=args.seed))
+    trainer = pl.Trainer(
+        max_steps=args.steps,
+        precision=args.precision,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(args.logdir, name=model.name, version=f"{args.optimizer}-seed{args.seed}"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        log_every_n_steps=10,
+    )
+    trainer.fit(model, data)
+    result = {"example": model.name, "optimizer": args.optimizer, "seed": args.seed, "curve": curve.points}
+    result["weights"] = model.term_weights
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    last = curve.points[-1]
+    print(f"\n{args.optimizer}: rel. L2 error {last['error']:.3e} after {last['step']} steps, {last['seconds']:.0f} s")
+    return result

@@ -29,6 +29,8 @@ from lightning_ntk.estimators import (
     TraceEstimator,
     register_estimator,
 )
+from lightning_ntk.gauss_newton import gauss_newton_direction, gauss_newton_system
+from lightning_ntk.gauss_newton_optimizer import GaussNewtonRecord, GaussNewtonWarning, NTKGaussNewton
 from lightning_ntk.spectrum import Spectrum, block_spectra, ntk_eigenvalues, ntk_matrix
 from lightning_ntk.taylor import TaylorMLP
 from lightning_ntk.traces import estimate_ntk_traces, ntk_traces
@@ -78,6 +80,8 @@ def __dir__() -> list[str]:
 # drawn from residual or NTK scores; its core: ntk_diagonal and lightning_ntk.collocation). Callback parts: the trace
 # estimators (Exact, FiniteDifference, Hutchinson, HutchPlusPlus, Subsample, Auto, GradNorm,
 # TraceEstimator), WeightRule, TraceAverager; causal weighting: CausalWeighting, CausalResiduals.
+# Training with the whole NTK: NTKGaussNewton (an optimizer), gauss_newton_direction, gauss_newton_system,
+# GaussNewtonRecord, GaussNewtonWarning.
 # Traces: ntk_traces, estimate_ntk_traces, TraceEstimate, register_estimator. Spectra: ntk_matrix,
 # ntk_eigenvalues, block_spectra, Spectrum. Weight rules as functions: balancing_weights, trace_weights,
 # ema_update, clamp_weights. Networks and metrics: TaylorMLP, RelativeL2Error. Input derivatives:
@@ -89,10 +93,13 @@ __all__ = [
     "CausalWeighting",
     "Exact",
     "FiniteDifference",
+    "GaussNewtonRecord",
+    "GaussNewtonWarning",
     "GradNorm",
     "HutchPlusPlus",
     "Hutchinson",
     "LossTimeAverage",
+    "NTKGaussNewton",
     "NTKSpectrumMonitor",
     "NTKWeightingCallback",
     "PINNModule",
@@ -111,6 +118,8 @@ __all__ = [
     "derivatives",
     "ema_update",
     "estimate_ntk_traces",
+    "gauss_newton_direction",
+    "gauss_newton_system",
     "ntk_diagonal",
     "ntk_eigenvalues",
     "ntk_matrix",

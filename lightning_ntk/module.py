@@ -6,7 +6,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -21,6 +21,9 @@ from lightning_ntk.causal import CausalResiduals, CausalWeighting, scale_rows
 from lightning_ntk.contract import check_residuals, check_terms
 from lightning_ntk.losses import StepLosses
 from lightning_ntk.tensorboard import add_chunk_profile
+
+if TYPE_CHECKING:
+    from lightning_ntk.gauss_newton_optimizer import NTKGaussNewton
 
 __all__ = ["PINNModule", "StepLosses", "require_pinn_module"]
 
@@ -143,6 +146,7 @@ class PINNModule(pl.LightningModule):
         # In a dict: a view (an nn.Module holding this module) set as an attribute would be a submodule.
         self._views: dict[str, CausalResiduals] = {}
         self._before_optimizer_step: dict[object, Callable[[], None]] = {}
+        self._gauss_newton: NTKGaussNewton | None = None  # set by NTKGaussNewton(self)
 
     @property
     def causal(self) -> dict[str, CausalWeighting]:
@@ -317,7 +321,37 @@ class PINNModule(pl.LightningModule):
         step = self.step_losses(batch)
         self.log_step_losses(step)
         self.advance_causal_schedules(step.causal_weights)
+        if self._gauss_newton is not None:
+            self._gauss_newton.pending_batch = batch
         return step.total
+
+    @override
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        # NTKGaussNewton forms its step from the Jacobian rows, never from param.grad: the closure's backward
+        # would be a wasted pass (DDP keeps it, its reducer expects one backward per forward).
+        trainer = self._trainer
+        if self._gauss_newton is not None and (trainer is None or trainer.world_size == 1):
+            return
+        super().backward(loss, *args, **kwargs)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        record = None if self._gauss_newton is None else self._gauss_newton.last
+        if record is None:
+            return
+        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
+        self.log(tags.GN_DAMPING, record.damping, prog_bar=bar)
+        self.log_dict(
+            {
+                tags.GN_GAIN_RATIO: record.gain_ratio,
+                tags.GN_STEP_NORM: record.step_norm,
+                tags.GN_LOSS_BEFORE: record.loss_before,
+                tags.GN_LOSS_AFTER: record.loss_after,
+                tags.GN_RETRIES: float(record.retries),
+            }
+        )
+        if record.condition is not None:
+            self.log(tags.GN_CONDITION, record.condition)
 
     def add_before_optimizer_step(self, key: object, fn: Callable[[], None]) -> None:
         """Have a captured step (``capture_step=True``, manual optimization) call ``fn()`` before it

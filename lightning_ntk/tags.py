@@ -19,6 +19,13 @@ __all__ = [
     "EFFECTIVE_RANK",
     "EIGENVALUE",
     "EIGENVALUE_HISTOGRAM",
+    "GN_CONDITION",
+    "GN_DAMPING",
+    "GN_GAIN_RATIO",
+    "GN_LOSS_AFTER",
+    "GN_LOSS_BEFORE",
+    "GN_RETRIES",
+    "GN_STEP_NORM",
     "GRAD_NORM",
     "LOSS",
     "LOSS_TIME_AVERAGE",
@@ -55,6 +62,15 @@ NTK_DIAGONAL = "ntk/diag"
 COLLOCATION_SCORE_PEAK = "collocation/score_max_over_mean"
 COLLOCATION_EFFECTIVE_SHARE = "collocation/effective_share"
 COLLOCATION_DENSITY = "collocation/density"
+# What a PINNModule trained by NTKGaussNewton logs every step: the damping of the kept try, its gain ratio
+# and step norm, the loss before and after, the rejected tries, and at a cadence K's condition bound.
+GN_DAMPING = "gn/damping"
+GN_GAIN_RATIO = "gn/gain_ratio"
+GN_STEP_NORM = "gn/step_norm"
+GN_LOSS_BEFORE = "gn/loss_before"
+GN_LOSS_AFTER = "gn/loss_after"
+GN_RETRIES = "gn/retries"
+GN_CONDITION = "gn/condition"
 
 
 def scalar(kind: str, term: str) -> str:

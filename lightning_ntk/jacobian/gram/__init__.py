@@ -70,12 +70,12 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from lightning_ntk.jacobian.gram import cuts, walking
-from lightning_ntk.jacobian.gram.accumulation import plan_use, term_norms
+from lightning_ntk.jacobian.gram.accumulation import plan_use, term_jacobian, term_norms
 from lightning_ntk.jacobian.gram.graph import Graph, locate
 from lightning_ntk.jacobian.gram.layouts import GramEntry, UseKey, UsePlan, choose_layout
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, evaluate_plainly, fingerprint, record_uses
 
-__all__ = ["GramEntry", "GramResult", "GramUnsupported", "gram_squared_norms"]
+__all__ = ["GramEntry", "GramResult", "GramUnsupported", "gram_jacobian", "gram_squared_norms"]
 
 # Gradients of one backward, aligned with the recorded uses' outputs (None: not reached).
 Grads = tuple[Tensor | None, ...]
@@ -92,6 +92,7 @@ class GramResult:
         gram: What this call confirmed or reused, to keep for the next call with this batch
             layout (``None``: nothing to keep, as after a batch with non-finite residuals).
         backwards: Backward passes this call ran.
+        residuals: The residuals this call evaluated, one row per point (``(N, rows)``), without their graph.
     """
 
     norms: dict[str, Tensor]
@@ -99,6 +100,7 @@ class GramResult:
     unsupported: dict[str, str]
     gram: GramEntry | None = None
     backwards: int = 0
+    residuals: dict[str, Tensor] | None = None
 
 
 @torch.enable_grad()  # the sums over points must join the graph even when the caller runs under no_grad
@@ -108,6 +110,7 @@ def gram_squared_norms(
     residuals_fn: Callable[[object], Mapping[str, Tensor]],
     known: GramEntry | None = None,
     skip: frozenset[str] = frozenset(),
+    per_term: Callable[..., Tensor] = term_norms,
 ) -> GramResult:
     """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, term by term.
 
@@ -121,6 +124,8 @@ def gram_squared_norms(
         residuals_fn: Evaluates and checks the residuals.
         known: What an earlier call on a batch of this layout confirmed (:attr:`GramResult.gram`).
         skip: Terms not to compute (known to need another path).
+        per_term: What to make of a term's factors: :func:`~.accumulation.term_norms` (the norms), or
+            :func:`~.accumulation.term_jacobian` (the Jacobian rows themselves, see :func:`gram_jacobian`).
 
     Raises:
         GramUnsupported: The residual uses a parameter in a way the identities do not cover, for
@@ -145,12 +150,26 @@ def gram_squared_norms(
     backwards = 0
     for group in batches:
         backwards += group.backwards
-        _add_norms(group, entry, uses, outputs, params, flat, norms, unsupported)
+        _add_norms(group, entry, uses, outputs, params, flat, norms, unsupported, per_term)
         # Dropped before the next group's backward runs: a warm call holds one group's gradients at a
         # time, so its memory stays near a training step's (the allocator does not hand pages back to
         # the system after each call only to fault them in again on the next, 10-15 % of a call).
         del group
-    return GramResult(norms, rows, unsupported, keep, backwards)
+    detached = {term: r.detach() for term, r in flat.items()}
+    return GramResult(norms, rows, unsupported, keep, backwards, detached)
+
+
+def gram_jacobian(
+    batch: object,
+    params: Mapping[str, Tensor],
+    residuals_fn: Callable[[object], Mapping[str, Tensor]],
+    known: GramEntry | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> GramResult:
+    """:func:`gram_squared_norms` with the Jacobian rows instead of their norms: ``norms[term]`` is
+    ``(N, C, P)``, ``∂r_n[c]/∂θ`` over ``params`` in their order (``C`` values per point). The same
+    recording, layouts and backwards; the factors are summed per point instead of squared."""
+    return gram_squared_norms(batch, params, residuals_fn, known, skip, per_term=term_jacobian)
 
 
 def _add_norms(
@@ -162,6 +181,7 @@ def _add_norms(
     flat: Mapping[str, Tensor],
     norms: dict[str, Tensor],
     unsupported: dict[str, str],
+    per_term: Callable[..., Tensor] = term_norms,
 ) -> None:
     """The per-point norms of a group's terms (into ``norms``, or why not into ``unsupported``)."""
     for term, per_component in group.grads.items():
@@ -176,7 +196,7 @@ def _add_norms(
                     if g[j] is None:
                         raise GramUnsupported("the parameter uses changed since the layout was confirmed")
                     confirmed[c][i] = (g[j], plan)
-            norms[term] = term_norms(uses, confirmed, params, flat[term].shape[0], entry.workspace)
+            norms[term] = per_term(uses, confirmed, params, flat[term].shape[0], entry.workspace)
         except GramUnsupported as err:
             unsupported[term] = str(err)
             continue

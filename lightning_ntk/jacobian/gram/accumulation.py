@@ -26,7 +26,7 @@ from torch import Tensor
 from lightning_ntk.jacobian.gram.layouts import Layout, UsePlan
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, UseKind
 
-__all__ = ["plan_use", "term_norms"]
+__all__ = ["plan_use", "term_jacobian", "term_norms"]
 
 # A parameter whose uses need dense per-point gradients (elementwise uses) may take at most this
 # many bytes of them; beyond, the caller falls back (or chunks the points).
@@ -129,6 +129,47 @@ def term_norms(
             (same shapes for the same layout), so that a warm call writes into memory it already has
             instead of faulting in fresh pages for every large temporary; ``None``: fresh buffers.
     """
+    accs = _accumulate(uses, confirmed, params, n, workspace)
+    if not accs:
+        return next(iter(params.values())).new_zeros(n)
+    return _sum([acc.squared_norms(n) for acc in accs.values()])
+
+
+@torch.no_grad()
+def term_jacobian(
+    uses: list[Use],
+    confirmed: Mapping[int, Mapping[int, tuple[Tensor, UsePlan]]],
+    params: Mapping[str, Tensor],
+    n: int,
+    workspace: dict[tuple, Tensor] | None = None,
+) -> Tensor:
+    """The rows of one term's Jacobian, ``(N, C, P)``: ``∂r_n[c]/∂θ`` over ``params`` in their order.
+
+    The same factors as :func:`term_norms`, summed into each point's gradient instead of squared: per
+    parameter and component ``Σ_k x_{n,k} ⊗ y_{n,k}`` plus the dense part. ``workspace`` is not used:
+    its buffers are shared between components and parameters, and every gradient here is kept.
+    """
+    del workspace
+    first = next(iter(params.values()))
+    components = max(confirmed, default=-1) + 1
+    sizes = [p.numel() for p in params.values()]
+    out = first.new_zeros(n, components, sum(sizes))
+    offsets = dict(zip(params, torch.tensor([0, *sizes]).cumsum(0).tolist(), strict=False))
+    for name, acc in _accumulate(uses, confirmed, params, n, None).items():
+        start = offsets[name]
+        for c, grad in acc.per_point_gradients(n).items():
+            out[:, c, start : start + grad.shape[1]] = grad
+    return out
+
+
+def _accumulate(
+    uses: list[Use],
+    confirmed: Mapping[int, Mapping[int, tuple[Tensor, UsePlan]]],
+    params: Mapping[str, Tensor],
+    n: int,
+    workspace: dict[tuple, Tensor] | None,
+) -> dict[str, _Accumulator]:
+    """Every parameter's per-point gradient pieces from its uses' gradients and plans."""
     accs: dict[str, _Accumulator] = {}
     for c, per_use in confirmed.items():
         for i, (grad, plan) in per_use.items():
@@ -143,9 +184,7 @@ def term_norms(
                 s = params[use.factor.name]
                 s_acc = _accumulator(accs, use.factor.name, s, workspace)
                 _factorize_last(acc, s_acc, c, use, plan, p, s.numel(), n)
-    if not accs:
-        return next(iter(params.values())).new_zeros(n)
-    return _sum([acc.squared_norms(n) for acc in accs.values()])
+    return accs
 
 
 def _accumulator(
@@ -208,6 +247,18 @@ class _Accumulator:
                 torch.stack(factors[c], 0, out=out[k])
             else:
                 torch.cat([_blocks(f) for f in factors[c]], 0, out=out[k])
+        return out
+
+    def per_point_gradients(self, n: int) -> dict[int, Tensor]:
+        """Component → ``∂r_n[c]/∂p`` for every point, ``(N, numel)`` in the parameter's element order."""
+        out = {}
+        for c in sorted(set(self.xs) | set(self.dense)):
+            full = self.dense.get(c)
+            if c in self.xs:
+                x, y = self.stacked("x", self.xs[c], n), self.stacked("y", self.ys[c], n)
+                outer = torch.bmm(x.transpose(1, 2), y).view(n, -1)  # Σ_k x_k ⊗ y_k as (N, a·b)
+                full = outer if full is None else full + outer
+            out[c] = full
         return out
 
     def squared_norms(self, n: int) -> Tensor:
