@@ -418,7 +418,10 @@ class ErrorCurve(pl.Callback):
             point.update({name: fn() for name, fn in self.extra.items()})
             self.points.append(point)
             extras = "  ".join(f"{k} {point[k]:.3e}" for k in self.extra)
-            print(f"  t {elapsed:7.1f}s  step {trainer.global_step:>6}  rel. L2 {point['error']:.3e}  {extras}", flush=True)
+            print(
+                f"  t {elapsed:7.1f}s  step {trainer.global_step:>6}  rel. L2 {point['error']:.3e}  {extras}",
+                flush=True,
+            )
             self._next += self.every
             self._paused += time.perf_counter() - now
         if done:
