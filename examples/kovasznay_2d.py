@@ -25,9 +25,9 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinn_runner import FreshPoints, GridPINN, grid_2d, tanh_mlp, timed_fit  # noqa: E402
+from pinn_runner import FreshPoints, GridPINN, grid_2d, tanh_mlp, timed_fit
 
-from lightning_ntk import NTKGaussNewton  # noqa: E402
+from lightning_ntk import NTKGaussNewton
 
 RE = 40.0
 LAM = RE / 2 - math.sqrt(RE**2 / 4 + 4 * math.pi**2)
