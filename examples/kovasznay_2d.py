@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinn_runner import FreshPoints, GridPINN, grid_2d, tanh_mlp, timed_fit
+from pinn_runner import FreshPoints, GridPINN, grid_2d, tanh_mlp, timed_args, timed_fit
 
 from lightning_ntk import NTKGaussNewton
 
@@ -134,24 +134,7 @@ class KovasznayData(pl.LightningDataModule):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimizer", choices=["gauss_newton", "adam"], default="gauss_newton")
-    p.add_argument("--seconds", type=float, default=300.0, help="wall time of training")
-    p.add_argument("--steps", type=int, default=1_000_000, help="at most this many steps")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--interior", type=int, default=512)
-    p.add_argument("--boundary", type=int, default=128)
-    p.add_argument("--fresh", action="store_true", help="fresh points every step (default: one fixed set)")
-    p.add_argument("--damping", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ntk-every", type=int, default=100, help="Adam: exact NTK weights every n steps (0: none)")
-    p.add_argument("--precision", default="64-true")
-    p.add_argument("--report-seconds", type=float, default=10.0, help="record the error every this many seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the error curve here (JSON)")
-    p.add_argument("--logdir", default="lightning_logs")
-    return p.parse_args(argv)
+    return timed_args(__doc__, seconds=300.0, width=32, depth=3, interior=512, boundary=128, argv=argv)
 
 
 def main(argv=None) -> dict:

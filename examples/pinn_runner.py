@@ -461,3 +461,25 @@ def timed_fit(
     last = curve.points[-1]
     print(f"\n{args.optimizer}: rel. L2 error {last['error']:.3e} after {last['step']} steps, {last['seconds']:.0f} s")
     return result
+
+
+def timed_args(doc: str, seconds: float, width: int, depth: int, interior: int, boundary: int, argv=None):
+    """The options of a wall-time comparison (:func:`timed_fit`): optimizer, budget, network, points."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--optimizer", choices=["gauss_newton", "adam"], default="gauss_newton")
+    p.add_argument("--seconds", type=float, default=seconds, help="wall time of training")
+    p.add_argument("--steps", type=int, default=1_000_000, help="at most this many steps")
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--depth", type=int, default=depth)
+    p.add_argument("--interior", type=int, default=interior)
+    p.add_argument("--boundary", type=int, default=boundary)
+    p.add_argument("--fresh", action="store_true", help="fresh points every step (default: one fixed set)")
+    p.add_argument("--damping", type=float, default=1e-3, help="Gauss-Newton: the first damping")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam: learning rate (x 0.9 every 1,000 steps)")
+    p.add_argument("--ntk-every", type=int, default=100, help="Adam: exact NTK weights every n steps (0: none)")
+    p.add_argument("--precision", default="64-true")
+    p.add_argument("--report-seconds", type=float, default=10.0, help="record the error every this many seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the error curve here (JSON)")
+    p.add_argument("--logdir", default="lightning_logs")
+    return p.parse_args(argv)

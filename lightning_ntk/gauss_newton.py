@@ -19,6 +19,7 @@ Cost per step: one residual evaluation and one backward per output component (th
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -164,8 +165,25 @@ def gauss_newton_system(
         start += r.numel()
     jacobian = torch.cat([j for j, _ in blocks])
     residual = torch.cat([r for _, r in blocks])
-    kernel = jacobian @ jacobian.T
+    kernel = symmetric_gram(jacobian)
     return GaussNewtonSystem(jacobian, residual, kernel, params, rows, jac.paths, measured, scales)
+
+
+def symmetric_gram(jacobian: Tensor, block_rows: int = 256) -> Tensor:
+    """``J Jᵀ`` from the products on and above the diagonal only, by blocks of rows (BLAS ``syrk`` is not
+    exposed by torch): ``(b + 1) / 2b`` of the GEMM's flops with ``b`` blocks, 1.9× faster than ``J @ J.T``
+    at ``m = 1,792``, ``P = 2,307`` on one CPU thread (``benchmarks/gauss_newton_cost.py``). Exactly symmetric."""
+    m = jacobian.shape[0]
+    blocks = min(8, max(1, m // block_rows))
+    edges = [round(i * m / blocks) for i in range(blocks + 1)]
+    kernel = jacobian.new_empty(m, m)
+    for lo, hi in itertools.pairwise(edges):
+        kernel[lo:hi, lo:] = jacobian[lo:hi] @ jacobian[lo:].T
+        kernel[hi:, lo:hi] = kernel[lo:hi, hi:].T
+    # The diagonal blocks are products of a block with itself: symmetric up to rounding, made exact.
+    for lo, hi in itertools.pairwise(edges):
+        kernel[lo:hi, lo:hi] = (kernel[lo:hi, lo:hi] + kernel[lo:hi, lo:hi].T) / 2
+    return kernel
 
 
 def gauss_newton_direction(

@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_ntk import CausalWeighting, PINNModule, gauss_newton_direction, gauss_newton_system
 from lightning_ntk.contract import trainable_parameters
+from lightning_ntk.gauss_newton import symmetric_gram
 from lightning_ntk.jacobian.full import residual_jacobian
 
 
@@ -215,3 +216,11 @@ def test_an_overridden_term_loss_is_refused():
 def test_damping_must_be_positive_and_finite(damping):
     with pytest.raises(ValueError, match="`damping` must be a positive finite number"):
         gauss_newton_direction(model(MixedTwoOutput), two_field_batch(4, 6), damping)
+
+
+@pytest.mark.parametrize(("m", "block_rows"), [(7, 256), (50, 8), (2049, 256)])
+def test_symmetric_gram_is_the_gemm_and_exactly_symmetric(m, block_rows):
+    jac = torch.randn(m, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    kernel = symmetric_gram(jac, block_rows)
+    assert torch.equal(kernel, kernel.T)
+    torch.testing.assert_close(kernel, jac @ jac.T, rtol=1e-13, atol=1e-12)

@@ -1,0 +1,133 @@
+"""What one Gauss–Newton step costs, phase by phase, against the floor of its own arithmetic.
+
+The problem is the Kovasznay flow of ``examples/kovasznay_2d.py`` (u, v, p; three interior terms in the
+ordinary autograd style and a two-column boundary term), float64, one fixed batch. Per row count ``m``:
+
+- phases of a step: the Jacobian rows (one residual evaluation and the Gram path's backwards), ``K = J Jᵀ``
+  (one GEMM), the solve (Cholesky of ``K + μI`` and the triangular solves), ``Jᵀα``, and one try (a residual
+  evaluation for the gain ratio); the whole ``NTKGaussNewton.step`` (one try kept);
+- the floor: one GEMM ``J Jᵀ`` of the same shape and one Cholesky of an ``m × m`` matrix, timed in the same run;
+- a plain Adam step of the same module and batch (loss, backward, update), and peak memory of a step
+  (resident set growth, MiB).
+
+Medians over ``--repeats`` calls after one warm-up.
+
+    OMP_NUM_THREADS=1 python benchmarks/gauss_newton_cost.py                       # 3x32 (m 1,792), 3x64 (m 4,000)
+    OMP_NUM_THREADS=1 python benchmarks/gauss_newton_cost.py --rows 1000 2000 4000 8000 --width 32 --depth 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from kovasznay_2d import Kovasznay, sample_points  # noqa: E402
+
+from lightning_ntk import NTKGaussNewton  # noqa: E402
+from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows  # noqa: E402
+from lightning_ntk.jacobian.full import residual_jacobian  # noqa: E402
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def points_for(rows: int) -> tuple[int, int]:
+    """Interior and boundary points giving about ``rows`` residual rows (3 per interior, 2 per boundary point,
+    one boundary point per four interior ones)."""
+    interior = max(4, round(rows / 3.5))
+    return interior, max(4, (interior // 4) // 4 * 4)
+
+
+def case(width: int, depth: int, rows: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = Kovasznay(width, depth).double()
+    interior, boundary = points_for(rows)
+    batch = sample_points(torch.Generator().manual_seed(0), interior, boundary)
+    measured, _ = loss_rows(model, batch)
+    system = gauss_newton_system(model, batch)
+    m, p = system.jacobian.shape
+    out = {"m": m, "P": p}
+    out["rows"] = median_seconds(lambda: residual_jacobian(measured, batch, model.terms), repeats)
+    out["K"] = median_seconds(lambda: system.jacobian @ system.jacobian.T, repeats)
+
+    def solve():
+        damped = system.kernel.clone()
+        damped.diagonal().add_(1e-3)
+        factor = torch.linalg.cholesky(damped)
+        return torch.cholesky_solve(system.residual.unsqueeze(1), factor)
+
+    alpha = solve().squeeze(1)
+    out["solve"] = median_seconds(solve, repeats)
+    out["J^T a"] = median_seconds(lambda: system.jacobian.T @ alpha, repeats)
+    out["try"] = median_seconds(lambda: system.loss_now(batch), repeats)
+    opt = NTKGaussNewton(model, damping=1e3, condition_every=0)  # large damping: the first try is kept
+
+    def gn_step():
+        opt.param_groups[0]["damping"] = 1e3
+        opt.step(batch=batch)
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["step"] = median_seconds(gn_step, repeats)
+    out["peak MiB"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    a = torch.randn(m, p, dtype=torch.float64)
+    out["floor GEMM"] = median_seconds(lambda: a @ a.T, repeats)
+    spd = a @ a.T
+    spd.diagonal().add_(1.0)
+    out["floor Cholesky"] = median_seconds(lambda: torch.linalg.cholesky(spd), repeats)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-6)
+
+    def adam_step():
+        adam.zero_grad()
+        model.step_losses(batch).total.backward()
+        adam.step()
+
+    out["adam step"] = median_seconds(adam_step, repeats)
+    return out
+
+
+COLUMNS = ["rows", "K", "solve", "J^T a", "try", "step", "floor GEMM", "floor Cholesky", "adam step"]
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["32x3:1792", "64x3:4000"], help="WIDTHxDEPTH:ROWS")
+    parser.add_argument("--rows", nargs="+", type=int, default=None, help="row counts for --width/--depth")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    specs = [(args.width, args.depth, r) for r in args.rows] if args.rows else []
+    for spec in [] if args.rows else args.cases:
+        net, rows = spec.split(":")
+        width, depth = net.split("x")
+        specs.append((int(width), int(depth), int(rows)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float64; seconds (median)")
+    header = f"{'net':>6} {'m':>6} {'P':>6} " + " ".join(f"{c:>10}" for c in COLUMNS)
+    print(header + f" {'step/floor':>10} {'step/adam':>10} {'peak MiB':>9}")
+    results = []
+    for width, depth, rows in specs:
+        r = case(width, depth, rows, args.repeats)
+        floor = r["floor GEMM"] + r["floor Cholesky"]
+        cells = " ".join(f"{r[c]:10.4f}" for c in COLUMNS)
+        ratios = f"{r['step'] / floor:10.2f} {r['step'] / r['adam step']:10.1f} {r['peak MiB']:9.0f}"
+        print(f"{width}x{depth:<4} {r['m']:6d} {r['P']:6d} {cells} {ratios}", flush=True)
+        results.append(r)
+    return results
+
+
+if __name__ == "__main__":
+    main()
