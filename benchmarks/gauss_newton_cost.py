@@ -28,11 +28,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from kovasznay_2d import Kovasznay, sample_points  # noqa: E402
+from kovasznay_2d import Kovasznay, sample_points
 
-from lightning_ntk import NTKGaussNewton  # noqa: E402
-from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows  # noqa: E402
-from lightning_ntk.jacobian.full import residual_jacobian  # noqa: E402
+from lightning_ntk import NTKGaussNewton
+from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows
+from lightning_ntk.jacobian.full import residual_jacobian
 
 
 def median_seconds(fn, repeats: int) -> float:
