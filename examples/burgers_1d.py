@@ -105,6 +105,8 @@ class Burgers1D(GridPINN):
         fourier_scale: σ of the Fourier features.
         causal_chunks: Weight the PDE term causally over this many time chunks; 0: off.
         causal_epsilon: ε of the causal weights.
+        optimizer: ``"adam"`` or ``"gauss_newton"`` (:class:`~lightning_ntk.NTKGaussNewton`).
+        damping: The first damping of ``"gauss_newton"``.
     """
 
     name = "burgers_1d"
@@ -121,6 +123,8 @@ class Burgers1D(GridPINN):
         fourier_scale: float = 1.0,
         causal_chunks: int = 0,
         causal_epsilon: float = 1.0,
+        optimizer: str = "adam",
+        damping: float = 1e-3,
     ) -> None:
         causal = (
             {"pde": CausalWeighting(time_column=1, num_chunks=causal_chunks, epsilon=causal_epsilon)}

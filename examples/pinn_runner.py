@@ -30,7 +30,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_ntk import AdaptiveCollocation, NTKWeightingCallback, PINNModule, TraceAverager, WeightRule
+from lightning_ntk import (
+    AdaptiveCollocation,
+    NTKGaussNewton,
+    NTKWeightingCallback,
+    PINNModule,
+    TraceAverager,
+    WeightRule,
+)
 from lightning_ntk.metrics import RelativeL2Error
 
 WEIGHTINGS = ("plain", "ntk", "ntk_fd", "grad_norm")
@@ -87,8 +94,11 @@ class GridPINN(PINNModule):
 
     def configure_optimizers(self):
         """Adam with the learning rate decayed smoothly by ``decay_rate`` every ``decay_steps`` steps
-        (the subclass saves ``lr``, ``decay_rate`` and ``decay_steps`` as hyperparameters)."""
+        (the subclass saves ``lr``, ``decay_rate`` and ``decay_steps`` as hyperparameters), or with the
+        hyperparameter ``optimizer="gauss_newton"`` :class:`~lightning_ntk.NTKGaussNewton` from ``damping``."""
         hp = self.hparams
+        if hp.get("optimizer", "adam") == "gauss_newton":
+            return NTKGaussNewton(self, damping=hp.get("damping", 1e-3))
         opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=hp.decay_rate ** (1 / hp.decay_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -189,6 +199,17 @@ def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) 
     """Options of the time-dependent examples: network size and parts, optimizer, points per step."""
     p.add_argument("--width", type=int, default=width)
     p.add_argument("--depth", type=int, default=depth, help="hidden layers")
+    p.add_argument(
+        "--optimizer",
+        choices=["adam", "gauss_newton"],
+        default="adam",
+        help="adam (lr decayed) or gauss_newton (lightning_ntk.NTKGaussNewton; use with --precision 64-true)",
+    )
+    p.add_argument("--damping", type=float, default=1e-3, help="the first damping of gauss_newton")
+    p.add_argument("--precision", default="32-true", help="Trainer precision, e.g. 64-true")
+    p.add_argument("--seconds", type=float, default=0.0, help="stop each run after this much training time (0: off)")
+    p.add_argument("--report-seconds", type=float, default=30.0, help="with --seconds: the error every this often")
+    p.add_argument("--out", default=None, help="with --seconds: write the error curve here (JSON)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--decay-steps", type=int, default=1000, help="lr × 0.9 every this many steps")
     p.add_argument(
@@ -233,6 +254,8 @@ def time_dependent_options(args: argparse.Namespace) -> dict:
         "fourier_scale": args.fourier_scale,
         "causal_chunks": args.causal_chunks if getattr(args, "causal", False) else 0,
         "causal_epsilon": args.causal_epsilon,
+        "optimizer": args.optimizer,
+        "damping": args.damping,
     }
 
 
@@ -252,12 +275,14 @@ def make_trainer(
     version: str,
     accelerator: str = "cpu",
     progress: bool = False,
+    precision: str = "32-true",
 ) -> pl.Trainer:
     """The Trainer of every example's comparison runs: TensorBoard logs under ``logdir/name/version``,
     no validation loop, no checkpoints."""
     return pl.Trainer(
         max_steps=max_steps,
         accelerator=accelerator,
+        precision=precision,
         devices=1,
         callbacks=callbacks,
         logger=TensorBoardLogger(logdir, name=name, version=version, default_hp_metric=False),
@@ -299,10 +324,26 @@ def train(
     """Trains ``model`` with the weighting of ``run``; returns it and the wall time in seconds."""
     weighting = weighting_callbacks(run, args.update_every, args.seed, args.ntk_mode)
     callbacks = [ErrorLogger(args.report_every, run), *collocation_callbacks(data, args), *weighting]
-    trainer = make_trainer(args.steps, callbacks, args.logdir, name, run, args.accelerator)
+    seconds = getattr(args, "seconds", 0.0)
+    curve = ErrorCurve(seconds, args.report_seconds) if seconds else None
+    if curve is not None:
+        callbacks.append(curve)
+    precision = getattr(args, "precision", "32-true")
+    trainer = make_trainer(args.steps, callbacks, args.logdir, name, run, args.accelerator, precision=precision)
     start = time.perf_counter()
     trainer.fit(model, data)
-    return model, time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if curve is not None and getattr(args, "out", None):
+        write_curve(args.out, model, curve, {"run": run, "optimizer": args.optimizer, "seed": args.seed})
+    return model, elapsed
+
+
+def write_curve(path: str, model: GridPINN, curve: ErrorCurve, about: dict) -> None:
+    """The error curve of a run and what it was, as JSON."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump({"example": model.name, **about, "curve": curve.points, "weights": model.term_weights}, f, indent=1)
 
 
 def compare(
@@ -433,8 +474,6 @@ def timed_fit(
 ) -> dict:
     """Trains for ``args.seconds`` of wall time (``args.optimizer``; Adam with exact NTK weights every
     ``args.ntk_every`` steps), records the error curve, prints it and writes it to ``args.out`` (JSON)."""
-    import json
-
     curve = ErrorCurve(args.seconds, args.report_seconds, extra)
     callbacks: list[pl.Callback] = [curve]
     if args.optimizer == "adam" and args.ntk_every > 0:
@@ -453,14 +492,11 @@ def timed_fit(
         log_every_n_steps=10,
     )
     trainer.fit(model, data)
-    result = {"example": model.name, "optimizer": args.optimizer, "seed": args.seed, "curve": curve.points}
-    result["weights"] = model.term_weights
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_curve(args.out, model, curve, {"optimizer": args.optimizer, "seed": args.seed})
     last = curve.points[-1]
     print(f"\n{args.optimizer}: rel. L2 error {last['error']:.3e} after {last['step']} steps, {last['seconds']:.0f} s")
-    return result
+    return {"optimizer": args.optimizer, "seed": args.seed, "curve": curve.points}
 
 
 def timed_args(doc: str, seconds: float, width: int, depth: int, interior: int, boundary: int, argv=None):
