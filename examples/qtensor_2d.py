@@ -144,6 +144,8 @@ class QTensor2D(GridPINN):
         fourier_scale: σ of the Fourier features.
         causal_chunks: Weight the PDE term causally over this many time chunks; 0: off.
         causal_epsilon: ε of the causal weights.
+        optimizer: ``"adam"`` or ``"gauss_newton"`` (:class:`~lightning_ntk.NTKGaussNewton`).
+        damping: The first damping of ``"gauss_newton"``.
     """
 
     name = "qtensor_2d"
@@ -159,6 +161,8 @@ class QTensor2D(GridPINN):
         fourier_scale: float = 1.0,
         causal_chunks: int = 0,
         causal_epsilon: float = 1.0,
+        optimizer: str = "adam",
+        damping: float = 1e-3,
     ) -> None:
         causal = (
             {"pde": CausalWeighting(time_column=2, num_chunks=causal_chunks, epsilon=causal_epsilon)}

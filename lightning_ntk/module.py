@@ -306,6 +306,11 @@ class PINNModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        if self._gauss_newton is not None and self.trainer.world_size > 1:
+            raise MisconfigurationException(
+                "NTKGaussNewton does not support distributed training yet: each rank would solve with its own "
+                "points and the replicas would drift apart. Train on one device (devices=1)."
+            )
         if self._captured_step is not None:
             self._captured_step.prepare_for_replay()
 
@@ -328,11 +333,9 @@ class PINNModule(pl.LightningModule):
     @override
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         # NTKGaussNewton forms its step from the Jacobian rows, never from param.grad: the closure's backward
-        # would be a wasted pass (DDP keeps it, its reducer expects one backward per forward).
-        trainer = self._trainer
-        if self._gauss_newton is not None and (trainer is None or trainer.world_size == 1):
-            return
-        super().backward(loss, *args, **kwargs)
+        # would be a wasted pass.
+        if self._gauss_newton is None:
+            super().backward(loss, *args, **kwargs)
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

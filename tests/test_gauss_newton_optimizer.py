@@ -163,3 +163,15 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
         trainer.fit(resumed, repeat_loader(two_field_batch(4, 6), 4), ckpt_path=ckpt)
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
     assert trainer.optimizers[0].damping == straight.trainer.optimizers[0].damping
+
+
+def test_distributed_training_is_refused_at_fit_start(tmp_path, monkeypatch):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    m = model(GaussNewtonPINN)
+    m.configure_optimizers()
+    trainer = quiet_trainer(tmp_path, max_steps=1, precision="64-true")
+    m._trainer = trainer
+    monkeypatch.setattr(type(trainer), "world_size", property(lambda self: 2))
+    with pytest.raises(MisconfigurationException, match="devices=1"):
+        m.on_fit_start()

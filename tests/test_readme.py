@@ -39,3 +39,13 @@ def test_readme_adaptive_collocation_continues_the_quick_start(tmp_path):
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.rstrip().endswith("done")
+
+
+@pytest.mark.slow  # trains the quick start (~30 s) and 100 Gauss–Newton steps; CI runs it
+def test_readme_gauss_newton_continues_the_quick_start(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(code_block("## Quick start") + code_block("### Gauss–Newton"))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [float(e) for e in re.findall(r"relative L2 error: ([0-9.eE+-]+)", done.stdout)]
+    assert len(errors) == 2 and errors[1] < 5e-5 < errors[0], done.stdout

@@ -110,7 +110,7 @@ def gram_squared_norms(
     residuals_fn: Callable[[object], Mapping[str, Tensor]],
     known: GramEntry | None = None,
     skip: frozenset[str] = frozenset(),
-    per_term: Callable[..., Tensor] = term_norms,
+    per_term: Callable[..., Tensor] | None = None,
 ) -> GramResult:
     """Per-point ``‖∂r_i(x_n)/∂θ‖²`` (summed over a point's rows) and row counts, term by term.
 
@@ -124,7 +124,7 @@ def gram_squared_norms(
         residuals_fn: Evaluates and checks the residuals.
         known: What an earlier call on a batch of this layout confirmed (:attr:`GramResult.gram`).
         skip: Terms not to compute (known to need another path).
-        per_term: What to make of a term's factors: :func:`~.accumulation.term_norms` (the norms), or
+        per_term: What to make of a term's factors: :func:`~.accumulation.term_norms` (the norms, the default), or
             :func:`~.accumulation.term_jacobian` (the Jacobian rows themselves, see :func:`gram_jacobian`).
 
     Raises:
@@ -181,7 +181,7 @@ def _add_norms(
     flat: Mapping[str, Tensor],
     norms: dict[str, Tensor],
     unsupported: dict[str, str],
-    per_term: Callable[..., Tensor] = term_norms,
+    per_term: Callable[..., Tensor] | None,
 ) -> None:
     """The per-point norms of a group's terms (into ``norms``, or why not into ``unsupported``)."""
     for term, per_component in group.grads.items():
@@ -196,7 +196,8 @@ def _add_norms(
                     if g[j] is None:
                         raise GramUnsupported("the parameter uses changed since the layout was confirmed")
                     confirmed[c][i] = (g[j], plan)
-            norms[term] = per_term(uses, confirmed, params, flat[term].shape[0], entry.workspace)
+            reduce = term_norms if per_term is None else per_term  # looked up per call: benchmarks time it
+            norms[term] = reduce(uses, confirmed, params, flat[term].shape[0], entry.workspace)
         except GramUnsupported as err:
             unsupported[term] = str(err)
             continue
