@@ -195,14 +195,6 @@ class AdaptiveCollocation(Callback):
         if self.importance != "none":
             pl_module.set_point_weights(omegas, in_loss=self.importance == "loss")
 
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """Clears the point weights: they belong to this step's batch alone."""
-        if isinstance(pl_module, PINNModule):
-            pl_module.set_point_weights(None)
-
     def score_pools(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> None:
         """Draw a pool for every term, score it, and keep its density; log what was scored."""
         assert self.generator is not None

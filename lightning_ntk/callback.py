@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
-from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator
+from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator, ntk_view_of
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import write_custom_scalars
@@ -205,8 +205,8 @@ class NTKWeightingCallback(Callback):
 
     def _wrapped(self, estimator: TraceEstimator) -> TraceEstimator:
         if self.capture:
-            return CapturedEstimator(estimator, measured=PINNModule.ntk_view, terms=lambda module: module.terms)
-        return MeasuredEstimator(estimator, PINNModule.ntk_view)
+            return CapturedEstimator(estimator, measured=ntk_view_of, terms=lambda module: module.terms)
+        return MeasuredEstimator(estimator, ntk_view_of)
 
     def _report(self, trainer: pl.Trainer, estimate: TraceEstimate) -> None:
         if not self._reported_paths and "paths" in estimate.info:

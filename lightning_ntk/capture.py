@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CapturedCall", "Signature"]
+__all__ = ["CapturedCall", "Signature", "captured_state"]
 
 Signature = tuple  # ((shape, dtype, device) per input, (id, data_ptr, shape) per state tensor)
 
@@ -187,3 +187,11 @@ def _copy_in(static: Sequence[Tensor], values: Sequence[Tensor]) -> None:
     # buffer it got keeps that flag from call to call.
     for buffer, value in zip(static, values, strict=True):
         buffer.copy_(value)
+
+
+def captured_state(module: torch.nn.Module) -> list[Tensor]:
+    """What a replay of ``module``'s computations reads besides its inputs and must see in place: the
+    trainable parameters and the per-term point-weight buffers (``point_weights``, written in place each
+    step; a new buffer, or one more or one fewer, is a new signature)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return params + list(getattr(module, "point_weights", {}).values())

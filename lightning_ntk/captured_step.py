@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_ntk.capture import CapturedCall
+from lightning_ntk.capture import CapturedCall, captured_state
 from lightning_ntk.losses import StepLosses
 
 __all__ = ["CapturedTrainingStep"]
@@ -162,7 +162,7 @@ class CapturedTrainingStep:
 
         call = self.calls[key] = CapturedCall(
             step,
-            state=lambda: [p for p in module.parameters() if p.requires_grad],
+            state=lambda: captured_state(module),
             snapshot=lambda: _snapshot(module, optimizer),
             name="the captured training step",
         )

@@ -193,17 +193,23 @@ class PINNModule(pl.LightningModule):
 
     @property
     def point_weights(self) -> dict[str, Tensor]:
-        """``{term: ω}``: importance weights of the current batch's points (empty unless a sampler set them)."""
+        """``{term: ω}``: importance weights of the training batch's points, one device buffer per term (empty
+        unless a sampler set them)."""
         return self._point_weights
 
     def set_point_weights(self, weights: Mapping[str, Tensor] | None, in_loss: bool = True) -> None:
-        """Importance weights ``ω_n = u(x_n)/p(x_n)`` of the points of the next batch, per term.
+        """Importance weights ``ω_n = u(x_n)/p(x_n)`` of the points of this step's training batch, per term.
 
         Set by :class:`~lightning_ntk.AdaptiveCollocation` when it draws a term's points from a density
         ``p`` instead of uniformly. They always enter the term's NTK trace (``Σ_n ω_n K_nn``, the
-        uniform-measure trace that the weight rules assume); with ``in_loss`` they also enter its loss
-        (``mean(ω r²)``, and the self-normalised chunk losses of a causal term), which makes the loss an
-        unbiased estimate of the uniform one. ``None`` clears them.
+        uniform-measure trace that the weight rules assume); with ``in_loss`` they also enter its training
+        loss (``mean(ω r²)``, and the self-normalised chunk losses of a causal term), which makes the loss an
+        unbiased estimate of the uniform one. They apply in training mode only (validation sees none).
+
+        Each term's weights are written in place into one buffer per term (a new buffer only when the
+        term's point count, dtype or device changes): a captured training step or captured traces read
+        them where they live, as they read ``ntk_weights``, so every replay uses this step's weights.
+        ``None`` forgets every term's buffer.
 
         Args:
             weights: ``{term: (N_i,) tensor}``, one weight per point of the term.
@@ -218,7 +224,17 @@ class PINNModule(pl.LightningModule):
         for name, omega in weights.items():
             if not isinstance(omega, Tensor) or omega.ndim != 1:
                 raise ValueError(f"Point weights of term {name!r} must be a 1-D tensor (one per point).")
-        self._point_weights = {name: omega.detach() for name, omega in weights.items()}
+        for name, omega in weights.items():
+            buffer = self._point_weights.get(name)
+            same = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (
+                omega.shape,
+                omega.dtype,
+                omega.device,
+            )
+            if same:
+                buffer.copy_(omega.detach())
+            else:
+                self._point_weights[name] = omega.detach().clone()
         self._point_weights_in_loss = bool(in_loss)
 
     def ntk_view(self, batch: Any) -> PINNModule | CausalResiduals:
@@ -283,7 +299,7 @@ class PINNModule(pl.LightningModule):
         recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         residuals = check_residuals(self.residuals(batch), self._terms, require_grad=recording)
         causal_weights = {}
-        omegas = self._point_weights if self._point_weights_in_loss else {}
+        omegas = self._point_weights if self._point_weights_in_loss and self.training else {}
         for name, omega in omegas.items():
             if residuals[name].shape[0] != omega.shape[0]:
                 raise ValueError(
@@ -355,6 +371,8 @@ class PINNModule(pl.LightningModule):
         )
         if record.condition is not None:
             self.log(tags.GN_CONDITION, record.condition)
+        if record.cg_iterations is not None:
+            self.log(tags.GN_CG_ITERATIONS, float(record.cg_iterations))
 
     def add_before_optimizer_step(self, key: object, fn: Callable[[], None]) -> None:
         """Have a captured step (``capture_step=True``, manual optimization) call ``fn()`` before it

@@ -51,11 +51,12 @@ class Recorder(pl.Callback):
     """What the step trained on: the batch's points and the module's point weights, after the draw."""
 
     def __init__(self) -> None:
-        self.points, self.weights, self.params = [], [], []
+        self.points, self.weights, self.params, self.buffers = [], [], [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.points.append(batch["pde"].clone())
         self.weights.append({k: v.clone() for k, v in pl_module.point_weights.items()})
+        self.buffers.append({k: v.data_ptr() for k, v in pl_module.point_weights.items()})
         self.params.append(copy.deepcopy(pl_module))
 
 
@@ -108,8 +109,9 @@ def test_points_are_drawn_from_the_pool_with_their_importance_weights(tmp_path):
         index = (points[:, None, :] == pool[None]).all(-1).int().argmax(1)
         torch.testing.assert_close(pool[index], points, rtol=0, atol=0)
         torch.testing.assert_close(weights["pde"], 1 / (pool.shape[0] * density[index]), rtol=1e-12, atol=0)
-    # Cleared after the step: they belong to one batch.
-    assert model.point_weights == {}
+    # Kept in one buffer per term, written in place each step (what a captured replay reads).
+    assert {ptrs["pde"] for ptrs in recorder.buffers} == {model.point_weights["pde"].data_ptr()}
+    assert not torch.equal(recorder.weights[0]["pde"], recorder.weights[1]["pde"])
 
 
 def test_uniform_score_leaves_the_data_modules_points(tmp_path):

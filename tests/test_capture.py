@@ -121,3 +121,78 @@ def test_the_callback_through_captured_calls_trains_bit_for_bit_like_eager(tmp_p
     assert len({tuple(w.tolist()) for w in runs[True][0]}) == 4  # every batch gave its own weights
     for (name, a), b in zip(runs[True][1].state_dict().items(), runs[False][1].state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def _weighted_traces(model, omegas, capture):
+    """Traces through the callback's captured (or eager) estimator, with two different point weights in turn."""
+    from lightning_ntk.estimators import Exact
+    from lightning_ntk.estimators.captured import MeasuredEstimator, ntk_view_of
+
+    est = (
+        CapturedEstimator(Exact(), ntk_view_of, lambda m: m.terms)
+        if capture
+        else MeasuredEstimator(Exact(), ntk_view_of)
+    )
+    batch = poisson_batch(n_r=8)
+    out = []
+    for omega in omegas:
+        model.set_point_weights({"pde": omega})
+        out.append(torch.stack(list(est(model, batch).values.values())))
+    return out, est
+
+
+def test_point_weights_are_state_of_the_captured_traces_and_each_replay_uses_the_current_ones():
+    from lightning_ntk.capture import captured_state
+
+    torch.manual_seed(0)
+    model = AutogradPoisson().double()
+    omegas = [torch.rand(8, dtype=torch.float64) + 0.5 for _ in range(2)]
+    captured, est = _weighted_traces(model, omegas, capture=True)
+    eager, _ = _weighted_traces(model, omegas, capture=False)
+    for got, want in zip(captured, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert not torch.equal(captured[0], captured[1])
+    buffer = model.point_weights["pde"]
+    assert any(t is buffer for t in captured_state(model))
+    ((call, _),) = est.calls.values()
+    assert len(call.signatures) == 1  # the second ω was written into the same buffer: the same graph
+
+
+def test_point_weights_stay_out_of_the_loss_in_eval_mode():
+    torch.manual_seed(0)
+    model = AutogradPoisson().double()
+    batch = poisson_batch(n_r=8)
+    plain = float(model.step_losses(batch).total.detach())
+    model.set_point_weights({"pde": torch.full((8,), 3.0, dtype=torch.float64)})
+    assert float(model.step_losses(batch).total.detach()) != pytest.approx(plain)
+    model.eval()
+    assert float(model.step_losses(batch).total.detach()) == plain
+
+
+def test_the_callback_measures_a_subclass_ntk_view():
+    from lightning_ntk.estimators import Exact
+    from lightning_ntk.estimators.captured import MeasuredEstimator, ntk_view_of
+
+    class Doubled(AutogradPoisson):
+        def ntk_view(self, batch):
+            outer = self
+
+            class View(torch.nn.Module):
+                terms = outer.terms
+
+                def __init__(self):
+                    super().__init__()
+                    self.inner = outer
+
+                def residuals(self, b):
+                    return {k: 2 * v for k, v in outer.residuals(b).items()}
+
+            return View()
+
+    torch.manual_seed(0)
+    model = Doubled().double()
+    batch = poisson_batch(n_r=8)
+    traces = MeasuredEstimator(Exact(), ntk_view_of)(model, batch).values
+    plain = Exact()(model, batch).values
+    for name in plain:
+        torch.testing.assert_close(traces[name], 4 * plain[name], rtol=1e-12, atol=0)

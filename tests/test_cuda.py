@@ -183,3 +183,26 @@ def test_capture_step_on_cuda_trains_like_the_ordinary_module(tmp_path):
     assert captured.causal["pde"].stage == eager.causal["pde"].stage
     (call,) = captured._captured_step.calls.values()
     assert all(e.graph is not None for e in call.signatures.values())
+
+
+def test_captured_traces_on_cuda_replay_with_two_different_point_weights():
+    from lightning_ntk.estimators import Exact
+    from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator, ntk_view_of
+
+    torch.manual_seed(0)
+    model = AutogradPoisson(width=16).to(CUDA)
+    batch = to(poisson_batch(n_r=64, dtype=torch.float32), CUDA)
+    captured = CapturedEstimator(Exact(), ntk_view_of, lambda m: m.terms)
+    eager = MeasuredEstimator(Exact(), ntk_view_of)
+    results = []
+    for seed in range(4):  # warm-up, capture and checked replay happen on the first calls; later ones replay
+        omega = torch.rand(64, generator=torch.Generator().manual_seed(seed)).to(CUDA) + 0.5
+        model.set_point_weights({"pde": omega})
+        got = torch.stack(list(captured(model, batch).values.values()))
+        want = torch.stack(list(eager(model, batch).values.values()))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+        results.append(got)
+    assert not torch.equal(results[-1], results[-2])
+    ((call, _),) = captured.calls.values()
+    (entry,) = call.signatures.values()
+    assert entry.graph is not None and entry.eager_reason is None, entry.eager_reason

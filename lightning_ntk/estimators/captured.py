@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_ntk.capture import CapturedCall
+from lightning_ntk.capture import CapturedCall, captured_state
 from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator
 from lightning_ntk.estimators.exact import Exact
 from lightning_ntk.estimators.finite_difference import FiniteDifference
 
-__all__ = ["CapturedEstimator", "MeasuredEstimator"]
+__all__ = ["CapturedEstimator", "MeasuredEstimator", "ntk_view_of"]
 
 # The estimators whose work is a fixed sequence of kernels for a fixed batch signature.
 CAPTURABLE = (Exact, FiniteDifference)
@@ -90,7 +90,7 @@ class CapturedEstimator(TraceEstimator):
 
             call = CapturedCall(
                 measure,
-                state=lambda: [p for p in module.parameters() if p.requires_grad],
+                state=lambda: captured_state(module),
                 generators=(lambda: [self._generator]) if self.inner.randomized else list,
                 name=f"{type(self.inner).__name__} traces",
             )
@@ -119,3 +119,8 @@ class MeasuredEstimator(TraceEstimator):
 
     def __repr__(self) -> str:
         return f"MeasuredEstimator({self.inner!r})"
+
+
+def ntk_view_of(module: nn.Module, batch: Any) -> nn.Module:
+    """``module.ntk_view(batch)``, looked up on the instance so that a subclass's override is what is measured."""
+    return module.ntk_view(batch)
