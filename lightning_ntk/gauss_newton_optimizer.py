@@ -21,8 +21,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import trainable_parameters
-from lightning_ntk.gauss_newton import DEFAULT_MAX_BYTES, GaussNewtonSystem, apply_update, gauss_newton_system
+from lightning_ntk.contract import evaluate_residuals, trainable_parameters
+from lightning_ntk.gauss_newton import (
+    DEFAULT_MAX_BYTES,
+    GaussNewtonSystem,
+    MatrixFreeSystem,
+    apply_update,
+    gauss_newton_system,
+    loss_rows,
+    matrix_free_system,
+)
+from lightning_ntk.points import batch_signature
 
 __all__ = ["GaussNewtonRecord", "GaussNewtonWarning", "NTKGaussNewton"]
 
@@ -46,7 +55,8 @@ class GaussNewtonRecord:
         accepted: Whether a try was kept.
         rows: ``m``, the residual rows of the system.
         condition: ``λ_max(K + μI) / λ_min(K + μI)`` bounded with ``λ_min(K) ≥ 0``, on the steps of
-            ``condition_every`` (else ``None``).
+            ``condition_every`` with the dense solver (else ``None``).
+        cg_iterations: Conjugate-gradient iterations of the kept (or last) try (``None``: dense solver).
     """
 
     loss_before: float
@@ -59,6 +69,7 @@ class GaussNewtonRecord:
     accepted: bool
     rows: int
     condition: float | None = None
+    cg_iterations: int | None = None
 
 
 class NTKGaussNewton(torch.optim.Optimizer):
@@ -82,6 +93,11 @@ class NTKGaussNewton(torch.optim.Optimizer):
             ``K`` of a PINN has a condition number that float32 cannot hold.
         max_bytes: Refuse a batch whose ``J`` and ``K`` take more memory (the error gives the size).
         condition_every: Estimate ``K``'s condition number every this many steps (0: never).
+        solver: ``"dense"`` (form ``J`` and ``K``, Cholesky), ``"cg"`` (matrix-free conjugate gradients: ``K v``
+            from one backward and one double backward, memory of one residual graph), or ``"auto"``: dense
+            while ``J`` and ``K`` fit in ``max_bytes``, else CG (decided once per batch signature).
+        cg_tolerance: CG stops at ``‖r̃ − (K + μI) α‖ ≤ cg_tolerance · ‖r̃‖``.
+        cg_max_iterations: Or after this many iterations.
 
     Example::
 
@@ -106,6 +122,9 @@ class NTKGaussNewton(torch.optim.Optimizer):
         dtype: torch.dtype = torch.float64,
         max_bytes: int = DEFAULT_MAX_BYTES,
         condition_every: int = 10,
+        solver: str = "auto",
+        cg_tolerance: float = 1e-10,
+        cg_max_iterations: int = 1000,
     ) -> None:
         if not callable(getattr(module, "residuals", None)):
             raise TypeError(f"{type(module).__name__} has no `residuals(batch)`; see lightning_ntk.PINNModule.")
@@ -119,6 +138,12 @@ class NTKGaussNewton(torch.optim.Optimizer):
         for name, value in (("max_retries", max_retries), ("condition_every", condition_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+        if solver not in ("auto", "dense", "cg"):
+            raise ValueError(f"`solver` must be 'auto', 'dense' or 'cg', got {solver!r}.")
+        if isinstance(cg_tolerance, bool) or not isinstance(cg_tolerance, (int, float)) or not 0 < cg_tolerance < 1:
+            raise ValueError(f"`cg_tolerance` must be a number in (0, 1), got {cg_tolerance!r}.")
+        if isinstance(cg_max_iterations, bool) or not isinstance(cg_max_iterations, int) or cg_max_iterations < 1:
+            raise ValueError(f"`cg_max_iterations` must be a positive int, got {cg_max_iterations!r}.")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype!r}.")
         if getattr(module, "capture_step", False):
@@ -131,6 +156,8 @@ class NTKGaussNewton(torch.optim.Optimizer):
         self.module = module
         self.max_retries, self.min_damping, self.max_damping = max_retries, float(min_damping), float(max_damping)
         self.dtype, self.max_bytes, self.condition_every = dtype, max_bytes, condition_every
+        self.solver, self.cg_tolerance, self.cg_max_iterations = solver, float(cg_tolerance), cg_max_iterations
+        self._routes: dict[object, str] = {}  # batch signature → "dense" or "cg" (solver="auto")
         self.pending_batch: object = None
         self.last: GaussNewtonRecord | None = None
         if hasattr(module, "_gauss_newton"):
@@ -163,11 +190,34 @@ class NTKGaussNewton(torch.optim.Optimizer):
                 "training_step hands the batch over."
             )
         with torch.enable_grad():
-            system = gauss_newton_system(self.module, batch, dtype=self.dtype, max_bytes=self.max_bytes)
+            if self._route(batch) == "cg":
+                system = matrix_free_system(
+                    self.module,
+                    batch,
+                    dtype=self.dtype,
+                    tolerance=self.cg_tolerance,
+                    max_iterations=self.cg_max_iterations,
+                )
+            else:
+                system = gauss_newton_system(self.module, batch, dtype=self.dtype, max_bytes=self.max_bytes)
         self.last = self._damped_step(system, batch)
         return loss
 
-    def _damped_step(self, system: GaussNewtonSystem, batch: object) -> GaussNewtonRecord:
+    def _route(self, batch: object) -> str:
+        if self.solver != "auto":
+            return self.solver
+        key = batch_signature(batch)
+        if key not in self._routes:
+            measured, _ = loss_rows(self.module, batch)
+            m = sum(
+                r.numel() for r in evaluate_residuals(measured, batch, getattr(self.module, "terms", None)).values()
+            )
+            p = sum(p.numel() for group in self.param_groups for p in group["params"])
+            need = (m * p + m * m) * torch.empty((), dtype=self.dtype).element_size()
+            self._routes[key] = "cg" if need > self.max_bytes else "dense"
+        return self._routes[key]
+
+    def _damped_step(self, system: GaussNewtonSystem | MatrixFreeSystem, batch: object) -> GaussNewtonRecord:
         group = self.param_groups[0]
         mu, growth = group["damping"], group["growth"]
         before = system.loss
@@ -203,7 +253,8 @@ class NTKGaussNewton(torch.optim.Optimizer):
             )
         group["steps"] += 1
         condition = None
-        if self.condition_every and group["steps"] % self.condition_every == 0:
+        dense = isinstance(system, GaussNewtonSystem)
+        if dense and self.condition_every and group["steps"] % self.condition_every == 0:
             condition = (_largest_eigenvalue(system.kernel) + history[-1]) / history[-1]
         return GaussNewtonRecord(
             loss_before=before,
@@ -216,6 +267,7 @@ class NTKGaussNewton(torch.optim.Optimizer):
             accepted=accepted,
             rows=system.residual.numel(),
             condition=condition,
+            cg_iterations=None if dense else system.iterations,
         )
 
 

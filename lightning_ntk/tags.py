@@ -19,6 +19,7 @@ __all__ = [
     "EFFECTIVE_RANK",
     "EIGENVALUE",
     "EIGENVALUE_HISTOGRAM",
+    "GN_CG_ITERATIONS",
     "GN_CONDITION",
     "GN_DAMPING",
     "GN_GAIN_RATIO",
@@ -63,7 +64,8 @@ COLLOCATION_SCORE_PEAK = "collocation/score_max_over_mean"
 COLLOCATION_EFFECTIVE_SHARE = "collocation/effective_share"
 COLLOCATION_DENSITY = "collocation/density"
 # What a PINNModule trained by NTKGaussNewton logs every step: the damping of the kept try, its gain ratio
-# and step norm, the loss before and after, the rejected tries, and at a cadence K's condition bound.
+# and step norm, the loss before and after, the rejected tries, at a cadence K's condition bound, and the
+# conjugate-gradient iterations of the matrix-free solver.
 GN_DAMPING = "gn/damping"
 GN_GAIN_RATIO = "gn/gain_ratio"
 GN_STEP_NORM = "gn/step_norm"
@@ -71,6 +73,7 @@ GN_LOSS_BEFORE = "gn/loss_before"
 GN_LOSS_AFTER = "gn/loss_after"
 GN_RETRIES = "gn/retries"
 GN_CONDITION = "gn/condition"
+GN_CG_ITERATIONS = "gn/cg_iterations"
 
 
 def scalar(kind: str, term: str) -> str:

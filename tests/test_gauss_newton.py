@@ -224,3 +224,51 @@ def test_symmetric_gram_is_the_gemm_and_exactly_symmetric(m, block_rows):
     kernel = symmetric_gram(jac, block_rows)
     assert torch.equal(kernel, kernel.T)
     torch.testing.assert_close(kernel, jac @ jac.T, rtol=1e-13, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the matrix-free route
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matrix_free_step_equals_the_dense_step_to_its_tolerance(causal):
+    from lightning_ntk.gauss_newton import matrix_free_system
+
+    cw = {"pde": CausalWeighting(time_column=1, num_chunks=3, epsilon=5.0)} if causal else None
+    m, batch = model(WeightedTwoOutput, cw), two_field_batch(4, 9)
+    dense = gauss_newton_system(m, batch)
+    free = matrix_free_system(m, batch, tolerance=1e-12)
+    torch.testing.assert_close(free.residual, dense.residual, rtol=1e-13, atol=0)
+    for damping in (1e-2, 1.0):
+        alpha_d, step_d = dense.solve(damping)
+        alpha_f, step_f = free.solve(damping)
+        assert 0 < free.iterations <= free.residual.numel() + 5
+        torch.testing.assert_close(step_f, step_d, rtol=1e-8, atol=1e-10 * float(step_d.abs().max()))
+        want = dense.predicted_loss(alpha_d, damping)
+        assert free.predicted_loss(alpha_f, damping) == pytest.approx(want, rel=1e-8)
+
+
+def test_matrix_free_products_are_the_jacobians():
+    from lightning_ntk.gauss_newton import matrix_free_system
+
+    m, batch = model(MixedTwoOutput), two_field_batch(4, 6)
+    dense, free = gauss_newton_system(m, batch), matrix_free_system(m, batch)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(dense.residual.numel(), dtype=torch.float64, generator=g)
+    u = torch.randn(dense.jacobian.shape[1], dtype=torch.float64, generator=g)
+    torch.testing.assert_close(free.transpose_product(v), dense.jacobian.T @ v, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(free.product(u), dense.jacobian @ u, rtol=1e-12, atol=1e-13)
+
+
+def test_conjugate_gradients_solves_and_reports_its_remainder():
+    from lightning_ntk.gauss_newton import conjugate_gradients
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(30, 30, dtype=torch.float64, generator=g)
+    spd = a @ a.T + 0.1 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, dtype=torch.float64, generator=g)
+    x, remainder, iterations = conjugate_gradients(lambda v: spd @ v, b, 1e-12, 500)
+    torch.testing.assert_close(x, torch.linalg.solve(spd, b), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(remainder, b - spd @ x, rtol=0, atol=1e-15)
+    assert float(remainder.norm()) <= 1e-12 * float(b.norm()) * 10
+    _, _, few = conjugate_gradients(lambda v: spd @ v, b, 1e-12, 3)
+    assert few == 3 and iterations > 3

@@ -175,3 +175,15 @@ def test_distributed_training_is_refused_at_fit_start(tmp_path, monkeypatch):
     monkeypatch.setattr(type(trainer), "world_size", property(lambda self: 2))
     with pytest.raises(MisconfigurationException, match="devices=1"):
         m.on_fit_start()
+
+
+def test_auto_takes_conjugate_gradients_over_the_memory_bound_and_logs_the_iterations():
+    batch = two_field_batch(4, 6)
+    dense, free = model(MixedTwoOutput), model(MixedTwoOutput)
+    NTKGaussNewton(dense, damping=1e-2).step(batch=batch)
+    opt = NTKGaussNewton(free, damping=1e-2, max_bytes=1000, cg_tolerance=1e-12)
+    opt.step(batch=batch)
+    assert opt._routes and set(opt._routes.values()) == {"cg"}
+    assert opt.last.cg_iterations > 0 and opt.last.condition is None
+    for a, b in zip(dense.parameters(), free.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
