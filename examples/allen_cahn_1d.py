@@ -119,7 +119,8 @@ class AllenCahn1D(GridPINN):
         fourier_scale: σ of the Fourier features.
         causal_chunks: Weight the PDE term causally over this many time chunks; 0: off.
         causal_epsilon: ε of the causal weights.
-        optimizer: ``"adam"`` or ``"gauss_newton"`` (:class:`~lightning_ntk.NTKGaussNewton`).
+        optimizer: ``"adam"``, ``"soap"`` (``pytorch-optimizer``) or ``"gauss_newton"``
+            (:class:`~lightning_ntk.NTKGaussNewton`).
         damping: The first damping of ``"gauss_newton"``.
     """
 

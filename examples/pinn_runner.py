@@ -94,12 +94,19 @@ class GridPINN(PINNModule):
 
     def configure_optimizers(self):
         """Adam with the learning rate decayed smoothly by ``decay_rate`` every ``decay_steps`` steps
-        (the subclass saves ``lr``, ``decay_rate`` and ``decay_steps`` as hyperparameters), or with the
-        hyperparameter ``optimizer="gauss_newton"`` :class:`~lightning_ntk.NTKGaussNewton` from ``damping``."""
+        (the subclass saves ``lr``, ``decay_rate`` and ``decay_steps`` as hyperparameters); with the
+        hyperparameter ``optimizer="soap"`` SOAP (``pytorch-optimizer``) on the same schedule, with
+        ``optimizer="gauss_newton"`` :class:`~lightning_ntk.NTKGaussNewton` from ``damping``."""
         hp = self.hparams
-        if hp.get("optimizer", "adam") == "gauss_newton":
+        optimizer = hp.get("optimizer", "adam")
+        if optimizer == "gauss_newton":
             return NTKGaussNewton(self, damping=hp.get("damping", 1e-3))
-        opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
+        if optimizer == "soap":
+            from pytorch_optimizer import SOAP  # the examples extra: pip install -e ".[examples]"
+
+            opt = SOAP(self.parameters(), lr=hp.lr, weight_decay=0.0)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=hp.decay_rate ** (1 / hp.decay_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -201,9 +208,10 @@ def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) 
     p.add_argument("--depth", type=int, default=depth, help="hidden layers")
     p.add_argument(
         "--optimizer",
-        choices=["adam", "gauss_newton"],
+        choices=["adam", "soap", "gauss_newton"],
         default="adam",
-        help="adam (lr decayed) or gauss_newton (lightning_ntk.NTKGaussNewton; use with --precision 64-true)",
+        help="adam or soap (pytorch-optimizer's SOAP, the examples extra), both with the lr decayed; or gauss_newton "
+        "(lightning_ntk.NTKGaussNewton; use with --precision 64-true)",
     )
     p.add_argument("--damping", type=float, default=1e-3, help="the first damping of gauss_newton")
     p.add_argument("--precision", default="32-true", help="Trainer precision, e.g. 64-true")
