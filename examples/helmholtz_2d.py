@@ -30,6 +30,7 @@ from pinn_runner import (
     FreshPoints,
     GridPINN,
     add_common_args,
+    add_optimizer_args,
     cli_or_compare,
     compare,
     grid_2d,
@@ -49,13 +50,21 @@ def source(xy: torch.Tensor) -> torch.Tensor:
 
 
 class Helmholtz2D(GridPINN):
-    """Helmholtz PINN; ``width``/``depth``: the tanh MLP, ``lr``/``decay_*``: Adam with exponential decay."""
+    """Helmholtz PINN; ``width``/``depth``: the tanh MLP, ``lr``/``decay_*``: Adam with exponential decay;
+    ``optimizer``: ``"adam"``, ``"soap"`` or ``"gauss_newton"`` (first ``damping``)."""
 
     name = "helmholtz_2d"
     figure = ((101, 101), (-1.0, 1.0, -1.0, 1.0), ("x", "y"), ("u",))
 
     def __init__(
-        self, width: int = 50, depth: int = 4, lr: float = 1e-3, decay_rate: float = 0.9, decay_steps: int = 1000
+        self,
+        width: int = 50,
+        depth: int = 4,
+        lr: float = 1e-3,
+        decay_rate: float = 0.9,
+        decay_steps: int = 1000,
+        optimizer: str = "adam",
+        damping: float = 1e-3,
     ) -> None:
         super().__init__(terms=["bc", "pde"])
         self.save_hyperparameters()
@@ -86,24 +95,29 @@ def sample_points(g: torch.Generator, per_side: int, interior: int) -> dict[str,
 
 
 class HelmholtzData(pl.LightningDataModule):
-    """Fresh boundary (``4 × per_side``) and interior points at every step."""
+    """Fresh boundary (``4 × per_side``) and interior points at every step (``fixed``: one set for all steps)."""
 
-    def __init__(self, per_side: int = 32, interior: int = 128, seed: int = 0) -> None:
+    def __init__(self, per_side: int = 32, interior: int = 128, seed: int = 0, fixed: bool = False) -> None:
         super().__init__()
-        self.per_side, self.interior, self.seed = per_side, interior, seed
+        self.per_side, self.interior, self.seed, self.fixed = per_side, interior, seed, fixed
 
     def train_dataloader(self):
-        points = FreshPoints(lambda g: sample_points(g, self.per_side, self.interior), self.seed)
+        points = FreshPoints(lambda g: sample_points(g, self.per_side, self.interior), self.seed, self.fixed)
         return torch.utils.data.DataLoader(points, batch_size=None)
 
 
 def build(args: argparse.Namespace) -> tuple[Helmholtz2D, HelmholtzData]:
-    return Helmholtz2D(args.width, args.depth), HelmholtzData(seed=args.seed)
+    model = Helmholtz2D(args.width, args.depth, optimizer=args.optimizer, damping=args.damping)
+    return model, HelmholtzData(args.per_side, args.interior, args.seed, args.fixed_points)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, steps=10_000, update_every=100)
+    add_optimizer_args(p)
+    p.add_argument("--per-side", type=int, default=32, help="boundary points per side and step")
+    p.add_argument("--interior", type=int, default=128, help="interior points per step")
+    p.add_argument("--fixed-points", action="store_true", help="one fixed point set for every step (default: fresh)")
     p.add_argument("--width", type=int, default=50)
     p.add_argument("--depth", type=int, default=4, help="hidden layers")
     p.add_argument("--paper", action="store_true", help="40,000 steps, weights every 1,000 (a GPU job)")

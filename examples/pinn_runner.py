@@ -202,10 +202,8 @@ def add_common_args(p: argparse.ArgumentParser, steps: int, update_every: int, c
     p.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
 
 
-def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) -> None:
-    """Options of the time-dependent examples: network size and parts, optimizer, points per step."""
-    p.add_argument("--width", type=int, default=width)
-    p.add_argument("--depth", type=int, default=depth, help="hidden layers")
+def add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    """The optimizer of the comparison runs, their precision, and an optional wall-time budget with its curve."""
     p.add_argument(
         "--optimizer",
         choices=["adam", "soap", "gauss_newton"],
@@ -218,6 +216,13 @@ def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) 
     p.add_argument("--seconds", type=float, default=0.0, help="stop each run after this much training time (0: off)")
     p.add_argument("--report-seconds", type=float, default=30.0, help="with --seconds: the error every this often")
     p.add_argument("--out", default=None, help="with --seconds: write the error curve here (JSON)")
+
+
+def add_time_dependent_args(p: argparse.ArgumentParser, width: int, depth: int) -> None:
+    """Options of the time-dependent examples: network size and parts, optimizer, points per step."""
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--depth", type=int, default=depth, help="hidden layers")
+    add_optimizer_args(p)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--decay-steps", type=int, default=1000, help="lr × 0.9 every this many steps")
     p.add_argument(
