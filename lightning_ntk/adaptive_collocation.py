@@ -20,6 +20,7 @@ from lightning_ntk.callback import NTKWeightingCallback
 from lightning_ntk.causal import point_scales
 from lightning_ntk.collocation import draw, point_residual_norms, scored_density
 from lightning_ntk.contract import check_residuals
+from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.jacobian import per_point_squared_norms
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import add_density_image, add_histogram
@@ -79,7 +80,8 @@ class AdaptiveCollocation(Callback):
         points: ``{term: fn(batch) -> Tensor}``: the tensor of the batch that holds the term's points
             (default ``batch[term]``); it is overwritten in place.
         chunk_size: Pool points scored at a time.
-        seed: Seeds the pools and draws.
+        seed: Seeds the pools and draws (plus the global rank); ``None`` (default): drawn from torch's global
+            generator at ``setup``, so ``lightning.seed_everything`` reaches it.
 
     Example::
 
@@ -103,7 +105,7 @@ class AdaptiveCollocation(Callback):
         importance: str = "loss",
         points: Mapping[str, Callable[[Any], Tensor]] | None = None,
         chunk_size: int = 2048,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if not isinstance(samplers, Mapping) or not samplers:
             raise ValueError("`samplers` must be a non-empty mapping {term: sampler(generator, n) -> (n, d) points}.")
@@ -132,6 +134,8 @@ class AdaptiveCollocation(Callback):
                 raise ValueError(f"`{label}` must be a finite number >= 0, got {value!r}.")
         if score != "uniform" and c == 0 and a == 0:
             raise ValueError("`a = 0` and `c = 0` leave no density; use score='uniform'.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an int or None, got {seed!r}.")
         unknown = sorted(set(points or {}) - set(samplers))
         if unknown:
             raise ValueError(f"`points` names term(s) {unknown} without a sampler.")
@@ -144,7 +148,10 @@ class AdaptiveCollocation(Callback):
         self.points = dict(points or {})
         self.chunk_size = chunk_size
         self.seed = seed
-        self.generator: torch.Generator | None = None
+        self.rng = CallbackGenerator(seed)
+        # (the batch's tensor, its values before the draw) per term: put back after the step, so the user's own
+        # tensors (a list-backed loader yields the same ones every step) are never lost.
+        self._lent: list[tuple[Tensor, Tensor]] = []
         self.pools: dict[str, Tensor] = {}
         self.densities: dict[str, Tensor] = {}
         self.last_scored: int | None = None
@@ -170,8 +177,14 @@ class AdaptiveCollocation(Callback):
                 "Put AdaptiveCollocation before NTKWeightingCallback in `callbacks`: the weights must be measured "
                 "on the points the step trains on."
             )
-        if self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
+        if self.rng.generator is None:
+            self.rng.start(torch.device("cpu"), trainer.global_rank)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The CPU generator of pools and draws: ``seed + global_rank``, or with ``seed=None`` drawn from torch's
+        global generator at ``setup`` (so ``seed_everything`` reaches it); checkpointed."""
+        return self.rng.generator
 
     @override
     def on_train_batch_start(
@@ -190,10 +203,20 @@ class AdaptiveCollocation(Callback):
             target = self._target(name, batch)
             indices, omegas[name] = draw(self.densities[name], target.shape[0], self.generator)
             pool = self.pools[name]
+            self._lent.append((target, target.clone()))
             target.copy_(pool[indices.to(pool.device)])
             omegas[name] = omegas[name].to(target)
         if self.importance != "none":
             pl_module.set_point_weights(omegas, in_loss=self.importance == "loss")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Puts the batch's own points back: the draw lent their storage to this step only."""
+        for target, values in self._lent:
+            target.copy_(values)
+        self._lent.clear()
 
     def score_pools(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> None:
         """Draw a pool for every term, score it, and keep its density; log what was scored."""
@@ -294,7 +317,7 @@ class AdaptiveCollocation(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "generator": None if self.generator is None else self.generator.get_state(),
+            "generator": self.rng.state_dict(),
             "pools": {name: pool.cpu() for name, pool in self.pools.items()},
             "densities": dict(self.densities),
             "last_scored": self.last_scored,
@@ -302,9 +325,7 @@ class AdaptiveCollocation(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("generator") is not None:
-            self.generator = torch.Generator()
-            self.generator.set_state(state_dict["generator"])
+        self.rng.load_state_dict(state_dict.get("generator"))
         self.pools = dict(state_dict.get("pools", {}))
         self.densities = dict(state_dict.get("densities", {}))
         self.last_scored = state_dict.get("last_scored")

@@ -354,3 +354,31 @@ def test_the_density_image_puts_x_to_the_right_and_t_upward(tmp_path):
     assert image.step == 3 and pixels.shape == (4, 4)
     assert pixels[0, 3] == pixels.max() == 255  # top right: x large (right), t large (up)
     assert pixels[3, 0] == pytest.approx(255 * (0.01 / 0.97) ** 0.5, abs=1.5)  # bottom left, √-scaled
+
+
+def test_the_users_own_points_are_put_back_after_every_step(tmp_path):
+    """A list-backed loader yields the user's own tensors every step: the draw lends their storage to one step."""
+    torch.manual_seed(0)
+    mine = heat_batch(0)
+    original = mine["pde"].clone()
+    recorder = Recorder()
+    cb = AdaptiveCollocation({"pde": unit_square}, score="rad", pool_factor=4, seed=1)
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[cb, recorder])
+    trainer.fit(HeatAdam(), torch.utils.data.DataLoader([mine] * 5, batch_size=None))
+    assert torch.equal(mine["pde"], original)
+    assert all(not torch.equal(points, original) for points in recorder.points)  # the steps trained on drawn points
+
+
+def test_seed_everything_reaches_the_default_generator(tmp_path):
+    pools = []
+    for seed in (5, 5, 6):
+        pl.seed_everything(seed, verbose=False)
+        cb = AdaptiveCollocation({"pde": unit_square}, score="rad", pool_factor=4)
+        fit(tmp_path / str(len(pools)), HeatAdam(), [cb], 1)
+        pools.append(cb.pools["pde"])
+    assert torch.equal(pools[0], pools[1]) and not torch.equal(pools[0], pools[2])
+
+
+def test_seed_must_be_an_int_or_none():
+    with pytest.raises(ValueError, match="`seed` must be an int or None"):
+        AdaptiveCollocation({"pde": unit_square}, seed=1.5)
