@@ -241,6 +241,13 @@ class AdaptiveCollocation(Callback):
 
     def _target(self, name: str, batch: Any) -> Tensor:
         locate = self.points.get(name)
+        if locate is None and not isinstance(batch, Mapping):
+            raise ValueError(
+                f"AdaptiveCollocation: the batch is a {type(batch).__name__}, not a mapping with the key {name!r}: "
+                "pass "
+                f"`points={{{name!r}: lambda batch: ...}}` returning the tensor of term {name!r}'s points in the batch "
+                "(e.g. `lambda batch: batch[1]`)."
+            )
         target = locate(batch) if locate is not None else batch[name]
         if not isinstance(target, Tensor) or target.ndim < 1:
             raise ValueError(

@@ -382,3 +382,18 @@ def test_seed_everything_reaches_the_default_generator(tmp_path):
 def test_seed_must_be_an_int_or_none():
     with pytest.raises(ValueError, match="`seed` must be an int or None"):
         AdaptiveCollocation({"pde": unit_square}, seed=1.5)
+
+
+def test_a_tuple_batch_without_points_says_what_points_must_return(tmp_path):
+    class TupleHeat(HeatAdam):
+        def residuals(self, batch):
+            return super().residuals({"ic": batch[0], "pde": batch[1]})
+
+        def residual_points(self, batch):
+            return {"pde": batch[1]}
+
+    batch = heat_batch(0)
+    cb = AdaptiveCollocation({"pde": unit_square}, score="rad", pool_factor=4, seed=0)
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"batch is a list, not a mapping .* `points=\{'pde': lambda batch: \.\.\.\}`"):
+        trainer.fit(TupleHeat(), torch.utils.data.DataLoader([[batch["ic"], batch["pde"]]] * 2, batch_size=None))
