@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_ntk import tags
 from lightning_ntk.callback import NTKWeightingCallback
 from lightning_ntk.causal import point_scales
+from lightning_ntk.checks import non_negative_number, optional_seed, positive_int
 from lightning_ntk.collocation import draw, point_residual_norms, scored_density
 from lightning_ntk.contract import check_residuals
 from lightning_ntk.generators import CallbackGenerator
@@ -27,8 +28,10 @@ from lightning_ntk.tensorboard import add_density_image, add_histogram
 
 __all__ = ["AdaptiveCollocation"]
 
-SCORES = ("uniform", "rad", "ntk")
-IMPORTANCE = ("none", "traces", "loss")
+Score = Literal["uniform", "rad", "ntk"]
+Importance = Literal["none", "traces", "loss"]
+SCORES: tuple[str, ...] = get_args(Score)
+IMPORTANCE: tuple[str, ...] = get_args(Importance)
 Sampler = Callable[[torch.Generator, int], Tensor]
 
 
@@ -97,48 +100,18 @@ class AdaptiveCollocation(Callback):
     def __init__(
         self,
         samplers: Mapping[str, Sampler],
-        score: str = "rad",
+        score: Score = "rad",
+        *,
         every_n_steps: int = 100,
         pool_factor: int = 8,
         a: float = 1.0,
         c: float = 1.0,
-        importance: str = "loss",
+        importance: Importance = "loss",
         points: Mapping[str, Callable[[Any], Tensor]] | None = None,
         chunk_size: int = 2048,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(samplers, Mapping) or not samplers:
-            raise ValueError("`samplers` must be a non-empty mapping {term: sampler(generator, n) -> (n, d) points}.")
-        for name, sampler in samplers.items():
-            if not callable(sampler):
-                raise ValueError(
-                    f"Term {name!r} has no sampler (got {sampler!r}): give a function (generator, n) -> (n, d) "
-                    "uniform candidate points of the term's domain."
-                )
-        if score not in SCORES:
-            raise ValueError(f"`score` must be one of {SCORES}, got {score!r}.")
-        if importance not in IMPORTANCE:
-            raise ValueError(f"`importance` must be one of {IMPORTANCE}, got {importance!r}.")
-        for label, value in (
-            ("every_n_steps", every_n_steps),
-            ("pool_factor", pool_factor),
-            ("chunk_size", chunk_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"`{label}` must be an int >= 1, got {value!r}"
-                    + (" (the pool must hold at least the batch's points)." if label == "pool_factor" else ".")
-                )
-        for label, value in (("a", a), ("c", c)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`{label}` must be a finite number >= 0, got {value!r}.")
-        if score != "uniform" and c == 0 and a == 0:
-            raise ValueError("`a = 0` and `c = 0` leave no density; use score='uniform'.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"`seed` must be an int or None, got {seed!r}.")
-        unknown = sorted(set(points or {}) - set(samplers))
-        if unknown:
-            raise ValueError(f"`points` names term(s) {unknown} without a sampler.")
+        _check_arguments(samplers, score, every_n_steps, pool_factor, a, c, importance, points, chunk_size, seed)
         self.samplers = dict(samplers)
         self.score = score
         self.every_n_steps = every_n_steps
@@ -154,7 +127,7 @@ class AdaptiveCollocation(Callback):
         self._lent: list[tuple[Tensor, Tensor]] = []
         self.pools: dict[str, Tensor] = {}
         self.densities: dict[str, Tensor] = {}
-        self.last_scored: int | None = None
+        self._last_scored: int | None = None  # the step whose pool was scored last (resumes skip it)
 
     def should_score(self, step: int) -> bool:
         """Whether to score a fresh pool before step ``step``: every ``every_n_steps`` steps, step 0 included."""
@@ -195,9 +168,9 @@ class AdaptiveCollocation(Callback):
             return
         assert isinstance(pl_module, PINNModule) and self.generator is not None
         step = trainer.global_step
-        if (self.should_score(step) and step != self.last_scored) or not self.densities:
+        if (self.should_score(step) and step != self._last_scored) or not self.densities:
             self.score_pools(trainer, pl_module, batch)
-            self.last_scored = step
+            self._last_scored = step
         omegas = {}
         for name in self.samplers:
             target = self._target(name, batch)
@@ -327,7 +300,7 @@ class AdaptiveCollocation(Callback):
             "generator": self.rng.state_dict(),
             "pools": {name: pool.cpu() for name, pool in self.pools.items()},
             "densities": dict(self.densities),
-            "last_scored": self.last_scored,
+            "last_scored": self._last_scored,
         }
 
     @override
@@ -335,12 +308,51 @@ class AdaptiveCollocation(Callback):
         self.rng.load_state_dict(state_dict.get("generator"))
         self.pools = dict(state_dict.get("pools", {}))
         self.densities = dict(state_dict.get("densities", {}))
-        self.last_scored = state_dict.get("last_scored")
+        self._last_scored = state_dict.get("last_scored")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Moves restored pools to the module's device."""
         self.pools = {name: pool.to(pl_module.device) for name, pool in self.pools.items()}
+
+
+def _check_arguments(
+    samplers: object,
+    score: object,
+    every_n_steps: object,
+    pool_factor: object,
+    a: object,
+    c: object,
+    importance: object,
+    points: object,
+    chunk_size: object,
+    seed: object,
+) -> None:
+    """A ``MisconfigurationException`` that says what to change, for the first bad argument."""
+    error = MisconfigurationException
+    if not isinstance(samplers, Mapping) or not samplers:
+        raise error("`samplers` must be a non-empty mapping {term: sampler(generator, n) -> (n, d) points}.")
+    for name, sampler in samplers.items():
+        if not callable(sampler):
+            raise error(
+                f"Term {name!r} has no sampler (got {sampler!r}): give a function (generator, n) -> (n, d) "
+                "uniform candidate points of the term's domain."
+            )
+    if score not in SCORES:
+        raise error(f"`score` must be one of {SCORES}, got {score!r}.")
+    if importance not in IMPORTANCE:
+        raise error(f"`importance` must be one of {IMPORTANCE}, got {importance!r}.")
+    positive_int("every_n_steps", every_n_steps, error)
+    positive_int("pool_factor", pool_factor, error, hint=" (the pool must hold at least the batch's points)")
+    positive_int("chunk_size", chunk_size, error)
+    non_negative_number("a", a, error)
+    non_negative_number("c", c, error)
+    if score != "uniform" and c == 0 and a == 0:
+        raise error("`a = 0` and `c = 0` leave no density; use score='uniform'.")
+    optional_seed("seed", seed, error)
+    unknown = sorted(set(points or {}) - set(samplers))
+    if unknown:
+        raise error(f"`points` names term(s) {unknown} without a sampler.")
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_ntk.checks import positive_number
 from lightning_ntk.contract import evaluate_residuals, trainable_parameters
 from lightning_ntk.jacobian.full import residual_jacobian
 
@@ -227,10 +228,9 @@ def gauss_newton_direction(
         >>> round(float(step["lin.weight"]), 6)  # one exact Newton step to w = 1
         1.0
     """
-    if not (isinstance(damping, (int, float)) and damping > 0 and math.isfinite(damping)):
-        raise ValueError(f"`damping` must be a positive finite number, got {damping!r}.")
+    damping = positive_number("damping", damping)
     system = gauss_newton_system(module, batch, dtype=dtype, max_bytes=max_bytes)
-    _, step = system.solve(float(damping))
+    _, step = system.solve(damping)
     return system.unflatten(step)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_ntk.checks import non_negative_int, positive_int, positive_number
 from lightning_ntk.contract import evaluate_residuals, trainable_parameters
 from lightning_ntk.gauss_newton import (
     DEFAULT_MAX_BYTES,
@@ -128,22 +129,21 @@ class NTKGaussNewton(torch.optim.Optimizer):
     ) -> None:
         if not callable(getattr(module, "residuals", None)):
             raise TypeError(f"{type(module).__name__} has no `residuals(batch)`; see lightning_ntk.PINNModule.")
-        for name, value in (("damping", damping), ("min_damping", min_damping), ("max_damping", max_damping)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+        damping, min_damping, max_damping = (
+            positive_number(name, value)
+            for name, value in (("damping", damping), ("min_damping", min_damping), ("max_damping", max_damping))
+        )
         if not min_damping <= damping <= max_damping:
             raise ValueError(
                 f"`damping` {damping} must lie in [min_damping, max_damping] = [{min_damping}, {max_damping}]."
             )
-        for name, value in (("max_retries", max_retries), ("condition_every", condition_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+        non_negative_int("max_retries", max_retries)
+        non_negative_int("condition_every", condition_every)
+        positive_int("cg_max_iterations", cg_max_iterations)
         if solver not in ("auto", "dense", "cg"):
             raise ValueError(f"`solver` must be 'auto', 'dense' or 'cg', got {solver!r}.")
-        if isinstance(cg_tolerance, bool) or not isinstance(cg_tolerance, (int, float)) or not 0 < cg_tolerance < 1:
+        if not 0 < positive_number("cg_tolerance", cg_tolerance) < 1:
             raise ValueError(f"`cg_tolerance` must be a number in (0, 1), got {cg_tolerance!r}.")
-        if isinstance(cg_max_iterations, bool) or not isinstance(cg_max_iterations, int) or cg_max_iterations < 1:
-            raise ValueError(f"`cg_max_iterations` must be a positive int, got {cg_max_iterations!r}.")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype!r}.")
         if getattr(module, "capture_step", False):

@@ -224,6 +224,7 @@ def test_tensorboard_gets_score_statistics_the_diagonal_and_the_density_image(tm
         ({"importance": "both"}, "`importance` must be one of"),
         ({"pool_factor": 0}, "at least the batch's points"),
         ({"every_n_steps": 0}, "every_n_steps"),
+        ({"chunk_size": True}, "`chunk_size` must be a positive int"),
         ({"a": -1.0}, "`a` must be"),
         ({"c": math.inf}, "`c` must be"),
         ({"points": {"ic": lambda b: b["ic"]}}, "without a sampler"),
@@ -231,7 +232,7 @@ def test_tensorboard_gets_score_statistics_the_diagonal_and_the_density_image(tm
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     args = {"samplers": {"pde": unit_square}, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(MisconfigurationException, match=match):
         AdaptiveCollocation(**args)
 
 
@@ -380,8 +381,13 @@ def test_seed_everything_reaches_the_default_generator(tmp_path):
 
 
 def test_seed_must_be_an_int_or_none():
-    with pytest.raises(ValueError, match="`seed` must be an int or None"):
+    with pytest.raises(MisconfigurationException, match="`seed` must be an int or None"):
         AdaptiveCollocation({"pde": unit_square}, seed=1.5)
+
+
+def test_tuning_arguments_are_keyword_only():
+    with pytest.raises(TypeError):
+        AdaptiveCollocation({"pde": unit_square}, "rad", 10)
 
 
 def test_a_tuple_batch_without_points_says_what_points_must_return(tmp_path):
