@@ -64,9 +64,9 @@ class AdaptiveCollocation(Callback):
     scores (``docs/results.md``, adaptive collocation).
 
     **Distributed.** Each rank draws its own pool from a generator seeded ``seed + global_rank`` and draws
-    its own points from it; one collective per scoring (a sum) makes ``mean(q^a)`` the mean over every
-    rank's pool, so ``c`` means the same on every rank. The global batch is then the union of the ranks'
-    draws: rank ``k``'s share follows ``p`` restricted to pool ``k``, normalised over pool ``k``.
+    its own points from it; one collective per scoring (a sum, for all terms at once) makes ``mean(q^a)``
+    the mean over every rank's pool, so ``c`` means the same on every rank. The global batch is then the
+    union of the ranks' draws: rank ``k``'s share follows ``p`` restricted to pool ``k``, normalised over pool ``k``.
 
     Put it before :class:`~lightning_ntk.NTKWeightingCallback` in ``callbacks``: the weights must be
     measured on the points the step trains on.
@@ -160,6 +160,11 @@ class AdaptiveCollocation(Callback):
         return self.rng.generator
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Moves restored pools to the module's device."""
+        self.pools = {name: pool.to(pl_module.device) for name, pool in self.pools.items()}
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -192,17 +197,19 @@ class AdaptiveCollocation(Callback):
         self._lent.clear()
 
     def score_pools(self, trainer: pl.Trainer, pl_module: PINNModule, batch: Any) -> None:
-        """Draw a pool for every term, score it, and keep its density; log what was scored."""
+        """Draw a pool for every term, score it, and keep its density; log what was scored. Under DDP one
+        collective (a sum over ranks of every term's ``Σ q^a`` and pool size) serves all terms."""
         assert self.generator is not None
+        scored = {}
         for name, sampler in self.samplers.items():
             target = self._target(name, batch)
             pool = self._checked_pool(name, sampler, target)
-            score, diagonal = self._pool_scores(pl_module, batch, name, target, pool)
-            powered = score.pow(self.a)
-            total = trainer.strategy.reduce(
-                torch.stack([powered.sum(), powered.new_tensor(powered.numel())]), reduce_op="sum"
-            )
-            density = scored_density(score, self.a, self.c, mean=total[0] / total[1])
+            q, diagonal = self._pool_scores(pl_module, batch, name, target, pool)
+            scored[name] = (pool, q, q.pow(self.a), diagonal)
+        sums = torch.stack([torch.stack([p.sum(), p.new_tensor(p.numel())]) for _, _, p, _ in scored.values()])
+        totals = trainer.strategy.reduce(sums, reduce_op="sum")
+        for (name, (pool, q, powered, diagonal)), total in zip(scored.items(), totals, strict=True):
+            density = scored_density(q, self.a, self.c, mean=total[0] / total[1])
             if not bool(torch.isfinite(density).all()):
                 raise ValueError(
                     f"AdaptiveCollocation: the {self.score!r} scores of term {name!r} are not finite at step "
@@ -309,11 +316,6 @@ class AdaptiveCollocation(Callback):
         self.pools = dict(state_dict.get("pools", {}))
         self.densities = dict(state_dict.get("densities", {}))
         self._last_scored = state_dict.get("last_scored")
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Moves restored pools to the module's device."""
-        self.pools = {name: pool.to(pl_module.device) for name, pool in self.pools.items()}
 
 
 def _check_arguments(

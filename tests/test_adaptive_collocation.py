@@ -403,3 +403,21 @@ def test_a_tuple_batch_without_points_says_what_points_must_return(tmp_path):
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[cb])
     with pytest.raises(ValueError, match=r"batch is a list, not a mapping .* `points=\{'pde': lambda batch: \.\.\.\}`"):
         trainer.fit(TupleHeat(), torch.utils.data.DataLoader([[batch["ic"], batch["pde"]]] * 2, batch_size=None))
+
+
+def test_one_collective_per_scoring_serves_every_term(tmp_path, monkeypatch):
+    def initial_line(g, n):
+        return torch.stack([torch.rand(n, generator=g, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)], 1)
+
+    calls = []
+    cb = AdaptiveCollocation({"ic": initial_line, "pde": unit_square}, score="rad", every_n_steps=2, pool_factor=4)
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[cb])
+    reduce = type(trainer.strategy).reduce
+
+    def counted(self, tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return reduce(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.strategy), "reduce", counted)
+    trainer.fit(HeatAdam(), loader(5))
+    assert calls == [(2, 2), (2, 2)]  # steps 0 and 2: both terms' sums in one reduction
