@@ -52,6 +52,8 @@ format: $(STAMP)
 bench-gpu:
 	PYTHONPATH=. $(PYTHON) benchmarks/gpu.py --out gpu_table.md
 	PYTHONPATH=. $(PYTHON) benchmarks/derivatives_cost.py --device cuda --points 1024 16384
+	PYTHONPATH=. $(PYTHON) benchmarks/gauss_newton_cost.py --device cuda --repeats 3 --no-cg
+	PYTHONPATH=. $(PYTHON) benchmarks/gauss_newton_cost.py --device cuda --repeats 3 --no-cg --dtype float32
 
 clean:
 	rm -rf $(VENV) .venv-oldest .venv-newest lightning_logs .pytest_cache docs/_build docs/auto_examples docs/sg_execution_times.rst

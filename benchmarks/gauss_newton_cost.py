@@ -7,20 +7,21 @@ ordinary autograd style and a two-column boundary term), float64, one fixed batc
   (one GEMM), the solve (Cholesky of ``K + μI`` and the triangular solves), ``Jᵀα``, and one try (a residual
   evaluation for the gain ratio); the whole ``NTKGaussNewton.step`` (one try kept);
 - the floor: one GEMM ``J Jᵀ`` of the same shape and one Cholesky of an ``m × m`` matrix, timed in the same run;
-- a plain Adam step of the same module and batch (loss, backward, update), and peak memory of a step
-  (resident set growth, MiB).
+- a plain Adam step of the same module and batch (loss, backward, update), and the memory of ``J`` and ``K``;
+- the matrix-free route (``solver="cg"``): one conjugate-gradient solve at ``μ = 1e-3`` and ``1e-6`` on the
+  freshly initialized network (tolerance 1e-10), its time and iterations (``--no-cg`` skips it).
 
 Medians over ``--repeats`` calls after one warm-up.
 
     OMP_NUM_THREADS=1 python benchmarks/gauss_newton_cost.py                       # 3x32 (m 1,792), 3x64 (m 4,000)
     OMP_NUM_THREADS=1 python benchmarks/gauss_newton_cost.py --rows 1000 2000 4000 8000 --width 32 --depth 3
+    python benchmarks/gauss_newton_cost.py --device cuda --dtype float32     # on a GPU (make bench-gpu)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import time
@@ -31,16 +32,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kovasznay_2d import Kovasznay, sample_points
 
 from lightning_ntk import NTKGaussNewton
-from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows
+from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows, matrix_free_system
 from lightning_ntk.jacobian.full import residual_jacobian
+
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_seconds(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -52,11 +62,13 @@ def points_for(rows: int) -> tuple[int, int]:
     return interior, max(4, (interior // 4) // 4 * 4)
 
 
-def case(width: int, depth: int, rows: int, repeats: int) -> dict[str, float]:
+def case(width: int, depth: int, rows: int, repeats: int, dtype: torch.dtype, cg: bool) -> dict[str, float]:
     torch.manual_seed(0)
-    model = Kovasznay(width, depth).double()
+    model = Kovasznay(width, depth).to(DEVICE, dtype)
     interior, boundary = points_for(rows)
-    batch = sample_points(torch.Generator().manual_seed(0), interior, boundary)
+    batch = {
+        k: v.to(DEVICE, dtype) for k, v in sample_points(torch.Generator().manual_seed(0), interior, boundary).items()
+    }
     measured, _ = loss_rows(model, batch)
     system = gauss_newton_system(model, batch)
     m, p = system.jacobian.shape
@@ -80,10 +92,14 @@ def case(width: int, depth: int, rows: int, repeats: int) -> dict[str, float]:
         opt.param_groups[0]["damping"] = 1e3
         opt.step(batch=batch)
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out["step"] = median_seconds(gn_step, repeats)
-    out["peak MiB"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
-    a = torch.randn(m, p, dtype=torch.float64)
+    out["J+K MiB"] = (m * p + m * m) * 8 / 2**20
+    if cg:
+        free = matrix_free_system(model, batch, tolerance=1e-10, max_iterations=20_000)
+        for damping in (1e-3, 1e-6):
+            out[f"cg {damping:g}"] = median_seconds(lambda d=damping: free.solve(d), 1)
+            out[f"its {damping:g}"] = free.iterations
+    a = torch.randn(m, p, dtype=torch.float64, device=DEVICE)
     out["floor GEMM"] = median_seconds(lambda: a @ a.T, repeats)
     spd = a @ a.T
     spd.diagonal().add_(1.0)
@@ -100,6 +116,7 @@ def case(width: int, depth: int, rows: int, repeats: int) -> dict[str, float]:
 
 
 COLUMNS = ["rows", "K", "solve", "J^T a", "try", "step", "floor GEMM", "floor Cholesky", "adam step"]
+CG_COLUMNS = ["cg 0.001", "its 0.001", "cg 1e-06", "its 1e-06"]
 
 
 def main(argv=None) -> list[dict]:
@@ -109,22 +126,31 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="the model's dtype")
+    parser.add_argument("--no-cg", action="store_true", help="skip the matrix-free solves")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     specs = [(args.width, args.depth, r) for r in args.rows] if args.rows else []
     for spec in [] if args.rows else args.cases:
         net, rows = spec.split(":")
         width, depth = net.split("x")
         specs.append((int(width), int(depth), int(rows)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float64; seconds (median)")
+    where = f"{torch.get_num_threads()} thread(s)" if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
+    print(f"torch {torch.__version__}, {where}, model {args.dtype}, K float64; seconds (median)")
+    cg_columns = [] if args.no_cg else CG_COLUMNS
     header = f"{'net':>6} {'m':>6} {'P':>6} " + " ".join(f"{c:>10}" for c in COLUMNS)
-    print(header + f" {'step/floor':>10} {'step/adam':>10} {'peak MiB':>9}")
+    print(header + f" {'step/floor':>10} {'step/adam':>10} {'J+K MiB':>8} " + " ".join(f"{c:>10}" for c in cg_columns))
     results = []
     for width, depth, rows in specs:
-        r = case(width, depth, rows, args.repeats)
+        r = case(width, depth, rows, args.repeats, dtype, not args.no_cg)
         floor = r["floor GEMM"] + r["floor Cholesky"]
         cells = " ".join(f"{r[c]:10.4f}" for c in COLUMNS)
-        ratios = f"{r['step'] / floor:10.2f} {r['step'] / r['adam step']:10.1f} {r['peak MiB']:9.0f}"
-        print(f"{width}x{depth:<4} {r['m']:6d} {r['P']:6d} {cells} {ratios}", flush=True)
+        ratios = f"{r['step'] / floor:10.2f} {r['step'] / r['adam step']:10.1f} {r['J+K MiB']:8.0f}"
+        cg_cells = " ".join(f"{r[c]:10.4g}" for c in cg_columns)
+        print(f"{width}x{depth:<4} {r['m']:6d} {r['P']:6d} {cells} {ratios} {cg_cells}", flush=True)
         results.append(r)
     return results
 

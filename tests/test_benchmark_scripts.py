@@ -144,3 +144,33 @@ def test_the_cost_table_counts_the_page_faults_a_call_takes(capsys):
     assert header.split()[-1] == "faults"
     assert [" ".join(r.split()[1:3]) for r in rows] == ["training step", "exact traces", "fd (1"]
     assert all(r.split()[-1].isdigit() for r in rows)
+
+
+def test_the_gauss_newton_benchmarks_run_and_print_their_tables(tmp_path):
+    import json
+
+    cost = subprocess.run(
+        [sys.executable, "benchmarks/gauss_newton_cost.py", "--cases", "8x2:120", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cost.returncode == 0, cost.stderr[-3000:]
+    assert "step/floor" in cost.stdout and "its 1e-06" in cost.stdout
+    row = cost.stdout.strip().splitlines()[-1].split()
+    assert row[0] == "8x2" and int(row[1]) == 3 * 34 + 2 * 8  # m: 3 rows per interior point, 2 per boundary point
+    for optimizer, errors in (("adam", [0.5, 0.1]), ("gauss_newton", [0.4, 1e-3])):
+        curve = [{"seconds": 10.0 * k, "step": k, "error": e} for k, e in enumerate(errors, 1)]
+        run = {"example": "demo", "optimizer": optimizer, "seed": 0, "curve": curve, "weights": {}}
+        (tmp_path / f"{optimizer}.json").write_text(json.dumps(run))
+    curves = subprocess.run(
+        [sys.executable, "benchmarks/gauss_newton_curves.py", str(tmp_path), "--marks", "10", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert curves.returncode == 0, curves.stderr[-3000:]
+    lines = {line.split()[1]: line.split() for line in curves.stdout.splitlines()[1:]}
+    assert lines["gauss_newton"][3:5] == ["4.00e-01", "1.00e-03"] and lines["adam"][4] == "1.00e-01"
