@@ -302,3 +302,14 @@ def test_wave_1d_authors_conventions():
     assert float(plain.term_loss("u", r)) == pytest.approx(float(r.square().mean()))
     args = wave.parse_args(["--authors-code"])
     assert (args.standardize_inputs, args.u_loss, args.continuous_decay) == (True, "sum_of_parts", True)
+
+
+@needs_cli
+def test_the_gauss_newton_config_trains_with_ntk_gauss_newton_in_float64(tmp_path):
+    from lightning_ntk import NTKGaussNewton
+
+    config = EXAMPLES / "configs" / "burgers_1d_ntk_gauss_newton.yaml"
+    cli = _cli(config, tmp_path, "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", run=True)
+    (optimizer,) = cli.trainer.optimizers
+    assert isinstance(optimizer, NTKGaussNewton) and optimizer.last is not None and optimizer.last.accepted
+    assert next(cli.model.parameters()).dtype == torch.float64
