@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import check_residuals
+from lightning_ntk.contract import check_residuals, declared_terms
 
 __all__ = [
     "CausalResiduals",
@@ -368,7 +368,7 @@ class CausalResiduals(nn.Module):
 
     @property
     def terms(self) -> tuple[str, ...] | None:
-        return getattr(self.inner, "terms", None)
+        return declared_terms(self.inner)
 
     def _causal_points(self, batch: Any) -> Mapping[str, Tensor]:
         if not self.causal:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ntk.causal import CausalResiduals
-from lightning_ntk.contract import check_residuals
+from lightning_ntk.contract import check_residuals, declared_terms
 from lightning_ntk.jacobian import per_point_squared_norms
 
 __all__ = ["draw", "ntk_diagonal", "point_residual_norms", "scored_density"]
@@ -100,7 +100,7 @@ def _sketched_diagonal(
 ) -> dict[str, Tensor]:
     params = [p for p in view.parameters() if p.requires_grad]
     with torch.enable_grad():
-        residuals = dict(check_residuals(view.residuals(batch), getattr(view, "terms", None), require_grad=True))
+        residuals = dict(check_residuals(view.residuals(batch), declared_terms(view), require_grad=True))
         names = list(residuals)
         # g(w) = Jᵀ w is linear in the dummy cotangent w; differentiating g·v in w gives J v for all points.
         dummies = [torch.zeros_like(r, requires_grad=True) for r in residuals.values()]

@@ -25,6 +25,11 @@ __all__ = [
 ]
 
 
+def declared_terms(module: object) -> Sequence[str] | None:
+    """The module's declared term names (``module.terms``), or ``None``: whatever ``residuals`` returns."""
+    return getattr(module, "terms", None)
+
+
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters with ``requires_grad=True``, tied ones once. Frozen parameters are not part of θ."""
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ntk.checks import positive_number
-from lightning_ntk.contract import evaluate_residuals, trainable_parameters
+from lightning_ntk.contract import declared_terms, evaluate_residuals, trainable_parameters
 from lightning_ntk.jacobian.full import residual_jacobian
 
 __all__ = [
@@ -136,7 +136,7 @@ def gauss_newton_system(
         MemoryError: ``J`` and ``K`` would take more than ``max_bytes``.
     """
     measured, weights = loss_rows(module, batch)
-    jac = residual_jacobian(measured, batch, getattr(module, "terms", None))
+    jac = residual_jacobian(measured, batch, declared_terms(module))
     names = {id(p): name for name, p in trainable_parameters(module).items()}
     params = {names[id(p)]: p for p in jac.params.values()}
     bad = [t for t, r in jac.residuals.items() if not bool(torch.isfinite(r).all())]
@@ -351,7 +351,7 @@ def matrix_free_system(
     """:class:`MatrixFreeSystem` of ``module`` on ``batch``: ``r̃`` scaled as in :func:`gauss_newton_system`,
     with its graph, and no Jacobian formed."""
     measured, weights = loss_rows(module, batch)
-    residuals = evaluate_residuals(measured, batch, getattr(module, "terms", None))
+    residuals = evaluate_residuals(measured, batch, declared_terms(module))
     bad = [t for t, r in residuals.items() if not bool(torch.isfinite(r).all())]
     if bad:
         raise FloatingPointError(

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ntk.checks import non_negative_int, positive_int, positive_number
-from lightning_ntk.contract import evaluate_residuals, trainable_parameters
+from lightning_ntk.contract import declared_terms, evaluate_residuals, trainable_parameters
 from lightning_ntk.gauss_newton import (
     DEFAULT_MAX_BYTES,
     GaussNewtonSystem,
@@ -209,9 +209,7 @@ class NTKGaussNewton(torch.optim.Optimizer):
         key = batch_signature(batch)
         if key not in self._routes:
             measured, _ = loss_rows(self.module, batch)
-            m = sum(
-                r.numel() for r in evaluate_residuals(measured, batch, getattr(self.module, "terms", None)).values()
-            )
+            m = sum(r.numel() for r in evaluate_residuals(measured, batch, declared_terms(self.module)).values())
             p = sum(p.numel() for group in self.param_groups for p in group["params"])
             need = (m * p + m * m) * torch.empty((), dtype=self.dtype).element_size()
             self._routes[key] = "cg" if need > self.max_bytes else "dense"

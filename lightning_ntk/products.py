@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import evaluate_residuals, trainable_parameters
+from lightning_ntk.contract import declared_terms, evaluate_residuals, trainable_parameters
 
 __all__ = ["JacobianProducts"]
 
@@ -40,7 +40,7 @@ class JacobianProducts:
 
     def __init__(self, module: nn.Module, batch: object, terms: Sequence[str] | None = None) -> None:
         if terms is None:
-            terms = getattr(module, "terms", None)
+            terms = declared_terms(module)
         self.params = list(trainable_parameters(module).values())
         self.residuals = evaluate_residuals(module, batch, terms)
         self._linear_vjp: dict[str, tuple[Tensor, list[Tensor | None]]] = {}

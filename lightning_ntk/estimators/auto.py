@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import evaluate_residuals, trainable_parameters
+from lightning_ntk.contract import declared_terms, evaluate_residuals, trainable_parameters
 from lightning_ntk.estimators.base import (
     TraceEstimate,
     TraceEstimator,
@@ -59,7 +59,7 @@ def auto_traces(
         rows = sum(est.num_rows.values())
         work = float(rows * sum(p.numel() for p in trainable_parameters(module).values()))
     except PathUnavailable:
-        residuals = evaluate_residuals(module, batch, getattr(module, "terms", None))
+        residuals = evaluate_residuals(module, batch, declared_terms(module))
         work = exact_work(module, residuals)
         if work <= max_exact_work:
             # The evaluation above doubles as the exact path's reference: no second forward.

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
-from lightning_ntk.contract import ResidualCaller, check_residuals, trainable_parameters
+from lightning_ntk.contract import ResidualCaller, check_residuals, declared_terms, trainable_parameters
 from lightning_ntk.estimators._sampling import mean_and_stderr, rademacher, sample_points
 from lightning_ntk.estimators.base import (
     TraceEstimate,
@@ -179,7 +179,7 @@ def finite_difference_traces(
         1.0
     """
     _check_call(num_probes, step_scale, step_size, points_per_probe)
-    terms = getattr(module, "terms", None)
+    terms = declared_terms(module)
     named = {f"inner.{name}": p.detach() for name, p in trainable_parameters(module).items()}
     params = list(named.values())
     h = _step_size(params, step_scale, step_size)

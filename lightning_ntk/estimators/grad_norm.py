@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ntk import tags
-from lightning_ntk.contract import check_residuals, trainable_parameters
+from lightning_ntk.contract import check_residuals, declared_terms, trainable_parameters
 from lightning_ntk.estimators.base import Reduce, TraceEstimate, TraceEstimator, register_estimator, row_counts
 
 __all__ = ["GradNorm", "GradientNorms", "grad_norm_estimate", "loss_gradients", "loss_gradients_and_rows"]
@@ -59,7 +59,7 @@ def loss_gradients_and_rows(module: nn.Module, batch: object) -> tuple[dict[str,
     params = list(trainable_parameters(module).values())
     loss_of: Callable[[str, Tensor], Tensor] = getattr(module, "term_loss", _mean_square)
     with torch.enable_grad():
-        residuals: Mapping[str, Tensor] = check_residuals(module.residuals(batch), getattr(module, "terms", None))
+        residuals: Mapping[str, Tensor] = check_residuals(module.residuals(batch), declared_terms(module))
         names = list(residuals)
         out = {}
         for k, name in enumerate(names):

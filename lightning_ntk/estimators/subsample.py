@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_ntk.contract import evaluate_residuals
+from lightning_ntk.contract import declared_terms, evaluate_residuals
 from lightning_ntk.estimators._sampling import sample_points
 from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator, check_positive_int, register_estimator
 from lightning_ntk.jacobian import per_point_squared_norms
@@ -51,7 +51,7 @@ def subsample_traces(
         tensor(200.)
     """
     check_positive_int(num_points, "num_points")
-    reference = evaluate_residuals(module, batch, getattr(module, "terms", None))
+    reference = evaluate_residuals(module, batch, declared_terms(module))
     device = next(iter(reference.values())).device
     sizes = {r.shape[0] for r in reference.values()}
     indices = {n: sample_points(n, num_points, generator=generator, device=device) for n in sorted(sizes)}

@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import check_batch, check_residuals, evaluate_residuals, trainable_parameters
+from lightning_ntk.contract import (
+    check_batch,
+    check_residuals,
+    declared_terms,
+    evaluate_residuals,
+    trainable_parameters,
+)
 from lightning_ntk.jacobian.common import PathUnavailable, PointNorms, Skipped, default_chunk_size, first_sentence
 from lightning_ntk.jacobian.gram import GramResult, GramUnsupported, gram_squared_norms
 from lightning_ntk.jacobian.loop import loop_norms
@@ -122,7 +128,7 @@ def per_point_squared_norms(
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
     order = _check_paths(paths)
     if terms is None:
-        terms = getattr(module, "terms", None)
+        terms = declared_terms(module)
     if reference is None:
         check_batch(module, batch)
         if torch.is_inference_mode_enabled():

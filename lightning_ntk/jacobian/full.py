@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.contract import evaluate_residuals, trainable_parameters
+from lightning_ntk.contract import declared_terms, evaluate_residuals, trainable_parameters
 from lightning_ntk.jacobian.dispatch import per_point_squared_norms
 from lightning_ntk.jacobian.gram import gram_jacobian
 from lightning_ntk.memory import first_time, memory_of
@@ -66,7 +66,7 @@ def residual_jacobian(module: nn.Module, batch: object, terms: Sequence[str] | N
                 [3.]])
     """
     if terms is None:
-        terms = getattr(module, "terms", None)
+        terms = declared_terms(module)
     params = trainable_parameters(module)
     memory = memory_of(module).exact
     signature = batch_signature(batch)
