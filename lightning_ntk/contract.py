@@ -183,6 +183,22 @@ def check_batch(module: torch.nn.Module, batch: object) -> None:
         ) from err
 
 
+_NO_GRAD_INPUT = "One of the differentiated Tensors does not require grad"
+
+
+def input_derivative_error(owner: str, err: RuntimeError) -> RuntimeError | None:
+    """For torch's bare error about a derivative with respect to points without ``requires_grad``, one that
+    says what to change (``owner``: the class whose ``residuals`` raised it); ``None`` for any other error."""
+    if _NO_GRAD_INPUT not in str(err):
+        return None
+    return RuntimeError(
+        f"{owner}.residuals(batch) takes a derivative with respect to points that do not require grad. Make the "
+        "points a leaf that does before the network sees them, e.g. `x = batch['pde'].clone().requires_grad_(True)`, "
+        "or take the input derivatives with lightning_ntk.derivatives (`partial(net, x, 0, 0)`), which needs no "
+        "requires_grad."
+    )
+
+
 def evaluate_residuals(module: torch.nn.Module, batch: object, terms: Sequence[str] | None = None) -> dict:
     """Call ``module.residuals(batch)`` with autograd recording and check the result.
 
@@ -199,7 +215,14 @@ def evaluate_residuals(module: torch.nn.Module, batch: object, terms: Sequence[s
         raise TypeError(f"{type(module).__name__} has no `residuals(batch)` method; see lightning_ntk.PINNModule.")
     check_batch(module, batch)
     with torch.enable_grad():
-        return check_residuals(residuals_fn(batch), terms, require_grad=True)
+        try:
+            residuals = residuals_fn(batch)
+        except RuntimeError as err:
+            explained = input_derivative_error(type(module).__name__, err)
+            if explained is None:
+                raise
+            raise explained from err
+        return check_residuals(residuals, terms, require_grad=True)
 
 
 def nonfinite_rows(residuals: Mapping[str, Tensor]) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_ntk import tags
 from lightning_ntk.captured_step import CapturedTrainingStep
 from lightning_ntk.causal import CausalResiduals, CausalWeighting, scale_rows
-from lightning_ntk.contract import check_residuals, check_terms
+from lightning_ntk.contract import check_residuals, check_terms, input_derivative_error
 from lightning_ntk.losses import StepLosses
 from lightning_ntk.tensorboard import add_chunk_profile
 
@@ -36,26 +36,19 @@ def _fresh_tensors(batch: Any) -> Any:
 _CHECKPOINT_KEY = "lightning_ntk"
 
 
-_NO_GRAD_INPUT = "One of the differentiated Tensors does not require grad"
-
-
 def _explain_input_derivatives(residuals: Any) -> Any:
     """``residuals`` with torch's bare error about differentiating w.r.t. points without ``requires_grad``
-    replaced by one that says what to change."""
+    replaced by one that says what to change (:func:`~lightning_ntk.contract.input_derivative_error`)."""
 
     @functools.wraps(residuals)
     def wrapped(self: PINNModule, batch: Any) -> Any:
         try:
             return residuals(self, batch)
         except RuntimeError as err:
-            if _NO_GRAD_INPUT not in str(err):
+            explained = input_derivative_error(type(self).__name__, err)
+            if explained is None:
                 raise
-            raise RuntimeError(
-                f"{type(self).__name__}.residuals(batch) takes a derivative with respect to points that do not "
-                "require grad. Make the points a leaf that does before the network sees them, e.g. "
-                "`x = batch['pde'].clone().requires_grad_(True)`, or take the input derivatives with "
-                "lightning_ntk.derivatives (`partial(net, x, 0, 0)`), which needs no requires_grad."
-            ) from err
+            raise explained from err
 
     return wrapped
 

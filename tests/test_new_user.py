@@ -67,6 +67,20 @@ def test_points_without_requires_grad_get_an_error_that_says_what_to_change():
         Flow("no_requires_grad").weighted_loss(flow_batch())
 
 
+def test_the_lightning_free_core_says_the_same_for_a_plain_module():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(d_in=2, width=6, d_out=1).double()
+
+        def residuals(self, x):
+            u_x = torch.autograd.grad(self.net(x).sum(), x, create_graph=True)[0]
+            return {"pde": u_x[:, 0]}
+
+    with pytest.raises(RuntimeError, match=r"Plain.residuals\(batch\) takes a derivative .*requires_grad_\(True\)"):
+        ntk_traces(Plain(), flow_batch()[1])
+
+
 def test_trailing_dimensions_are_rows_of_the_point():
     torch.manual_seed(0)
     plain, trailing = Flow("scalar"), Flow("trailing")
