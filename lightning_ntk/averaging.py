@@ -20,6 +20,7 @@ deviation is seen the error of an estimate of unknown variance is unknown: NaN, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -107,6 +108,16 @@ class TraceAverager:
         assert self._coef is not None and self._known is not None, "no estimate added yet"
         random_part = torch.where(self._coef > 0, self._coef * self.sigma2(), torch.zeros_like(self._coef))
         return (self._known + random_part).sqrt()
+
+    def snapshot(self) -> Callable[[], None]:
+        """A function that puts the averages back as they are now (the tensors are replaced, never changed in
+        place, by :meth:`update`, so keeping references is enough)."""
+        kept = (self.mean, self._sigma2_sum, self._known, self._coef, self.num_deviations)
+
+        def restore() -> None:
+            self.mean, self._sigma2_sum, self._known, self._coef, self.num_deviations = kept
+
+        return restore
 
     def to(self, device: torch.device | str) -> TraceAverager:
         """Moves the averages (restored on the CPU from a checkpoint) to ``device``."""

@@ -182,12 +182,12 @@ class NTKWeightingCallback(Callback):
 
     def _undo_for(self, estimate: TraceEstimate) -> Any:
         """What puts back the averages and what ``last_*`` report, should this update's values be bad."""
-        averager_state = None if self.trace_averager is None else dict(vars(self.trace_averager))
+        restore_averages = None if self.trace_averager is None else self.trace_averager.snapshot()
         latest, last_estimate = self._latest, self.last_estimate
 
         def undo() -> None:
-            if averager_state is not None:
-                vars(self.trace_averager).update(averager_state)
+            if restore_averages is not None:
+                restore_averages()
             self._latest, self.last_estimate = latest, last_estimate
 
         return undo

@@ -71,3 +71,16 @@ def test_options_are_checked():
             TraceAverager(bad)
     with pytest.raises(ValueError, match="start"):
         TraceAverager(0.9, start="zero")
+
+
+def test_snapshot_restores_the_averages_after_later_updates():
+    averager = TraceAverager(0.9)
+    averager.update(torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.2]))
+    averager.update(torch.tensor([1.5, 2.5]))
+    mean, stderr = averager.mean.clone(), averager.stderr().clone()
+    restore = averager.snapshot()
+    averager.update(torch.tensor([9.0, 9.0]))
+    assert not torch.equal(averager.mean, mean)
+    restore()
+    assert torch.equal(averager.mean, mean) and torch.equal(averager.stderr(), stderr)
+    assert averager.num_deviations == 1
