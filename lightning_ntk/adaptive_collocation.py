@@ -120,7 +120,6 @@ class AdaptiveCollocation(Callback):
         self.importance = importance
         self.points = dict(points or {})
         self.chunk_size = chunk_size
-        self.seed = seed
         self.rng = CallbackGenerator(seed)
         # (the batch's tensor, its values before the draw) per term: put back after the step, so the user's own
         # tensors (a list-backed loader yields the same ones every step) are never lost.

@@ -89,8 +89,6 @@ class NTKWeightingCallback(Callback):
         self.weight_rule = weight_rule if weight_rule is not None else default_weight_rule()
         self.trace_averager = trace_averager
         self.monitor_only = monitor_only
-        self.seed = seed
-        self.on_nonfinite = on_nonfinite
         self.capture = capture
         self.rng = CallbackGenerator(seed)
         self.validity = DeferredValidityCheck(on_nonfinite)
