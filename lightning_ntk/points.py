@@ -1,4 +1,5 @@
-"""How a batch holds its points, and the one tolerance that decides whether a residual is pointwise.
+"""How a batch holds its points (the tolerance that decides whether a residual is pointwise is
+:data:`~lightning_ntk.tolerances.POINTWISE_RTOL`, re-exported here).
 
 A batch is any nesting of tuples, lists and dicts; a tensor whose leading dimension is a term's point
 count ``N`` is taken to hold one row per point of the terms with ``N`` points. Every user of this
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_ntk.memory import memory_of
+from lightning_ntk.tolerances import POINTWISE_RTOL, close
 
 __all__ = [
     "POINTWISE_RTOL",
@@ -27,11 +28,6 @@ __all__ = [
     "pointwise",
     "subsample_batch",
 ]
-
-# Relative tolerance (and absolute, relative to the largest magnitude) under which two evaluations of
-# a residual or two computations of per-point norms count as equal. Float32 rounding is ~1e-6 here;
-# a residual that mixes points or a path that does not apply is off by far more.
-POINTWISE_RTOL = 1e-4
 
 
 def known_point_layout(module: nn.Module, batch: object) -> dict[str, int] | None:
@@ -53,14 +49,6 @@ def batch_signature(batch: object) -> tuple:
         str(spec),
         tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, Tensor) else type(t) for t in leaves),
     )
-
-
-def close(got: Tensor, want: Tensor) -> bool:
-    """``got ≈ want`` within :data:`POINTWISE_RTOL`, absolute part relative to ``max |want|``."""
-    want = want.detach().reshape(got.shape)
-    scale = want.abs().nan_to_num(0.0, 0.0, 0.0).max() if want.numel() else want.new_zeros(())
-    atol = POINTWISE_RTOL * max(float(scale), torch.finfo(want.dtype).tiny)
-    return torch.allclose(got.detach(), want, rtol=POINTWISE_RTOL, atol=atol, equal_nan=True)
 
 
 class PointSplit:

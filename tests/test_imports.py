@@ -49,3 +49,64 @@ def test_lightning_layer_resolves_lazily_and_unknown_names_raise():
         lightning_ntk.nope  # noqa: B018
     blocked = run("import lightning_ntk; lightning_ntk.PINNModule")
     assert blocked.returncode != 0 and "lightning" in blocked.stderr
+
+
+def _package_import_graph() -> dict[str, set[str]]:
+    """Module → the package's modules it imports anywhere in its source (``TYPE_CHECKING`` blocks and
+    function-level imports included); ``from lightning_ntk import tags`` counts as an edge to ``tags``."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "lightning_ntk"
+    files = {}
+    for f in root.rglob("*.py"):
+        parts = list(f.relative_to(root.parent).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    edges.add(sub if sub in files else base)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+        # The root package re-exports everything; an edge to it says nothing about the order of the modules.
+        graph[name] = {e for e in edges if e in files and e not in (name, "lightning_ntk")}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_cycles():
+    graph = _package_import_graph()
+    assert len(graph) > 40 and "lightning_ntk.jacobian.gram.layouts" in graph
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_ntk.points import close
+from lightning_ntk.tolerances import close
 
 __all__ = [
     "NotPointwise",

@@ -45,7 +45,8 @@ from lightning_ntk.jacobian.loop import loop_norms
 from lightning_ntk.jacobian.rows import rows_norms
 from lightning_ntk.jacobian.vmap import vmap_norms
 from lightning_ntk.memory import ExactPathEntry, first_time, memory_of
-from lightning_ntk.points import PointSplit, batch_signature, close, subsample_batch
+from lightning_ntk.points import PointSplit, batch_signature, subsample_batch
+from lightning_ntk.tolerances import close
 
 __all__ = ["PATHS", "per_point_squared_norms"]
 

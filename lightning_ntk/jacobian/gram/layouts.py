@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_ntk.jacobian.gram.graph import NodePath
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, UseKind
 from lightning_ntk.jacobian.gram.walking import WalkPlan
-from lightning_ntk.points import POINTWISE_RTOL
+from lightning_ntk.tolerances import POINTWISE_RTOL
 
 __all__ = ["GramEntry", "Layout", "Split", "UseKey", "UsePlan", "choose_layout"]
 
