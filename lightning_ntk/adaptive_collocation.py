@@ -24,7 +24,7 @@ from lightning_ntk.contract import check_residuals
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.jacobian import per_point_squared_norms
 from lightning_ntk.module import PINNModule, require_pinn_module
-from lightning_ntk.tensorboard import add_density_image, add_histogram
+from lightning_ntk.tensorboard import add_density_image, add_histogram, log_metrics
 
 __all__ = ["AdaptiveCollocation"]
 
@@ -288,14 +288,13 @@ class AdaptiveCollocation(Callback):
         step = trainer.global_step
         peak = powered.max() / powered.mean().clamp_min(torch.finfo(powered.dtype).tiny)
         share = 1.0 / (density.numel() * density.square().sum())  # effective sample size / pool size
-        for logger in trainer.loggers:
-            logger.log_metrics(
-                {
-                    tags.scalar(tags.COLLOCATION_SCORE_PEAK, name): float(peak),
-                    tags.scalar(tags.COLLOCATION_EFFECTIVE_SHARE, name): float(share),
-                },
-                step=step,
-            )
+        log_metrics(
+            trainer,
+            {
+                tags.scalar(tags.COLLOCATION_SCORE_PEAK, name): float(peak),
+                tags.scalar(tags.COLLOCATION_EFFECTIVE_SHARE, name): float(share),
+            },
+        )
         if diagonal is not None:
             add_histogram(trainer, tags.scalar(tags.NTK_DIAGONAL, name), diagonal, step)
         add_density_image(trainer, tags.scalar(tags.COLLOCATION_DENSITY, name), pool, density, step)

@@ -17,7 +17,7 @@ from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_es
 from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator, ntk_view_of
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.module import PINNModule, require_pinn_module
-from lightning_ntk.tensorboard import write_custom_scalars
+from lightning_ntk.tensorboard import due, log_metrics, write_custom_scalars
 from lightning_ntk.updates import UpdateRecord
 from lightning_ntk.validity import DeferredValidityCheck
 from lightning_ntk.weights import WeightRule, default_weight_rule
@@ -210,10 +210,9 @@ class NTKWeightingCallback(Callback):
         if not self._reported_paths and "paths" in estimate.info:
             rank_zero_info(f"lightning_ntk: exact NTK traces computed per term with paths {estimate.info['paths']}")
             self._reported_paths = True
-        step = trainer.global_step
-        if self._last_logged_step < 0 or step - self._last_logged_step >= max(1, trainer.log_every_n_steps):
+        if due(trainer, self._last_logged_step):
             self._log(trainer)
-            self._last_logged_step = step
+            self._last_logged_step = trainer.global_step
 
     @override
     def on_before_optimizer_step(
@@ -247,9 +246,7 @@ class NTKWeightingCallback(Callback):
 
     def _log(self, trainer: pl.Trainer) -> None:
         # Written straight to the loggers (as LearningRateMonitor does): recorded at the update's own step.
-        metrics = self._latest.metrics()
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, self._latest.metrics())
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ntk import tags
+from lightning_ntk.tensorboard import due, log_metrics
 
 __all__ = ["LossTimeAverage"]
 
@@ -30,6 +31,7 @@ class LossTimeAverage(Callback):
     def __init__(self) -> None:
         self._sum: Tensor | None = None
         self._steps = 0
+        self._last_logged_step = -1
 
     @override
     def on_train_batch_end(
@@ -42,10 +44,9 @@ class LossTimeAverage(Callback):
         loss = loss.detach()
         self._sum = loss.clone() if self._sum is None else self._sum + loss
         self._steps += 1
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            average = float(self._sum) / self._steps
-            for logger in trainer.loggers:
-                logger.log_metrics({tags.LOSS_TIME_AVERAGE: average}, step=trainer.global_step)
+        if due(trainer, self._last_logged_step):
+            log_metrics(trainer, {tags.LOSS_TIME_AVERAGE: float(self._sum) / self._steps})
+            self._last_logged_step = trainer.global_step
 
     @property
     def average(self) -> float | None:

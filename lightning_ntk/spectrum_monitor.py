@@ -17,7 +17,7 @@ from lightning_ntk import tags
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.module import require_pinn_module
 from lightning_ntk.spectrum import Spectrum, block_spectra
-from lightning_ntk.tensorboard import add_histogram
+from lightning_ntk.tensorboard import add_histogram, log_metrics
 
 __all__ = ["NTKSpectrumMonitor"]
 
@@ -120,8 +120,7 @@ class NTKSpectrumMonitor(Callback):
                     "get the eigenvalues as scalars only."
                 )
                 self._warned_no_tensorboard = True
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_metrics(trainer, metrics)
         return self.last_spectra
 
     @override

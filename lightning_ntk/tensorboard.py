@@ -1,12 +1,13 @@
-"""TensorBoard-specific output: the custom-scalars layout and eigenvalue histograms.
+"""What the callbacks write to the loggers: plain scalars to every logger (:func:`log_metrics`, on the steps
+:func:`due` names), and TensorBoard-specific output (the custom-scalars layout, histograms, images).
 
-Everything here goes through ``trainer.loggers`` and touches only :class:`TensorBoardLogger`
-instances on global rank zero; other loggers get the plain scalars from the callback.
+The TensorBoard output touches only :class:`TensorBoardLogger` instances on global rank zero; other loggers
+get the plain scalars.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -20,9 +21,25 @@ __all__ = [
     "add_density_image",
     "add_histogram",
     "custom_scalars_layout",
+    "due",
+    "log_metrics",
     "tensorboard_writers",
     "write_custom_scalars",
 ]
+
+
+def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """``metrics`` to every logger at the trainer's optimizer step, straight (as ``LearningRateMonitor`` does):
+    a callback's values are recorded at the step they belong to, not buffered by ``self.log``."""
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=trainer.global_step)
+
+
+def due(trainer: pl.Trainer, last_logged_step: int) -> bool:
+    """Whether a callback that last logged at ``last_logged_step`` (``-1``: never) logs at this optimizer step:
+    at least ``log_every_n_steps`` optimizer steps later (micro-batches of gradient accumulation share a step,
+    so they log once)."""
+    return last_logged_step < 0 or trainer.global_step - last_logged_step >= max(1, trainer.log_every_n_steps)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list:
