@@ -296,9 +296,12 @@ class CausalWeighting:
         scaled, self.last_weights = self.apply(residual, points)
         return scaled.square().mean()
 
-    def advance_on_device(self) -> None:
-        """Move to the next ``ε`` if every chunk's weight in ``last_weights`` exceeds ``advance_at``, decided
-        and done on the state's device with no host read (``stage`` and ``epsilon`` read it when asked)."""
+    def advance_on_device(self, weights: Tensor | None = None) -> None:
+        """Keep ``weights`` (this step's chunk weights) as ``last_weights``, then move to the next ``ε`` if every
+        chunk's weight exceeds ``advance_at``, decided and done on the state's device with no host read
+        (``stage`` and ``epsilon`` read it when asked). Without ``weights``: decide on ``last_weights``."""
+        if weights is not None:
+            self.last_weights = weights
         weights = self.last_weights
         if weights is None or len(self.schedule) == 1:
             return

@@ -412,8 +412,7 @@ class PINNModule(pl.LightningModule):
         is fitted, on the device (:meth:`~lightning_ntk.CausalWeighting.advance_on_device`)."""
         for name, weights in causal_weights.items():
             cw = self._causal[name]
-            cw.last_weights = weights
-            cw.advance_on_device()
+            cw.advance_on_device(weights)
 
     def _logger_writes_this_step(self) -> bool:
         trainer = self._trainer

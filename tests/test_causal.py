@@ -298,8 +298,8 @@ def test_the_schedule_state_is_one_object_of_tensors_with_no_host_copy():
         torch.float64,
         torch.float64,
     ]
-    cw.last_weights = torch.tensor([1.0, 0.9])
-    cw.advance_on_device()  # moves the tensors in place; nothing on the host to go stale
+    cw.advance_on_device(torch.tensor([1.0, 0.9]))  # moves the tensors in place; nothing on the host to go stale
+    assert torch.equal(cw.last_weights, torch.tensor([1.0, 0.9]))
     assert int(state.stage) == 1 and float(state.epsilon) == 1.0 and cw.stage == 1 and cw.epsilon == 1.0
     cw.stage = 2
     assert float(state.epsilon) == 2.0
