@@ -17,6 +17,7 @@ Wall time is the Trainer's (``max_time``); the error evaluations are not counted
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -25,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinn_runner import FreshPoints, GridPINN, grid_2d, tanh_mlp, timed_args, timed_fit
+from pinn_runner import GridPINN, SampledPoints, grid_2d, tanh_mlp, timed_args, timed_fit
 
 from lightning_ntk import NTKGaussNewton
 
@@ -121,18 +122,6 @@ def sample_points(g: torch.Generator, interior: int, boundary: int) -> dict[str,
     return {"pde": pde, "bc": bc, "bc_values": exact_solution(bc)[:, :2]}
 
 
-class KovasznayData(pl.LightningDataModule):
-    """One fixed point set (``fixed``, default) or fresh points every step, in float64 (cast by the Trainer)."""
-
-    def __init__(self, interior: int = 512, boundary: int = 128, seed: int = 0, fixed: bool = True) -> None:
-        super().__init__()
-        self.interior, self.boundary, self.seed, self.fixed = interior, boundary, seed, fixed
-
-    def train_dataloader(self):
-        points = FreshPoints(lambda g: sample_points(g, self.interior, self.boundary), self.seed, self.fixed)
-        return torch.utils.data.DataLoader(points, batch_size=None)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     return timed_args(__doc__, seconds=300.0, width=32, depth=3, interior=512, boundary=128, argv=argv)
 
@@ -141,7 +130,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     pl.seed_everything(args.seed, verbose=False)
     model = Kovasznay(args.width, args.depth, args.optimizer, lr=args.lr, damping=args.damping)
-    data = KovasznayData(args.interior, args.boundary, args.seed, fixed=not args.fresh)
+    sample = functools.partial(sample_points, interior=args.interior, boundary=args.boundary)
+    data = SampledPoints(sample, args.seed, fixed=not args.fresh)
     return timed_fit(model, data, args, extra={"v": model.v_error})
 
 

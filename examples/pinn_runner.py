@@ -153,6 +153,17 @@ class FreshPoints(torch.utils.data.IterableDataset):
                 batch = self.sample(g)
 
 
+class SampledPoints(pl.LightningDataModule):
+    """Batches ``sample(generator)``: one fixed set for every step (``fixed``, default) or fresh every step."""
+
+    def __init__(self, sample: Callable[[torch.Generator], object], seed: int = 0, fixed: bool = True) -> None:
+        super().__init__()
+        self.sample, self.seed, self.fixed = sample, seed, fixed
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(FreshPoints(self.sample, self.seed, self.fixed), batch_size=None)
+
+
 class InitialBoundaryInteriorData(pl.LightningDataModule):
     """Fresh initial, boundary and interior points at every step, drawn by the subclass's ``sample``.
 

@@ -13,6 +13,7 @@ the ordinary autograd style on a tanh MLP (2 × 32). The error is the relative L
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -21,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinn_runner import FreshPoints, GridPINN, grid_2d, tanh_mlp, timed_args, timed_fit
+from pinn_runner import GridPINN, SampledPoints, grid_2d, tanh_mlp, timed_args, timed_fit
 
 from lightning_ntk import NTKGaussNewton
 
@@ -83,16 +84,6 @@ def sample_points(g: torch.Generator, interior: int, boundary: int) -> dict[str,
     return {"pde": torch.rand(interior, 2, generator=g, dtype=torch.float64), "bc": bc}
 
 
-class Poisson2DData(pl.LightningDataModule):
-    def __init__(self, interior: int = 900, boundary: int = 120, seed: int = 0, fixed: bool = True) -> None:
-        super().__init__()
-        self.interior, self.boundary, self.seed, self.fixed = interior, boundary, seed, fixed
-
-    def train_dataloader(self):
-        points = FreshPoints(lambda g: sample_points(g, self.interior, self.boundary), self.seed, self.fixed)
-        return torch.utils.data.DataLoader(points, batch_size=None)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     return timed_args(__doc__, seconds=600.0, width=32, depth=2, interior=900, boundary=120, argv=argv)
 
@@ -101,7 +92,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     pl.seed_everything(args.seed, verbose=False)
     model = Poisson2D(args.width, args.depth, args.optimizer, lr=args.lr, damping=args.damping)
-    data = Poisson2DData(args.interior, args.boundary, args.seed, fixed=not args.fresh)
+    sample = functools.partial(sample_points, interior=args.interior, boundary=args.boundary)
+    data = SampledPoints(sample, args.seed, fixed=not args.fresh)
     return timed_fit(model, data, args)
 
 
