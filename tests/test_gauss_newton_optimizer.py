@@ -187,3 +187,34 @@ def test_auto_takes_conjugate_gradients_over_the_memory_bound_and_logs_the_itera
     assert opt.last.cg_iterations > 0 and opt.last.condition is None
     for a, b in zip(dense.parameters(), free.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
+
+
+def test_with_adaptive_collocation_and_ntk_weights_the_step_solves_the_loss_it_trains(tmp_path):
+    """Drawn points, importance weights in the loss, a causal term and NTK weights: the Gauss–Newton
+    system's ‖r̃‖² is the training step's loss on that step's batch."""
+    import lightning.pytorch as pl
+    from test_adaptive_collocation import loader, unit_square
+    from test_collocation import Heat
+
+    from lightning_ntk import AdaptiveCollocation, NTKWeightingCallback
+
+    class HeatGN(Heat):
+        def configure_optimizers(self):
+            return NTKGaussNewton(self, damping=1e-2)
+
+    seen = []
+
+    class Compare(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((float(outputs["loss"]), pl_module._gauss_newton.last.loss_before))
+
+    torch.manual_seed(0)
+    model = HeatGN()
+    assert model.causal
+    callbacks = [AdaptiveCollocation({"pde": unit_square}, pool_factor=4, seed=0), NTKWeightingCallback(1), Compare()]
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=callbacks, precision="64-true")
+    trainer.fit(model, loader(5))
+    assert len(seen) == 3
+    for loss, before in seen:
+        assert before == pytest.approx(loss, rel=1e-10)
+    assert seen[-1][0] < seen[0][0]
