@@ -218,3 +218,11 @@ def test_with_adaptive_collocation_and_ntk_weights_the_step_solves_the_loss_it_t
     for loss, before in seen:
         assert before == pytest.approx(loss, rel=1e-10)
     assert seen[-1][0] < seen[0][0]
+
+
+def test_a_float32_solve_warns_and_a_float32_model_does_not():
+    with pytest.warns(GaussNewtonWarning, match="Keep dtype=torch.float64"):
+        NTKGaussNewton(model(MixedTwoOutput), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NTKGaussNewton(model(MixedTwoOutput).float())
