@@ -9,7 +9,8 @@ its :meth:`~lightning_ntk.PINNModule.ntk_view`). With ``J = ∂r̃/∂θ`` (``m 
 
 an ``m × m`` solve with ``K`` the empirical NTK of every row of the loss, cross-term blocks included.
 The rows of ``J`` come from the exact Gram path (:func:`~lightning_ntk.jacobian.full.residual_jacobian`);
-``K`` is one GEMM and the solve one Cholesky factorization, both in ``float64`` by default. The model
+``K`` is one matrix product (of the row blocks on and above its diagonal, :func:`symmetric_gram`) and the
+solve one Cholesky factorization, both in ``float64`` by default. The model
 after the step is predicted to reach ``‖r̃ + JΔθ‖² = ‖r̃ − Kα‖² = μ²‖α‖²``, which is what the gain ratio of
 :class:`~lightning_ntk.gauss_newton_optimizer.NTKGaussNewton` compares the actual decrease with.
 
@@ -47,8 +48,8 @@ DEFAULT_MAX_BYTES = 2 << 30
 
 
 def loss_rows(module: nn.Module, batch: object) -> tuple[nn.Module, dict[str, float]]:
-    """What the loss is a sum of squares of: the module whose residuals to take on ``batch`` and the factor
-    ``√(λ_i / R_i)`` of each term's entries in ``r̃``, before the entry count ``R_i`` is known (so ``λ_i``).
+    """What the loss is a sum of squares of: the module whose residuals to take on ``batch``, and the term
+    weights ``λ_i`` (the rows of term ``i`` are then scaled by ``√(λ_i / R_i)``).
 
     A module with ``ntk_view`` and ``ntk_weights`` (a :class:`~lightning_ntk.PINNModule`) gives its view of
     ``batch`` (causal and importance scales in the rows) and its term weights; any other module with
