@@ -41,6 +41,7 @@ __all__ = [
     "gauss_newton_system",
     "loss_rows",
     "matrix_free_system",
+    "symmetric_gram",
 ]
 
 # J (m × P) and K (m × m) in the solve's dtype: 2 GiB is m ≈ 9k rows of a 20k-parameter network.
