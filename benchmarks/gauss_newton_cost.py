@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kovasznay_2d import Kovasznay, sample_points
 
 from lightning_ntk import NTKGaussNewton
-from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows, matrix_free_system
+from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows
+from lightning_ntk.gauss_newton_matrix_free import matrix_free_system
 from lightning_ntk.jacobian.full import residual_jacobian
 
 DEVICE = torch.device("cpu")

@@ -21,17 +21,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_ntk import tags
 from lightning_ntk.checks import non_negative_int, positive_int, positive_number
 from lightning_ntk.contract import declared_terms, evaluate_residuals, trainable_parameters
 from lightning_ntk.gauss_newton import (
     DEFAULT_MAX_BYTES,
     GaussNewtonSystem,
-    MatrixFreeSystem,
     apply_update,
     gauss_newton_system,
     loss_rows,
-    matrix_free_system,
 )
+from lightning_ntk.gauss_newton_matrix_free import MatrixFreeSystem, matrix_free_system
 from lightning_ntk.points import batch_signature
 
 __all__ = ["GaussNewtonRecord", "GaussNewtonWarning", "NTKGaussNewton"]
@@ -72,6 +72,22 @@ class GaussNewtonRecord:
     rows: int
     condition: float | None = None
     cg_iterations: int | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The record as ``gn/*`` scalars (:mod:`lightning_ntk.tags`); the optional ones only when measured."""
+        out = {
+            tags.GN_DAMPING: self.damping,
+            tags.GN_GAIN_RATIO: self.gain_ratio,
+            tags.GN_STEP_NORM: self.step_norm,
+            tags.GN_LOSS_BEFORE: self.loss_before,
+            tags.GN_LOSS_AFTER: self.loss_after,
+            tags.GN_RETRIES: float(self.retries),
+        }
+        if self.condition is not None:
+            out[tags.GN_CONDITION] = self.condition
+        if self.cg_iterations is not None:
+            out[tags.GN_CG_ITERATIONS] = float(self.cg_iterations)
+        return out
 
 
 class NTKGaussNewton(torch.optim.Optimizer):
@@ -128,38 +144,10 @@ class NTKGaussNewton(torch.optim.Optimizer):
         cg_tolerance: float = 1e-10,
         cg_max_iterations: int = 1000,
     ) -> None:
-        if not callable(getattr(module, "residuals", None)):
-            raise TypeError(f"{type(module).__name__} has no `residuals(batch)`; see lightning_ntk.PINNModule.")
-        damping, min_damping, max_damping = (
-            positive_number(name, value)
-            for name, value in (("damping", damping), ("min_damping", min_damping), ("max_damping", max_damping))
-        )
-        if not min_damping <= damping <= max_damping:
-            raise ValueError(
-                f"`damping` {damping} must lie in [min_damping, max_damping] = [{min_damping}, {max_damping}]."
-            )
-        non_negative_int("max_retries", max_retries)
-        non_negative_int("condition_every", condition_every)
+        _check_arguments(module, damping, min_damping, max_damping, max_retries, condition_every, dtype, solver)
         positive_int("cg_max_iterations", cg_max_iterations)
-        if solver not in ("auto", "dense", "cg"):
-            raise ValueError(f"`solver` must be 'auto', 'dense' or 'cg', got {solver!r}.")
         if not 0 < positive_number("cg_tolerance", cg_tolerance) < 1:
             raise ValueError(f"`cg_tolerance` must be a number in (0, 1), got {cg_tolerance!r}.")
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype!r}.")
-        if dtype == torch.float32:
-            warnings.warn(
-                "NTKGaussNewton(dtype=torch.float32): K and the solve in float32 ended 30x less accurate than in "
-                "float64 at equal time on the 2-D Poisson benchmark (benchmarks/gauss_newton_precision.py), while a "
-                "float32 model with the default float64 K matched a float64 model. Keep dtype=torch.float64.",
-                GaussNewtonWarning,
-                stacklevel=2,
-            )
-        if getattr(module, "capture_step", False):
-            raise ValueError(
-                "NTKGaussNewton cannot run inside a captured training step (capture_step=True): its step reads the "
-                "gain ratio on the host. Build the module with capture_step=False."
-            )
         defaults = {"damping": float(damping), "growth": 2.0, "steps": 0}
         super().__init__(list(trainable_parameters(module).values()), defaults)
         self.module = module
@@ -275,6 +263,44 @@ class NTKGaussNewton(torch.optim.Optimizer):
             rows=system.residual.numel(),
             condition=condition,
             cg_iterations=None if dense else system.iterations,
+        )
+
+
+def _check_arguments(
+    module: nn.Module,
+    damping: object,
+    min_damping: object,
+    max_damping: object,
+    max_retries: object,
+    condition_every: object,
+    dtype: object,
+    solver: object,
+) -> None:
+    """A clear error for the first bad argument of :class:`NTKGaussNewton`; the float32 warning."""
+    if not callable(getattr(module, "residuals", None)):
+        raise TypeError(f"{type(module).__name__} has no `residuals(batch)`; see lightning_ntk.PINNModule.")
+    low, first, high = (positive_number(n, v) for n, v in (("min_damping", min_damping), ("damping", damping),
+                                                             ("max_damping", max_damping)))  # fmt: skip
+    if not low <= first <= high:
+        raise ValueError(f"`damping` {first} must lie in [min_damping, max_damping] = [{low}, {high}].")
+    non_negative_int("max_retries", max_retries)
+    non_negative_int("condition_every", condition_every)
+    if solver not in ("auto", "dense", "cg"):
+        raise ValueError(f"`solver` must be 'auto', 'dense' or 'cg', got {solver!r}.")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype!r}.")
+    if dtype == torch.float32:
+        warnings.warn(
+            "NTKGaussNewton(dtype=torch.float32): K and the solve in float32 ended 30x less accurate than in "
+            "float64 at equal time on the 2-D Poisson benchmark (benchmarks/gauss_newton_precision.py), while a "
+            "float32 model with the default float64 K matched a float64 model. Keep dtype=torch.float64.",
+            GaussNewtonWarning,
+            stacklevel=3,
+        )
+    if getattr(module, "capture_step", False):
+        raise ValueError(
+            "NTKGaussNewton cannot run inside a captured training step (capture_step=True): its step reads the "
+            "gain ratio on the host. Build the module with capture_step=False."
         )
 
 

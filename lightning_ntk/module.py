@@ -20,6 +20,7 @@ from lightning_ntk.captured_step import CapturedTrainingStep
 from lightning_ntk.causal import CausalResiduals, CausalWeighting, scale_rows
 from lightning_ntk.contract import check_residuals, check_terms, input_derivative_error
 from lightning_ntk.losses import StepLosses
+from lightning_ntk.point_weights import PointWeights
 from lightning_ntk.tensorboard import add_chunk_profile
 
 if TYPE_CHECKING:
@@ -134,8 +135,7 @@ class PINNModule(pl.LightningModule):
         if init_weights is not None:
             self.set_term_weights(init_weights)
         self._causal = _check_causal(causal, self._terms)
-        self._point_weights: dict[str, Tensor] = {}
-        self._point_weights_in_loss = True
+        self._point_weights = PointWeights(self._terms)
         # In a dict: a view (an nn.Module holding this module) set as an attribute would be a submodule.
         self._views: dict[str, CausalResiduals] = {}
         self._before_optimizer_step: dict[object, Callable[[], None]] = {}
@@ -188,7 +188,7 @@ class PINNModule(pl.LightningModule):
     def point_weights(self) -> dict[str, Tensor]:
         """``{term: ω}``: importance weights of the training batch's points, one device buffer per term (empty
         unless a sampler set them)."""
-        return self._point_weights
+        return self._point_weights.buffers
 
     def set_point_weights(self, weights: Mapping[str, Tensor] | None, in_loss: bool = True) -> None:
         """Importance weights ``ω_n = u(x_n)/p(x_n)`` of the points of this step's training batch, per term.
@@ -209,26 +209,9 @@ class PINNModule(pl.LightningModule):
             in_loss: Apply them to the training loss too.
         """
         if weights is None:
-            self._point_weights = {}
-            return
-        unknown = [name for name in weights if name not in self._terms]
-        if unknown:
-            raise ValueError(f"Point weights name unknown term(s) {unknown}; declared terms: {list(self._terms)}.")
-        for name, omega in weights.items():
-            if not isinstance(omega, Tensor) or omega.ndim != 1:
-                raise ValueError(f"Point weights of term {name!r} must be a 1-D tensor (one per point).")
-        for name, omega in weights.items():
-            buffer = self._point_weights.get(name)
-            same = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (
-                omega.shape,
-                omega.dtype,
-                omega.device,
-            )
-            if same:
-                buffer.copy_(omega.detach())
-            else:
-                self._point_weights[name] = omega.detach().clone()
-        self._point_weights_in_loss = bool(in_loss)
+            self._point_weights.clear()
+        else:
+            self._point_weights.write(weights, in_loss)
 
     def ntk_view(self, batch: Any) -> PINNModule | CausalResiduals:
         """What NTK estimators measure on ``batch``: this module, or with causal terms or point weights the
@@ -236,7 +219,7 @@ class PINNModule(pl.LightningModule):
         residuals are scaled by the batch's causal weights and whose weighted points by ``√ω``, so every
         estimator takes the causal, uniform-measure trace. One view per module, kept: the exact path
         remembers its layouts per measured module."""
-        if not self._causal and not self._point_weights:
+        if not self._causal and not self._point_weights.buffers:
             return self
         if "ntk" not in self._views:
             points = self.residual_points if self._causal else None
@@ -244,7 +227,7 @@ class PINNModule(pl.LightningModule):
         return self._views["ntk"].freeze(batch)
 
     def _current_point_weights(self) -> dict[str, Tensor]:
-        return self._point_weights
+        return self._point_weights.buffers
 
     def residuals(self, batch: Any) -> Mapping[str, Tensor]:
         """Per-point predictor outputs, one tensor per declared term.
@@ -292,7 +275,7 @@ class PINNModule(pl.LightningModule):
         recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         residuals = check_residuals(self.residuals(batch), self._terms, require_grad=recording)
         causal_weights = {}
-        omegas = self._point_weights if self._point_weights_in_loss and self.training else {}
+        omegas = self._point_weights.for_loss(self.training)
         for name, omega in omegas.items():
             if residuals[name].shape[0] != omega.shape[0]:
                 raise ValueError(
@@ -351,21 +334,10 @@ class PINNModule(pl.LightningModule):
         record = None if self._gauss_newton is None else self._gauss_newton.last
         if record is None:
             return
+        metrics = record.metrics()
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
-        self.log(tags.GN_DAMPING, record.damping, prog_bar=bar)
-        self.log_dict(
-            {
-                tags.GN_GAIN_RATIO: record.gain_ratio,
-                tags.GN_STEP_NORM: record.step_norm,
-                tags.GN_LOSS_BEFORE: record.loss_before,
-                tags.GN_LOSS_AFTER: record.loss_after,
-                tags.GN_RETRIES: float(record.retries),
-            }
-        )
-        if record.condition is not None:
-            self.log(tags.GN_CONDITION, record.condition)
-        if record.cg_iterations is not None:
-            self.log(tags.GN_CG_ITERATIONS, float(record.cg_iterations))
+        self.log(tags.GN_DAMPING, metrics.pop(tags.GN_DAMPING), prog_bar=bar)
+        self.log_dict(metrics)
 
     def add_before_optimizer_step(self, key: object, fn: Callable[[], None]) -> None:
         """Have a captured step (``capture_step=True``, manual optimization) call ``fn()`` before it

@@ -231,7 +231,7 @@ def test_symmetric_gram_is_the_gemm_and_exactly_symmetric(m, block_rows):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_matrix_free_step_equals_the_dense_step_to_its_tolerance(causal):
-    from lightning_ntk.gauss_newton import matrix_free_system
+    from lightning_ntk.gauss_newton_matrix_free import matrix_free_system
 
     cw = {"pde": CausalWeighting(time_column=1, num_chunks=3, epsilon=5.0)} if causal else None
     m, batch = model(WeightedTwoOutput, cw), two_field_batch(4, 9)
@@ -248,7 +248,7 @@ def test_matrix_free_step_equals_the_dense_step_to_its_tolerance(causal):
 
 
 def test_matrix_free_products_are_the_jacobians():
-    from lightning_ntk.gauss_newton import matrix_free_system
+    from lightning_ntk.gauss_newton_matrix_free import matrix_free_system
 
     m, batch = model(MixedTwoOutput), two_field_batch(4, 6)
     dense, free = gauss_newton_system(m, batch), matrix_free_system(m, batch)
@@ -260,7 +260,7 @@ def test_matrix_free_products_are_the_jacobians():
 
 
 def test_conjugate_gradients_solves_and_reports_its_remainder():
-    from lightning_ntk.gauss_newton import conjugate_gradients
+    from lightning_ntk.gauss_newton_matrix_free import conjugate_gradients
 
     g = torch.Generator().manual_seed(1)
     a = torch.randn(30, 30, dtype=torch.float64, generator=g)

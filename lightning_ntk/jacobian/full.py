@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_ntk.contract import declared_terms, evaluate_residuals, trainable_parameters
 from lightning_ntk.jacobian.dispatch import per_point_squared_norms
 from lightning_ntk.jacobian.gram import gram_jacobian
-from lightning_ntk.memory import first_time, memory_of
+from lightning_ntk.memory import ExactPathEntry, first_time, memory_of
 from lightning_ntk.points import batch_signature
 
 __all__ = ["ResidualJacobian", "residual_jacobian"]
@@ -68,31 +68,21 @@ def residual_jacobian(module: nn.Module, batch: object, terms: Sequence[str] | N
     if terms is None:
         terms = declared_terms(module)
     params = trainable_parameters(module)
-    memory = memory_of(module).exact
-    signature = batch_signature(batch)
-    entry = memory.get(signature)
-    if entry is None or (entry.refused is None and not entry.checked):
-        # The dispatcher decides (and cross-checks, once) which terms the Gram path covers.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            per_point_squared_norms(module, batch, terms=terms)
-        entry = memory[signature]
+    entry = _decided_paths(module, batch, terms)
 
     def evaluate(b: object) -> dict[str, Tensor]:
         return evaluate_residuals(module, b, terms)
 
     residuals: dict[str, Tensor] = {}
     jacobians: dict[str, Tensor] = {}
-    paths: dict[str, str] = {}
     if entry.refused is None:
         result = gram_jacobian(batch, params, evaluate, entry.gram, frozenset(entry.off_gram))
         if result.gram is not None:
             entry.gram = result.gram
         residuals = {t: r.reshape(-1) for t, r in result.residuals.items()}
-        for term, rows in result.norms.items():
-            if term not in entry.off_gram and term not in result.unsupported:
-                jacobians[term] = rows.reshape(-1, rows.shape[-1])
-                paths[term] = "gram"
+        skipped = set(entry.off_gram) | set(result.unsupported)
+        jacobians = {t: rows.reshape(-1, rows.shape[-1]) for t, rows in result.norms.items() if t not in skipped}
+    paths = dict.fromkeys(jacobians, "gram")
     names = list(terms) if terms is not None else list(residuals)
     if not names or any(t not in jacobians for t in names):
         evaluated = evaluate(batch)
@@ -101,11 +91,24 @@ def residual_jacobian(module: nn.Module, batch: object, terms: Sequence[str] | N
         _warn_rows(module, rest, entry.refused or "; ".join(entry.off_gram.get(t, "") for t in rest))
         for term in rest:
             jacobians[term] = _rows_by_backward(evaluated[term].reshape(-1), list(params.values()))
-            residuals[term] = evaluated[term].detach().reshape(-1)
-            paths[term] = "rows"
+            residuals[term], paths[term] = evaluated[term].detach().reshape(-1), "rows"
     return ResidualJacobian(
         {t: residuals[t] for t in names}, {t: jacobians[t] for t in names}, dict(params), {t: paths[t] for t in names}
     )
+
+
+def _decided_paths(module: nn.Module, batch: object, terms: Sequence[str] | None) -> ExactPathEntry:
+    """What the exact-trace dispatcher decided for this module and batch signature (which terms the Gram path
+    covers, cross-checked once against a per-point path), asking it first if it has not decided yet."""
+    memory = memory_of(module).exact
+    signature = batch_signature(batch)
+    entry = memory.get(signature)
+    if entry is None or (entry.refused is None and not entry.checked):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the rows say which path each term took, and warn on their own
+            per_point_squared_norms(module, batch, terms=terms)
+        entry = memory[signature]
+    return entry
 
 
 def _rows_by_backward(flat: Tensor, params: list[Tensor]) -> Tensor:
