@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -124,6 +125,7 @@ class AdaptiveCollocation(Callback):
         # (the batch's tensor, its values before the draw) per term: put back after the step, so the user's own
         # tensors (a list-backed loader yields the same ones every step) are never lost.
         self._lent: list[tuple[Tensor, Tensor]] = []
+        self._domain_checked: set[str] = set()  # terms whose sampler's domain was compared with the batch's
         self.pools: dict[str, Tensor] = {}
         self.densities: dict[str, Tensor] = {}
         self._last_scored: int | None = None  # the step whose pool was scored last (resumes skip it)
@@ -252,7 +254,32 @@ class AdaptiveCollocation(Callback):
         if pool.device.type != "cpu" and pool.device != target.device:
             where = "the CPU" if target.device.type == "cpu" else f"the CPU or {target.device}"
             raise ValueError(f"{fix} on {where}; it returned them on {pool.device}.")
-        return pool.to(target.device)
+        pool = pool.to(target.device)
+        self._check_domain(name, pool, target)
+        return pool
+
+    def _check_domain(self, name: str, pool: Tensor, target: Tensor) -> None:
+        """Warn once per term when the candidates reach well beyond the bounding box of the data module's own
+        points in some coordinate: a sampler of the wrong domain."""
+        if name in self._domain_checked or target.ndim != 2 or target.shape[0] < 2:
+            return
+        self._domain_checked.add(name)
+        low, high = target.amin(0), target.amax(0)
+        # A uniform sample of N points misses about 1/N of its domain's width at each end: allow a quarter of
+        # the width plus four such gaps before calling the sampler's domain another one.
+        margin = (0.25 + 4 / target.shape[0]) * (high - low)
+        beyond = ((pool.amin(0) < low - margin) | (pool.amax(0) > high + margin)).nonzero().flatten().tolist()
+        if beyond:
+
+            def box(lo: Tensor, hi: Tensor) -> list[tuple[float, float]]:
+                return [(round(float(a), 4), round(float(b), 4)) for a, b in zip(lo, hi, strict=True)]
+
+            rank_zero_warn(
+                f"AdaptiveCollocation: the sampler of term {name!r} returns points in "
+                f"{box(pool.amin(0), pool.amax(0))} per coordinate, well beyond the batch's own points "
+                f"{box(low, high)} in coordinate(s) {beyond}. Give a sampler of the term's domain: points outside it "
+                "train the network where the PDE does not hold."
+            )
 
     def _pool_scores(
         self, pl_module: PINNModule, batch: Any, name: str, target: Tensor, pool: Tensor

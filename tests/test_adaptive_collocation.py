@@ -421,3 +421,19 @@ def test_one_collective_per_scoring_serves_every_term(tmp_path, monkeypatch):
     monkeypatch.setattr(type(trainer.strategy), "reduce", counted)
     trainer.fit(HeatAdam(), loader(5))
     assert calls == [(2, 2), (2, 2)]  # steps 0 and 2: both terms' sums in one reduction
+
+
+def test_a_sampler_beyond_the_batchs_domain_is_named_once(tmp_path):
+    def too_wide(g, n):  # [-0.5, 1.5]² for points of the unit square
+        return torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 0.5
+
+    cb = AdaptiveCollocation({"pde": too_wide}, score="rad", every_n_steps=1, pool_factor=4, seed=0)
+    with pytest.warns(UserWarning, match=r"sampler of term 'pde' returns points .* coordinate\(s\) \[0, 1\]") as seen:
+        fit(tmp_path, HeatAdam(), [cb], 3)
+    assert sum("sampler of term" in str(w.message) for w in seen) == 1
+
+
+def test_a_sampler_of_the_batchs_domain_is_not_warned_about(tmp_path, recwarn):
+    cb = AdaptiveCollocation({"pde": unit_square}, score="rad", pool_factor=4, seed=0)
+    fit(tmp_path, HeatAdam(), [cb], 2)
+    assert not [w for w in recwarn if "sampler of term" in str(w.message)]
