@@ -22,28 +22,28 @@ __all__ = [
     "POINTWISE_RTOL",
     "PointSplit",
     "batch_signature",
-    "check_point_layout",
+    "check_point_counts",
     "close",
-    "known_point_layout",
+    "known_point_counts",
     "pointwise",
     "subsample_batch",
 ]
 
 
-def known_point_layout(module: nn.Module, batch: object) -> dict[str, int] | None:
-    """The point count of every term once :func:`check_point_layout` confirmed it, else ``None``."""
+def known_point_counts(module: nn.Module, batch: object) -> dict[str, int] | None:
+    """The point count of every term once :func:`check_point_counts` confirmed it, else ``None``."""
     return memory_of(module).point_counts.get(batch_signature(batch))
 
 
 def pointwise(module: nn.Module, batch: object) -> bool:
-    """False once :func:`check_point_layout` found the residuals not pointwise for this batch signature."""
+    """False once :func:`check_point_counts` found the residuals not pointwise for this batch signature."""
     counts = memory_of(module).point_counts
     key = batch_signature(batch)
     return key not in counts or counts[key] is not None
 
 
 def batch_signature(batch: object) -> tuple:
-    """Shapes, dtypes and devices of the batch's tensors (the layout cache key)."""
+    """Shapes, dtypes and devices of the batch's tensors (the key of everything learned per batch signature)."""
     leaves, spec = tree_flatten(batch)
     return (
         str(spec),
@@ -97,7 +97,7 @@ def subsample_batch(batch: object, indices: Mapping[int, Tensor]) -> object:
     return tree_unflatten(out, spec)
 
 
-def check_point_layout(
+def check_point_counts(
     module: nn.Module,
     batch: object,
     evaluate: Callable[[object], Mapping[str, Tensor]],
@@ -110,13 +110,13 @@ def check_point_layout(
     demands that the subset's rows equal the full rows at those points; a residual whose row ``n``
     depends on other points (or a batch whose layout the inference gets wrong) is a clear error.
     """
-    known = known_point_layout(module, batch)
+    known = known_point_counts(module, batch)
     if known is not None:
         return known
     counts = memory_of(module).point_counts
     full = evaluate(batch)
-    layout = {name: r.shape[0] for name, r in full.items()}
-    indices = {n: sample(n) for n in sorted(set(layout.values()))}
+    points = {name: r.shape[0] for name, r in full.items()}
+    indices = {n: sample(n) for n in sorted(set(points.values()))}
     try:
         part = evaluate(subsample_batch(batch, indices))
     except Exception as err:  # the full batch evaluated: the cut is what the residual does not survive
@@ -127,7 +127,7 @@ def check_point_layout(
             "slices the point tensor (e.g. x[:4]) cannot be subsampled."
         ) from err
     for name, r in part.items():
-        want = full[name][indices[layout[name]].to(full[name].device)]
+        want = full[name][indices[points[name]].to(full[name].device)]
         if r.shape != want.shape or not close(r, want):
             counts[batch_signature(batch)] = None
             raise ValueError(
@@ -135,5 +135,5 @@ def check_point_layout(
                 "only on point n, and every tensor in the batch with that term's point count must hold one "
                 "row per point."
             )
-    counts[batch_signature(batch)] = layout
-    return layout
+    counts[batch_signature(batch)] = points
+    return points

@@ -51,7 +51,7 @@ from lightning_ntk.estimators.base import (
     check_positive_number,
     register_estimator,
 )
-from lightning_ntk.points import check_point_layout, pointwise, subsample_batch
+from lightning_ntk.points import check_point_counts, pointwise, subsample_batch
 
 __all__ = ["AUTO_MIN_POINTS", "FiniteDifference", "auto_points_per_probe", "fd_step_size", "finite_difference_traces"]
 
@@ -117,11 +117,11 @@ def _point_sampler(
 
     if points_per_probe == "auto" and (_max_leading_size(batch) <= AUTO_MIN_POINTS or not pointwise(module, batch)):
         return None, {}
-    # The one-time layout check draws from a generator of its own: a resumed run (a fresh module,
+    # The one-time point-count check draws from a generator of its own: a resumed run (a fresh module,
     # so the check runs again) must see the same probe stream as an uninterrupted one.
     check_draws = torch.Generator().manual_seed(0)
     try:
-        layout = check_point_layout(
+        counts = check_point_counts(
             module, batch, evaluate, lambda n: sample_points(n, count(n), generator=check_draws, device=device)
         )
     except ValueError as err:
@@ -129,10 +129,10 @@ def _point_sampler(
             raise ValueError(f"{err} Use points_per_probe=None for this module.") from err
         warnings.warn(f"{err} points_per_probe='auto' evaluates every point of this module instead.", stacklevel=4)
         return None, {}
-    if all(count(n) >= n for n in layout.values()):
+    if all(count(n) >= n for n in counts.values()):
         return None, {}
-    sizes = sorted(set(layout.values()))
-    return (lambda: subsample_batch(batch, {n: draw(n) for n in sizes})), layout
+    sizes = sorted(set(counts.values()))
+    return (lambda: subsample_batch(batch, {n: draw(n) for n in sizes})), counts
 
 
 def _max_leading_size(batch: object) -> int:

@@ -218,7 +218,7 @@ def _gram_step(request: _Request) -> _GramStep:
     off_gram = dict(entry.off_gram)
     off_gram.update({t: f"the Gram path does not apply: {why}" for t, why in result.unsupported.items()})
     norms = {t: v for t, v in result.norms.items() if t not in off_gram}
-    # Only the first call per layout reads values on the host: a warm call never waits for the device.
+    # Only the first call per batch signature reads values on the host: a warm call never waits for the device.
     if not entry.checked and all(bool(torch.isfinite(v).all()) for v in norms.values()):
         off_gram.update(_cross_check(request, norms))
         entry.off_gram, entry.checked = dict(off_gram), True
