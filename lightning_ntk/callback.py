@@ -13,7 +13,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_ntk.averaging import TraceAverager
-from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator, as_estimator
+from lightning_ntk.checks import callback_arguments
+from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator
 from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator, ntk_view_of
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.module import PINNModule, require_pinn_module
@@ -80,8 +81,15 @@ class NTKWeightingCallback(Callback):
         on_nonfinite: Literal["raise", "skip"] = "raise",
         capture: bool = True,
     ) -> None:
-        self.estimator = _checked_arguments(
-            update_every_n_steps, estimator, weight_rule, trace_averager, on_nonfinite, capture, seed
+        self.estimator = callback_arguments(
+            every=update_every_n_steps,
+            estimator=estimator,
+            rule=weight_rule,
+            averager=trace_averager,
+            on_nonfinite=on_nonfinite,
+            capture=capture,
+            seed=seed,
+            error=MisconfigurationException,
         )
         self.update_every_n_steps = update_every_n_steps
         # Without a rule given, the default depends on the module (causal terms or not): set in setup.
@@ -166,7 +174,15 @@ class NTKWeightingCallback(Callback):
             self._monitored_weights = weights.detach().clone()
         else:
             pl_module.set_term_weights(weights.to(pl_module.ntk_weights))
-        self.validity.arm(valid, trainer.global_step, values, estimate, pl_module, batch, undo)
+        self.validity.arm(
+            valid=valid,
+            step=trainer.global_step,
+            values=values,
+            estimate=estimate,
+            module=pl_module,
+            batch=batch,
+            undo=undo,
+        )
         self.last_estimate = estimate
         self._latest = UpdateRecord(names, estimate.measure, values, stderr, weights)
         self._report(trainer, estimate)
@@ -266,30 +282,3 @@ class NTKWeightingCallback(Callback):
         if self.trace_averager is not None and state_dict.get("trace_averager") is not None:
             self.trace_averager.load_state_dict(state_dict["trace_averager"])
         self.rng.load_state_dict(state_dict.get("generator_state"))
-
-
-def _checked_arguments(
-    every: Any, estimator: Any, rule: Any, averager: Any, on_nonfinite: Any, capture: Any, seed: Any
-) -> TraceEstimator:
-    """Raise a ``MisconfigurationException`` that says what to change for a bad argument; the estimator."""
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise MisconfigurationException(message)
-
-    is_int = isinstance(every, int) and not isinstance(every, bool)
-    require(is_int, f"`update_every_n_steps` must be a positive int, got {every!r}.")
-    require(every >= 1, f"`update_every_n_steps` must be >= 1 (1 = every optimizer step), got {every}.")
-    for name, value, cls in (("weight_rule", rule, WeightRule), ("trace_averager", averager, TraceAverager)):
-        require(
-            value is None or isinstance(value, cls),
-            f"`{name}` must be a lightning_ntk.{cls.__name__} or None, got {type(value).__name__}.",
-        )
-    require(on_nonfinite in ("raise", "skip"), f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}.")
-    require(isinstance(capture, bool), f"`capture` must be True or False, got {capture!r}.")
-    seed_ok = seed is None or (isinstance(seed, int) and not isinstance(seed, bool))
-    require(seed_ok, f"`seed` must be an int or None, got {seed!r}.")
-    try:
-        return as_estimator(estimator)
-    except ValueError as err:
-        raise MisconfigurationException(f"`estimator`: {err}") from err

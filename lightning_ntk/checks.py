@@ -15,8 +15,19 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["non_negative_int", "non_negative_number", "optional_seed", "positive_int", "positive_number"]
+if TYPE_CHECKING:
+    from lightning_ntk.estimators import TraceEstimator
+
+__all__ = [
+    "callback_arguments",
+    "non_negative_int",
+    "non_negative_number",
+    "optional_seed",
+    "positive_int",
+    "positive_number",
+]
 
 
 def _is_int(value: object) -> bool:
@@ -60,3 +71,35 @@ def optional_seed(name: str, value: object, error: type[Exception] = ValueError)
     if value is not None and not _is_int(value):
         raise error(f"`{name}` must be an int or None, got {value!r}.")
     return value
+
+
+def callback_arguments(
+    *,
+    every: Any,
+    estimator: Any,
+    rule: Any,
+    averager: Any,
+    on_nonfinite: Any,
+    capture: Any,
+    seed: Any,
+    error: type[Exception] = ValueError,
+) -> TraceEstimator:
+    """:class:`~lightning_ntk.NTKWeightingCallback`'s arguments checked (``error`` says what to change for the
+    first bad one); the estimator they name."""
+    from lightning_ntk.averaging import TraceAverager
+    from lightning_ntk.estimators import as_estimator
+    from lightning_ntk.weights import WeightRule
+
+    positive_int("update_every_n_steps", every, error, hint=" (1 = every optimizer step)")
+    for name, value, cls in (("weight_rule", rule, WeightRule), ("trace_averager", averager, TraceAverager)):
+        if value is not None and not isinstance(value, cls):
+            raise error(f"`{name}` must be a lightning_ntk.{cls.__name__} or None, got {type(value).__name__}.")
+    if on_nonfinite not in ("raise", "skip"):
+        raise error(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}.")
+    if not isinstance(capture, bool):
+        raise error(f"`capture` must be True or False, got {capture!r}.")
+    optional_seed("seed", seed, error)
+    try:
+        return as_estimator(estimator)
+    except ValueError as err:
+        raise error(f"`estimator`: {err}") from err

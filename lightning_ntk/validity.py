@@ -59,7 +59,7 @@ class DeferredValidityCheck:
     Example::
 
         check = DeferredValidityCheck("raise")
-        check.arm(valid, step, values, estimate, module, batch, undo=lambda: None)
+        check.arm(valid=ok, step=step, values=values, estimate=estimate, module=module, batch=batch, undo=undo)
         ...
         check.resolve()  # before the optimizer step: raises if the values were not finite and positive
     """
@@ -71,6 +71,7 @@ class DeferredValidityCheck:
 
     def arm(
         self,
+        *,
         valid: Tensor,
         step: int,
         values: Tensor,

@@ -172,7 +172,11 @@ def test_cli_sets_callback_arguments_and_rejects_bad_ones(tmp_path, capsys):
     cli = _cli(config, tmp_path, "--trainer.callbacks.update_every_n_steps", "7")
     (ntk,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "NTKWeightingCallback"]
     assert ntk.update_every_n_steps == 7
-    for value, message in (("0", "`update_every_n_steps` must be >= 1"), ("abc", "Expected a <class 'int'>")):
+    bad = (
+        ("0", "`update_every_n_steps` must be a positive int, got 0 (1 = every"),
+        ("abc", "Expected a <class 'int'>"),
+    )
+    for value, message in bad:
         with pytest.raises((SystemExit, ValueError)) as err:
             _cli(config, tmp_path, "--trainer.callbacks.update_every_n_steps", value)
         assert message in str(err.value) + capsys.readouterr().err
