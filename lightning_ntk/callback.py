@@ -15,8 +15,8 @@ from typing_extensions import override
 from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.checks import callback_arguments
 from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator
-from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator, ntk_view_of
 from lightning_ntk.generators import CallbackGenerator
+from lightning_ntk.measured import CapturedEstimator, MeasuredEstimator, ntk_view_of
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import due, log_metrics, write_custom_scalars
 from lightning_ntk.updates import UpdateRecord
@@ -37,7 +37,7 @@ class NTKWeightingCallback(Callback):
 
     Its parts: the estimator, wrapped to measure :meth:`~lightning_ntk.PINNModule.ntk_view` (causal and
     importance-weighted terms) and replayed from CUDA graphs with ``capture``
-    (:class:`~lightning_ntk.estimators.captured.CapturedEstimator`); a
+    (:class:`~lightning_ntk.measured.CapturedEstimator`); a
     :class:`~lightning_ntk.validity.DeferredValidityCheck` that reads whether the values were finite and
     positive before the optimizer step without stalling the GPU; a
     :class:`~lightning_ntk.generators.CallbackGenerator`. Logs ``ntk/trace/<term>``,

@@ -9,8 +9,8 @@ from conftest import AutogradPoisson, poisson_batch
 from torch import nn
 
 from lightning_ntk.capture import CapturedCall
-from lightning_ntk.estimators.captured import CapturedEstimator
 from lightning_ntk.estimators.exact import exact_traces
+from lightning_ntk.measured import CapturedEstimator
 
 
 def stacked_traces(model):
@@ -126,7 +126,7 @@ def test_the_callback_through_captured_calls_trains_bit_for_bit_like_eager(tmp_p
 def _weighted_traces(model, omegas, capture):
     """Traces through the callback's captured (or eager) estimator, with two different point weights in turn."""
     from lightning_ntk.estimators import Exact
-    from lightning_ntk.estimators.captured import MeasuredEstimator, ntk_view_of
+    from lightning_ntk.measured import MeasuredEstimator, ntk_view_of
 
     est = (
         CapturedEstimator(Exact(), ntk_view_of, lambda m: m.terms)
@@ -171,7 +171,7 @@ def test_point_weights_stay_out_of_the_loss_in_eval_mode():
 
 def test_the_callback_measures_a_subclass_ntk_view():
     from lightning_ntk.estimators import Exact
-    from lightning_ntk.estimators.captured import MeasuredEstimator, ntk_view_of
+    from lightning_ntk.measured import MeasuredEstimator, ntk_view_of
 
     class Doubled(AutogradPoisson):
         def ntk_view(self, batch):

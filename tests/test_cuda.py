@@ -187,7 +187,7 @@ def test_capture_step_on_cuda_trains_like_the_ordinary_module(tmp_path):
 
 def test_captured_traces_on_cuda_replay_with_two_different_point_weights():
     from lightning_ntk.estimators import Exact
-    from lightning_ntk.estimators.captured import CapturedEstimator, MeasuredEstimator, ntk_view_of
+    from lightning_ntk.measured import CapturedEstimator, MeasuredEstimator, ntk_view_of
 
     torch.manual_seed(0)
     model = AutogradPoisson(width=16).to(CUDA)

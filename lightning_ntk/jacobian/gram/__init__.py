@@ -71,14 +71,12 @@ from torch.autograd.graph import GradientEdge
 
 from lightning_ntk.jacobian.gram import cuts, walking
 from lightning_ntk.jacobian.gram.accumulation import plan_use, term_jacobian, term_norms
+from lightning_ntk.jacobian.gram.cuts import Grads
 from lightning_ntk.jacobian.gram.graph import Graph, locate
 from lightning_ntk.jacobian.gram.layouts import GramEntry, UseKey, UsePlan, choose_layout
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, evaluate_plainly, fingerprint, record_uses
 
 __all__ = ["GramEntry", "GramResult", "GramUnsupported", "gram_jacobian", "gram_squared_norms"]
-
-# Gradients of one backward, aligned with the recorded uses' outputs (None: not reached).
-Grads = tuple[Tensor | None, ...]
 
 
 @dataclass

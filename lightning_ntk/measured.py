@@ -1,8 +1,11 @@
-"""``CapturedEstimator``: an estimator whose computation is replayed from a CUDA graph per batch signature."""
+"""What the callback measures through: an estimator applied to the module's NTK view, eagerly
+(:class:`MeasuredEstimator`) or replayed from a CUDA graph per batch signature (:class:`CapturedEstimator`).
+They wrap estimators; they are not estimators of their own."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,10 +17,18 @@ from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator
 from lightning_ntk.estimators.exact import Exact
 from lightning_ntk.estimators.finite_difference import FiniteDifference
 
-__all__ = ["CapturedEstimator", "MeasuredEstimator", "ntk_view_of"]
+__all__ = ["CapturedEstimator", "LastRun", "MeasuredEstimator", "ntk_view_of"]
 
 # The estimators whose work is a fixed sequence of kernels for a fixed batch signature.
 CAPTURABLE = (Exact, FiniteDifference)
+
+
+@dataclass
+class LastRun:
+    """The estimate of the last time a captured computation ran in Python (its warm-up or an eager call): the
+    row counts, paths and names a replay does not recompute."""
+
+    estimate: TraceEstimate | None = None
 
 
 class CapturedEstimator(TraceEstimator):
@@ -54,7 +65,7 @@ class CapturedEstimator(TraceEstimator):
         self.randomized = estimator.randomized
         self.name = estimator.name
         # (module, batch structure) → the captured call and the last eager estimate's metadata.
-        self.calls: dict[tuple, tuple[CapturedCall, dict[str, TraceEstimate]]] = {}
+        self.calls: dict[tuple, tuple[CapturedCall, LastRun]] = {}
         # The generator of the current call: a graph made in an earlier fit draws from the new one.
         self._generator: torch.Generator | None = None
 
@@ -66,7 +77,7 @@ class CapturedEstimator(TraceEstimator):
         self._generator = generator
         call, last = self._call_for(module, spec)
         values, stderr = call(*leaves)
-        meta = last["estimate"]  # what the last Python run of the estimator said besides the numbers
+        meta = last.estimate  # what the last Python run of the estimator said besides the numbers
         names = self.terms(module)
         return TraceEstimate(
             dict(zip(names, values.unbind(0), strict=True)),
@@ -81,11 +92,11 @@ class CapturedEstimator(TraceEstimator):
         key = (id(module), str(spec))
         if key not in self.calls:
             names = self.terms(module)
-            last: dict[str, TraceEstimate] = {}
+            last = LastRun()
 
             def measure(*tensors: Tensor) -> tuple[Tensor, Tensor]:
                 inner = tree_unflatten(list(tensors), spec)
-                est = last["estimate"] = self.inner(self.measured(module, inner), inner, self._generator)
+                est = last.estimate = self.inner(self.measured(module, inner), inner, self._generator)
                 return torch.stack([est.values[n] for n in names]), torch.stack([est.stderr[n] for n in names])
 
             call = CapturedCall(
