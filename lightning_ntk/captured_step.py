@@ -135,6 +135,9 @@ class CapturedTrainingStep:
                 f"leaf of the batch must be a tensor; got {sorted({type(t).__name__ for t in leaves})}."
             )
         call = self._call_for(str(spec), spec, optimizer)
+        # LightningOptimizer.step() would run the step eagerly; its two private hooks are what it does around
+        # the step (the strategy's step counters and profiler marks), so the replay keeps Lightning's
+        # bookkeeping (trainer.global_step advances) without a public way to wrap a replayed step.
         lightning_optimizer._on_before_step()
         outputs = call(*leaves)
         lightning_optimizer._on_after_step()

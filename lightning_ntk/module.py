@@ -388,6 +388,8 @@ class PINNModule(pl.LightningModule):
 
     def _logger_writes_this_step(self) -> bool:
         trainer = self._trainer
+        # Lightning has no public "does the logger write this step" flag; its logger connector decides it for
+        # self.log, so it is asked (and without one, every step counts as written).
         connector = getattr(trainer, "_logger_connector", None) if trainer is not None else None
         return bool(getattr(connector, "should_update_logs", True))
 
