@@ -14,9 +14,9 @@ from typing_extensions import override
 
 from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.checks import callback_arguments
-from lightning_ntk.estimators import Exact, TraceEstimate, TraceEstimator
+from lightning_ntk.estimators import TraceEstimate, TraceEstimator
 from lightning_ntk.generators import CallbackGenerator
-from lightning_ntk.measured import CapturedEstimator, MeasuredEstimator, ntk_view_of
+from lightning_ntk.measured import estimator_now
 from lightning_ntk.module import PINNModule, require_pinn_module
 from lightning_ntk.tensorboard import due, log_metrics, write_custom_scalars
 from lightning_ntk.updates import UpdateRecord
@@ -159,7 +159,8 @@ class NTKWeightingCallback(Callback):
         are kept where it fails) and read by :attr:`validity` before the optimizer step."""
         self.resolve_pending_check()
         names = pl_module.terms
-        estimate = self._estimator_now()(pl_module, batch, self.rng.generator)
+        measure = estimator_now(self._estimators, self.estimator, self.trace_averager, self.capture)
+        estimate = measure(pl_module, batch, self.rng.generator)
         values, rows, variances = estimate.reduce(names, lambda t, op: trainer.strategy.reduce(t, reduce_op=op))
         valid = (torch.isfinite(values) & (values > 0)).all()
         undo = self._undo_for(estimate)
@@ -205,22 +206,6 @@ class NTKWeightingCallback(Callback):
             self._latest, self.last_estimate = latest, last_estimate
 
         return undo
-
-    def _estimator_now(self) -> TraceEstimator:
-        """The estimator of this update, wrapped to measure the module's NTK view
-        (:meth:`~lightning_ntk.PINNModule.ntk_view`) and replayed with ``capture``:
-        exact traces start an empty average with ``start="exact"``."""
-        averager = self.trace_averager
-        start = averager is not None and averager.empty and averager.start == "exact" and self.estimator.randomized
-        key = "start" if start else "main"
-        if key not in self._estimators:
-            self._estimators[key] = self._wrapped(Exact() if start else self.estimator)
-        return self._estimators[key]
-
-    def _wrapped(self, estimator: TraceEstimator) -> TraceEstimator:
-        if self.capture:
-            return CapturedEstimator(estimator, measured=ntk_view_of, terms=lambda module: module.terms)
-        return MeasuredEstimator(estimator, ntk_view_of)
 
     def _report(self, trainer: pl.Trainer, estimate: TraceEstimate) -> None:
         if not self._reported_paths and "paths" in estimate.info:

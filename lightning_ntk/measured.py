@@ -12,12 +12,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_ntk.averaging import TraceAverager
 from lightning_ntk.capture import CapturedCall, captured_state
 from lightning_ntk.estimators.base import TraceEstimate, TraceEstimator
 from lightning_ntk.estimators.exact import Exact
 from lightning_ntk.estimators.finite_difference import FiniteDifference
 
-__all__ = ["CapturedEstimator", "LastRun", "MeasuredEstimator", "ntk_view_of"]
+__all__ = ["CapturedEstimator", "LastRun", "MeasuredEstimator", "estimator_now", "ntk_view_of"]
 
 # The estimators whose work is a fixed sequence of kernels for a fixed batch signature.
 CAPTURABLE = (Exact, FiniteDifference)
@@ -135,3 +136,20 @@ class MeasuredEstimator(TraceEstimator):
 def ntk_view_of(module: nn.Module, batch: Any) -> nn.Module:
     """``module.ntk_view(batch)``, looked up on the instance so that a subclass's override is what is measured."""
     return module.ntk_view(batch)
+
+
+def estimator_now(
+    wrapped: dict[str, TraceEstimator], estimator: TraceEstimator, averager: TraceAverager | None, capture: bool
+) -> TraceEstimator:
+    """The estimator of a weight update, wrapped (once, kept in ``wrapped``) to measure the module's NTK view
+    (:meth:`~lightning_ntk.PINNModule.ntk_view`), replayed with ``capture``: an empty average that starts from
+    exact traces (``TraceAverager(start="exact")``) gets exact traces for its first update."""
+    start = averager is not None and averager.empty and averager.start == "exact" and estimator.randomized
+    key = "start" if start else "main"
+    if key not in wrapped:
+        chosen = Exact() if start else estimator
+        if capture:
+            wrapped[key] = CapturedEstimator(chosen, measured=ntk_view_of, terms=lambda module: module.terms)
+        else:
+            wrapped[key] = MeasuredEstimator(chosen, ntk_view_of)
+    return wrapped[key]
