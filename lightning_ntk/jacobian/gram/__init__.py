@@ -146,9 +146,13 @@ def gram_squared_norms(
     norms: dict[str, Tensor] = {}
     unsupported = dict(entry.unsupported)
     backwards = 0
+    # term_norms is looked up per call, not bound at definition: the benchmarks time it by replacing it.
+    reduce_terms = _TermReduction(entry, uses, outputs, params, flat, term_norms if per_term is None else per_term)
     for group in batches:
         backwards += group.backwards
-        _add_norms(group, entry, uses, outputs, params, flat, norms, unsupported, per_term)
+        done, refused = reduce_terms(group)
+        norms.update(done)
+        unsupported.update(refused)
         # Dropped before the next group's backward runs: a warm call holds one group's gradients at a
         # time, so its memory stays near a training step's (the allocator does not hand pages back to
         # the system after each call only to fault them in again on the next, 10-15 % of a call).
@@ -170,37 +174,44 @@ def gram_jacobian(
     return gram_squared_norms(batch, params, residuals_fn, known, skip, per_term=term_jacobian)
 
 
-def _add_norms(
-    group: _GroupGrads,
-    entry: GramEntry,
-    uses: list[Use],
-    outputs: _Outputs,
-    params: Mapping[str, Tensor],
-    flat: Mapping[str, Tensor],
-    norms: dict[str, Tensor],
-    unsupported: dict[str, str],
-    per_term: Callable[..., Tensor] | None,
-) -> None:
-    """The per-point norms of a group's terms (into ``norms``, or why not into ``unsupported``)."""
-    for term, per_component in group.grads.items():
-        confirmed: dict[int, dict[int, tuple[Tensor, UsePlan]]] = {}
-        try:
-            for c, g in enumerate(per_component):
-                confirmed[c] = {}
-                for i, plan in entry.planned(term, c):
-                    j = outputs.slot.get(i)
-                    if j is None:
-                        continue
-                    if g[j] is None:
-                        raise GramUnsupported("the parameter uses changed since the layout was confirmed")
-                    confirmed[c][i] = (g[j], plan)
-            reduce = term_norms if per_term is None else per_term  # looked up per call: benchmarks time it
-            norms[term] = reduce(uses, confirmed, params, flat[term].shape[0], entry.workspace)
-        except GramUnsupported as err:
-            unsupported[term] = str(err)
-            continue
-        if term in group.broken:  # a gradient reached a cut: these norms miss part of it (invariant 10)
-            norms[term] = norms[term].masked_fill(group.broken[term], float("nan"))
+@dataclass(frozen=True)
+class _TermReduction:
+    """What one call reduces every group's terms with: the confirmed entry, this evaluation's uses and
+    outputs, the parameters, the residual rows, and ``reduce`` (:func:`~.accumulation.term_norms` or
+    :func:`~.accumulation.term_jacobian`)."""
+
+    entry: GramEntry
+    uses: list[Use]
+    outputs: _Outputs
+    params: Mapping[str, Tensor]
+    flat: Mapping[str, Tensor]
+    reduce: Callable[..., Tensor]
+
+    def __call__(self, group: _GroupGrads) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The group's terms reduced, and the terms it could not reduce with the reason."""
+        done: dict[str, Tensor] = {}
+        refused: dict[str, str] = {}
+        for term, per_component in group.grads.items():
+            confirmed: dict[int, dict[int, tuple[Tensor, UsePlan]]] = {}
+            try:
+                for c, g in enumerate(per_component):
+                    confirmed[c] = {}
+                    for i, plan in self.entry.planned(term, c):
+                        j = self.outputs.slot.get(i)
+                        if j is None:
+                            continue
+                        if g[j] is None:
+                            raise GramUnsupported("the parameter uses changed since the layout was confirmed")
+                        confirmed[c][i] = (g[j], plan)
+                done[term] = self.reduce(
+                    self.uses, confirmed, self.params, self.flat[term].shape[0], self.entry.workspace
+                )
+            except GramUnsupported as err:
+                refused[term] = str(err)
+                continue
+            if term in group.broken:  # a gradient reached a cut: these values miss part of it (invariant 10)
+                done[term] = done[term].masked_fill(group.broken[term], float("nan"))
+        return done, refused
 
 
 @dataclass
