@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_ntk.tolerances import close
 
+if TYPE_CHECKING:
+    from lightning_ntk.points import PointSplit
+
 __all__ = [
+    "GroupJob",
     "NotPointwise",
     "PathUnavailable",
     "PointNorms",
@@ -144,3 +149,26 @@ def reports_skips(
         return wrapper
 
     return decorate
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """What a per-point path computes: the norms of one group of terms that share their points.
+
+    Attributes:
+        split: The batch, split by point.
+        group: The terms of the group.
+        reference: The full-batch residuals.
+        params: The trainable parameters by name.
+        chunk: Points per vectorized chunk.
+        index: The subset of points to compute (``None``: all).
+        shrink: Cut the other groups' points to one row (the first try).
+    """
+
+    split: PointSplit
+    group: list[str]
+    reference: Mapping[str, Tensor]
+    params: Mapping[str, Tensor]
+    chunk: int
+    index: Tensor | None
+    shrink: bool

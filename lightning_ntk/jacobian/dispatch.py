@@ -39,7 +39,14 @@ from lightning_ntk.contract import (
     evaluate_residuals,
     trainable_parameters,
 )
-from lightning_ntk.jacobian.common import PathUnavailable, PointNorms, Skipped, default_chunk_size, first_sentence
+from lightning_ntk.jacobian.common import (
+    GroupJob,
+    PathUnavailable,
+    PointNorms,
+    Skipped,
+    default_chunk_size,
+    first_sentence,
+)
 from lightning_ntk.jacobian.gram import GramResult, GramUnsupported, gram_squared_norms
 from lightning_ntk.jacobian.loop import loop_norms
 from lightning_ntk.jacobian.rows import rows_norms
@@ -298,47 +305,24 @@ def _gram_in_slices(request: _Request, params: dict[str, Tensor], skip: frozense
 
 
 @dataclass(frozen=True)
-class _GroupJob:
-    """What a per-point path computes: the norms of one group of terms that share their points.
-
-    Attributes:
-        split: The batch, split by point.
-        group: The terms of the group.
-        reference: The full-batch residuals.
-        params: The trainable parameters by name.
-        chunk: Points per vectorized chunk.
-        index: The subset of points to compute (``None``: all).
-        shrink: Cut the other groups' points to one row (the first try).
-    """
-
-    split: PointSplit
-    group: list[str]
-    reference: Mapping[str, Tensor]
-    params: Mapping[str, Tensor]
-    chunk: int
-    index: Tensor | None
-    shrink: bool
-
-
-@dataclass(frozen=True)
 class _PointPath:
-    """A per-point path: ``compute(request, job)`` gives the norms of one point group (a :class:`_GroupJob`)
+    """A per-point path: ``compute(request, job)`` gives the norms of one point group (a :class:`GroupJob`)
     or :class:`~lightning_ntk.jacobian.common.Skipped`."""
 
     name: str
-    compute: Callable[[_Request, _GroupJob], dict[str, Tensor] | Skipped]
+    compute: Callable[[_Request, GroupJob], dict[str, Tensor] | Skipped]
 
 
-def _vmap(request: _Request, job: _GroupJob) -> dict[str, Tensor] | Skipped:
-    return vmap_norms(request.module, job.split, job.group, job.reference, job.params, job.chunk, job.index, job.shrink)
+def _vmap(request: _Request, job: GroupJob) -> dict[str, Tensor] | Skipped:
+    return vmap_norms(request.module, job)
 
 
-def _loop(request: _Request, job: _GroupJob) -> dict[str, Tensor] | Skipped:
-    return loop_norms(request.module, job.split, job.group, job.reference, job.params, job.index, job.shrink)
+def _loop(request: _Request, job: GroupJob) -> dict[str, Tensor] | Skipped:
+    return loop_norms(request.module, job)
 
 
-def _rows(request: _Request, job: _GroupJob) -> dict[str, Tensor] | Skipped:
-    return rows_norms(job.reference, job.group, job.params, job.index)
+def _rows(request: _Request, job: GroupJob) -> dict[str, Tensor] | Skipped:
+    return rows_norms(job)
 
 
 # In the order they are tried; ``rows`` needs no split of the batch and always applies.
@@ -381,7 +365,7 @@ def _per_point_norms(
             if name != "rows" and not split.splittable:
                 continue
             for shrink in (True, False):  # other groups' points cut to one row first, then left whole
-                job = _GroupJob(split, group, reference, params, chunk, index, shrink)
+                job = GroupJob(split, group, reference, params, chunk, index, shrink)
                 result = _POINT_PATHS[name].compute(request, job)
                 if not isinstance(result, Skipped) or not result.retry:
                     break

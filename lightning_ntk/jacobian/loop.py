@@ -6,31 +6,30 @@ Works with residuals in any style, including ordinary autograd input derivatives
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor, nn
 
 from lightning_ntk.contract import evaluate_residuals
-from lightning_ntk.jacobian.common import NotPointwise, check_point_values, point_ids, reports_skips, row_norms
-from lightning_ntk.points import PointSplit
+from lightning_ntk.jacobian.common import (
+    GroupJob,
+    NotPointwise,
+    check_point_values,
+    point_ids,
+    reports_skips,
+    row_norms,
+)
 
 __all__ = ["loop_norms"]
 
 
 @reports_skips("loop", retry_other_errors=True)
-def loop_norms(
-    module: nn.Module,
-    split: PointSplit,
-    terms: list[str],
-    reference: Mapping[str, Tensor],
-    params: dict[str, Tensor],
-    index: Tensor | None,
-    shrink_others: bool,
-) -> dict[str, Tensor]:
+def loop_norms(module: nn.Module, job: GroupJob) -> dict[str, Tensor]:
     """Per-point squared norms of the terms of one point group, one point at a time (or
     :class:`~lightning_ntk.jacobian.common.Skipped`: the residual is not pointwise, or fails on a
     single point, as a term that slices the point tensor does)."""
+    split, terms, reference, params, index, shrink_others = (
+        job.split, job.group, job.reference, job.params, job.index, job.shrink
+    )  # fmt: skip
     plist = list(params.values())
     norms: dict[str, list[Tensor]] = {name: [] for name in terms}
     leaves = [t for t, m in zip(split.leaves, split.mapped, strict=True) if m]

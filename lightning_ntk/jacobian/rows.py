@@ -6,23 +6,19 @@ points too); the slowest path.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
-from lightning_ntk.jacobian.common import point_ids, row_norms
+from lightning_ntk.jacobian.common import GroupJob, point_ids, row_norms
 
 __all__ = ["rows_norms"]
 
 
-def rows_norms(
-    reference: Mapping[str, Tensor], terms: list[str], params: dict[str, Tensor], index: Tensor | None
-) -> dict[str, Tensor]:
+def rows_norms(job: GroupJob) -> dict[str, Tensor]:
     """Per-point squared norms from the full-batch residuals (with their graph)."""
-    plist = list(params.values())
+    plist = list(job.params.values())
     out = {}
-    for name in terms:
-        flat = reference[name].reshape(reference[name].shape[0], -1)
-        out[name] = torch.stack([row_norms(flat[n], plist).detach() for n in point_ids(flat.shape[0], index)])
+    for name in job.group:
+        flat = job.reference[name].reshape(job.reference[name].shape[0], -1)
+        out[name] = torch.stack([row_norms(flat[n], plist).detach() for n in point_ids(flat.shape[0], job.index)])
     return out

@@ -7,32 +7,22 @@ point; memory ≈ ``chunk × rows-per-point × P`` floats.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from lightning_ntk.contract import ResidualCaller, check_residuals
-from lightning_ntk.jacobian.common import NotPointwise, check_point_values, reports_skips, select
-from lightning_ntk.points import PointSplit
+from lightning_ntk.jacobian.common import GroupJob, NotPointwise, check_point_values, reports_skips, select
 
 __all__ = ["vmap_norms"]
 
 
 @reports_skips("vmap", retry_other_errors=False)
-def vmap_norms(
-    module: nn.Module,
-    split: PointSplit,
-    terms: list[str],
-    reference: Mapping[str, Tensor],
-    params: dict[str, Tensor],
-    chunk_size: int,
-    index: Tensor | None,
-    shrink_others: bool,
-) -> dict[str, Tensor]:
+def vmap_norms(module: nn.Module, job: GroupJob) -> dict[str, Tensor]:
     """Per-point squared norms of the terms of one point group, ``vmap`` over points in chunks (or
     :class:`~lightning_ntk.jacobian.common.Skipped`: the residual does not run under ``torch.func``,
     or is not pointwise)."""
+    split, terms, reference, params = job.split, job.group, job.reference, job.params
+    chunk_size, index, shrink_others = job.chunk, job.index, job.shrink
     caller = ResidualCaller(module)
     prefixed = {f"inner.{name}": p.detach() for name, p in params.items()}
 
