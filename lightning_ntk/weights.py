@@ -92,7 +92,8 @@ def balancing_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | No
     Args:
         traces: Positive block traces ``Tr K_ii`` (or another per-term measurement, e.g. ``‖∇_θ L_i‖``).
         mode: ``"trace"`` or ``"mean_trace"``.
-        num_rows: ``N_i`` for ``"mean_trace"``.
+        num_rows: Rows of each term's Jacobian ``J_i`` (its residual entries: points × values per point), for
+            ``"mean_trace"``.
 
     Example:
         >>> balancing_weights(torch.tensor([1.0, 99.0]))
@@ -104,7 +105,7 @@ def balancing_weights(traces: Tensor, mode: str = "trace", num_rows: Tensor | No
     if mode == "trace":
         return traces.sum() / traces
     if num_rows is None:
-        raise ValueError('mode="mean_trace" needs `num_rows` (N_i for every term).')
+        raise ValueError('mode="mean_trace" needs `num_rows` (the rows of J_i, residual entries, for every term).')
     mean_diag = traces / num_rows.to(traces)
     return mean_diag.mean() / mean_diag
 

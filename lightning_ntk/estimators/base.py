@@ -35,7 +35,7 @@ class TraceEstimate:
         values: term → 0-dim tensor, on the module's device (``traces`` is the same dict, the name
             that reads best where the measurement is known to be an NTK trace).
         stderr: term → standard error of the estimate (zero for exact estimators, NaN where unknown).
-        num_rows: term → ``N_i``, the number of residual entries (rows of ``J_i``); used by
+        num_rows: term → the number of rows of ``J_i`` (residual entries: points × values per point); used by
             ``mode="mean_trace"``.
         estimator: Name of the estimator that produced it.
         info: Free-form details (e.g. the Jacobian path each term took).
