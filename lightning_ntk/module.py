@@ -298,6 +298,10 @@ class PINNModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        # The Gauss–Newton optimizer this fit uses, if any: one left from an earlier fit (then Adam, say) must
+        # not keep taking over the batch and skipping the backward.
+        gauss_newton = [opt for opt in self.trainer.optimizers if type(opt).__name__ == "NTKGaussNewton"]
+        self._gauss_newton = gauss_newton[0] if gauss_newton else None
         if self._gauss_newton is not None and self.trainer.world_size > 1:
             raise MisconfigurationException(
                 "NTKGaussNewton does not support distributed training yet: each rank would solve with its own "

@@ -169,10 +169,11 @@ def test_distributed_training_is_refused_at_fit_start(tmp_path, monkeypatch):
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     m = model(GaussNewtonPINN)
-    m.configure_optimizers()
+    optimizer = m.configure_optimizers()
     trainer = quiet_trainer(tmp_path, max_steps=1, precision="64-true")
     m._trainer = trainer
     monkeypatch.setattr(type(trainer), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(type(trainer), "optimizers", property(lambda self: [optimizer]))
     with pytest.raises(MisconfigurationException, match="devices=1"):
         m.on_fit_start()
 
@@ -226,3 +227,21 @@ def test_a_float32_solve_warns_and_a_float32_model_does_not():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         NTKGaussNewton(model(MixedTwoOutput).float())
+
+
+def test_a_later_fit_with_another_optimizer_takes_its_backward_again(tmp_path):
+    class Switch(GaussNewtonPINN):
+        use_adam = False
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2) if self.use_adam else super().configure_optimizers()
+
+    m = model(Switch)
+    fit(tmp_path / "gn", m, 1)
+    assert m._gauss_newton is not None
+    m.use_adam = True
+    before = params_of(m)
+    fit(tmp_path / "adam", m, 2)
+    assert m._gauss_newton is None
+    assert all(p.grad is not None for p in m.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters())
