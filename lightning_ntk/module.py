@@ -307,6 +307,12 @@ class PINNModule(pl.LightningModule):
                 "NTKGaussNewton does not support distributed training yet: each rank would solve with its own "
                 "points and the replicas would drift apart. Train on one device (devices=1)."
             )
+        if self._gauss_newton is not None and self.trainer.accumulate_grad_batches > 1:
+            raise MisconfigurationException(
+                "NTKGaussNewton steps on one batch (its rows make the whole NTK); accumulate_grad_batches="
+                f"{self.trainer.accumulate_grad_batches} would step on the last micro-batch alone. Put the points "
+                "in one batch and set accumulate_grad_batches=1."
+            )
         if self._captured_step is not None:
             self._captured_step.prepare_for_replay()
 

@@ -245,3 +245,10 @@ def test_a_later_fit_with_another_optimizer_takes_its_backward_again(tmp_path):
     assert m._gauss_newton is None
     assert all(p.grad is not None for p in m.parameters())
     assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
+def test_gradient_accumulation_is_refused_at_fit_start(tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=2"):
+        fit(tmp_path, model(GaussNewtonPINN), 2, accumulate_grad_batches=2)
