@@ -28,8 +28,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pinn_runner import GridPINN, SampledPoints, grid_2d, tanh_mlp, timed_args, timed_fit
 
-from lightning_ntk import NTKGaussNewton
-
 RE = 40.0
 LAM = RE / 2 - math.sqrt(RE**2 / 4 + 4 * math.pi**2)
 X, Y = (-0.5, 1.0), (-0.5, 1.5)
@@ -63,8 +61,6 @@ class Kovasznay(GridPINN):
         damping: float = 1e-3,
     ) -> None:
         super().__init__(terms=["mom_x", "mom_y", "div", "bc"])
-        if optimizer not in ("gauss_newton", "adam"):
-            raise ValueError(f"`optimizer` must be 'gauss_newton' or 'adam', got {optimizer!r}.")
         self.save_hyperparameters()
         self.net = tanh_mlp(width, depth, inputs=2, outputs=3)
         grid = grid_2d(101, 101, X, Y)
@@ -97,11 +93,6 @@ class Kovasznay(GridPINN):
             "div": du[:, 0] + dv[:, 1],
             "bc": bc,
         }
-
-    def configure_optimizers(self):
-        if self.hparams.optimizer == "gauss_newton":
-            return NTKGaussNewton(self, damping=self.hparams.damping)
-        return super().configure_optimizers()
 
 
 def sample_points(g: torch.Generator, interior: int, boundary: int) -> dict[str, torch.Tensor]:

@@ -99,6 +99,8 @@ class GridPINN(PINNModule):
         ``optimizer="gauss_newton"`` :class:`~lightning_ntk.NTKGaussNewton` from ``damping``."""
         hp = self.hparams
         optimizer = hp.get("optimizer", "adam")
+        if optimizer not in ("adam", "soap", "gauss_newton"):
+            raise ValueError(f"`optimizer` must be 'adam', 'soap' or 'gauss_newton', got {optimizer!r}.")
         if optimizer == "gauss_newton":
             return NTKGaussNewton(self, damping=hp.get("damping", 1e-3))
         if optimizer == "soap":

@@ -24,8 +24,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pinn_runner import GridPINN, SampledPoints, grid_2d, tanh_mlp, timed_args, timed_fit
 
-from lightning_ntk import NTKGaussNewton
-
 
 def exact_solution(xy: torch.Tensor) -> torch.Tensor:
     return torch.sin(math.pi * xy[:, 0]) * torch.sin(math.pi * xy[:, 1])
@@ -48,8 +46,6 @@ class Poisson2D(GridPINN):
         damping: float = 1e-3,
     ) -> None:
         super().__init__(terms=["pde", "bc"])
-        if optimizer not in ("gauss_newton", "adam"):
-            raise ValueError(f"`optimizer` must be 'gauss_newton' or 'adam', got {optimizer!r}.")
         self.save_hyperparameters()
         self.net = tanh_mlp(width, depth)
         grid = grid_2d(101, 101, (0.0, 1.0), (0.0, 1.0))
@@ -67,11 +63,6 @@ class Poisson2D(GridPINN):
         u_yy = torch.autograd.grad(du[:, 1].sum(), xy, create_graph=True)[0][:, 1]
         f = 2 * math.pi**2 * exact_solution(batch["pde"])
         return {"pde": -(u_xx + u_yy) - f, "bc": self.u(batch["bc"])}
-
-    def configure_optimizers(self):
-        if self.hparams.optimizer == "gauss_newton":
-            return NTKGaussNewton(self, damping=self.hparams.damping)
-        return super().configure_optimizers()
 
 
 def sample_points(g: torch.Generator, interior: int, boundary: int) -> dict[str, torch.Tensor]:
