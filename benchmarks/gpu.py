@@ -103,7 +103,7 @@ def model_rows(model, batch: tuple, label: str, repeats: int) -> dict[str, float
         "exact traces, captured": ms(captured_traces),
     }
     for name, call in (("step", captured_step), ("traces", captured_traces)):
-        reasons = {e.eager_reason for e in call.signatures.values() if e.eager_reason}
+        reasons = {e.eager_reason for e in call.entries.values() if e.eager_reason}
         if cuda and reasons:
             print(f"  {label}: captured {name} ran eagerly: {reasons}", flush=True)
     return rows

@@ -3,20 +3,21 @@
 At PINN sizes every eager GPU call is bound by kernel launches and Python, not by arithmetic (a
 3×256 network's exact traces: 12 ms eager, ~1.6 ms as a replayed graph; the table in ``docs/guides/gpu.md``).
 :class:`CapturedCall` wraps a function ``fn(*tensors) -> tensor or tuple of tensors`` and keeps one
-graph per *signature*: the inputs' shapes, dtypes and devices and the identity of the tensors that
-``fn`` reads besides its inputs (the parameters, given as ``state``). A call copies its inputs into
+graph per *capture key* (more than a batch signature: it holds the state too): the inputs' shapes,
+dtypes and devices and the identity of the tensors that ``fn`` reads besides its inputs (the
+parameters and point-weight buffers, given as ``state``). A call copies its inputs into
 static buffers and replays the graph; the graph reads the parameters where they live, so in-place
 updates (an optimizer step, ``load_state_dict``) are seen, and a new parameter set (``.to()``, a new
-module) is a new signature.
+module) is a new key.
 
-Everything a graph cannot do is decided before capture: the first call per signature runs ``fn``
+Everything a graph cannot do is decided before capture: the first call per key runs ``fn``
 eagerly on a side stream (warm-up: the package's per-layout caches fill, lazy buffers are made), then
 captures, replays once and compares with an eager call (``rtol``). Any capture error or mismatch
-turns the signature eager for good with one warning that names the reason: a failed capture costs
+turns the key eager for good with one warning that names the reason: a failed capture costs
 time, never a wrong number.
 
 On a CPU (or with ``enabled=False``) the same object keeps the same discipline eagerly — the same
-static buffers and copy-in, the same signature cache and invalidation — so its bookkeeping is tested
+static buffers and copy-in, the same key cache and invalidation — so its bookkeeping is tested
 on machines without a GPU.
 
 Example:
@@ -25,9 +26,9 @@ Example:
     >>> call = CapturedCall(lambda x: (w * x).sum(), state=lambda: [w])
     >>> call(torch.arange(3.0))
     tensor(3.)
-    >>> w.mul_(2)  # in place: the same signature, and the new values are read
+    >>> w.mul_(2)  # in place: the same key, and the new values are read
     tensor([2., 2., 2.])
-    >>> call(torch.arange(3.0)), len(call.signatures)
+    >>> call(torch.arange(3.0)), len(call.entries)
     (tensor(6.), 1)
 """
 
@@ -41,33 +42,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CapturedCall", "Signature", "captured_state"]
+__all__ = ["CaptureKey", "CapturedCall", "captured_state"]
 
-Signature = tuple  # ((shape, dtype, device) per input, (id, data_ptr, shape) per state tensor)
+CaptureKey = tuple  # ((shape, dtype, device) per input, (id, data_ptr, shape) per state tensor)
 
 
 @dataclass
 class _Entry:
-    """One signature: its static inputs, and its graph and static outputs once captured."""
+    """One capture key: its static inputs, and its graph and static outputs once captured."""
 
     inputs: list[Tensor]
     graph: Any = None  # torch.cuda.CUDAGraph
     outputs: tuple[Tensor, ...] | None = None
     single: bool = False
-    eager_reason: str | None = None  # why this signature runs eagerly (None: not decided yet / captured)
+    eager_reason: str | None = None  # why this key runs eagerly (None: not decided yet / captured)
     calls: int = 0
     notes: list[str] = field(default_factory=list)
 
 
 class CapturedCall:
-    """``fn`` replayed from one CUDA graph per input signature, eager where a graph cannot be used.
+    """``fn`` replayed from one CUDA graph per capture key, eager where a graph cannot be used.
 
     Args:
         fn: ``fn(*inputs) -> Tensor | tuple[Tensor, ...]``. It must read every value that changes from
             call to call either from its inputs or from tensors updated in place (listed by ``state``);
             Python-side branches are frozen at capture.
         state: Returns the tensors ``fn`` reads besides its inputs (usually the trainable parameters);
-            a change of their identity or storage starts a new signature.
+            a change of their identity or storage starts a new key.
         enabled: Capture on CUDA (default); ``False`` keeps every call eager (same buffers).
         warmup: Eager calls on a side stream before capture.
         rtol: Tolerance of the check of the first replay against an eager call (float32: 1e-5).
@@ -75,7 +76,7 @@ class CapturedCall:
             fresh numbers and advances them as an eager call would.
         snapshot: For an ``fn`` with side effects (a training step): saves the state it changes and
             returns a function that puts it back in place. The warm-up calls and the checked replay
-            are undone with it, so the first call per signature changes the state exactly once.
+            are undone with it, so the first call per key changes the state exactly once.
         name: Named in warnings.
     """
 
@@ -95,27 +96,27 @@ class CapturedCall:
             raise ValueError(f"`warmup` must be a positive int (eager calls before capture), got {warmup!r}.")
         self.fn, self.state, self.enabled, self.warmup, self.rtol = fn, state, enabled, warmup, rtol
         self.generators, self.snapshot, self.name = generators, snapshot, name
-        self.signatures: dict[Signature, _Entry] = {}
+        self.entries: dict[CaptureKey, _Entry] = {}
         self.warned: set[str] = set()
 
-    def signature(self, inputs: Sequence[Tensor]) -> Signature:
+    def key(self, inputs: Sequence[Tensor]) -> CaptureKey:
         ins = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         held = tuple((id(t), t.data_ptr(), tuple(t.shape)) for t in self.state())
         return ins, held
 
     def clear(self) -> None:
         """Forget every graph (e.g. after the function's Python-side behaviour changed)."""
-        self.signatures.clear()
+        self.entries.clear()
 
     def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         if not all(isinstance(t, Tensor) for t in inputs):
             raise TypeError(f"{type(self).__name__} takes tensors only, got {[type(t).__name__ for t in inputs]}.")
-        key = self.signature(inputs)
-        entry = self.signatures.get(key)
+        key = self.key(inputs)
+        entry = self.entries.get(key)
         if entry is None:
-            if len(self.signatures) >= 16:  # a shape that changes every call: keep memory bounded
-                self.signatures.pop(next(iter(self.signatures)))
-            entry = self.signatures[key] = _Entry([torch.empty_like(t) for t in inputs])
+            if len(self.entries) >= 16:  # a shape that changes every call: keep memory bounded
+                self.entries.pop(next(iter(self.entries)))
+            entry = self.entries[key] = _Entry([torch.empty_like(t) for t in inputs])
         _copy_in(entry.inputs, inputs)
         entry.calls += 1
         cuda = bool(inputs) and all(t.device.type == "cuda" for t in inputs)
@@ -192,6 +193,6 @@ def _copy_in(static: Sequence[Tensor], values: Sequence[Tensor]) -> None:
 def captured_state(module: torch.nn.Module) -> list[Tensor]:
     """What a replay of ``module``'s computations reads besides its inputs and must see in place: the
     trainable parameters and the per-term point-weight buffers (``point_weights``, written in place each
-    step; a new buffer, or one more or one fewer, is a new signature)."""
+    step; a new buffer, or one more or one fewer, is a new key)."""
     params = [p for p in module.parameters() if p.requires_grad]
     return params + list(getattr(module, "point_weights", {}).values())

@@ -172,10 +172,10 @@ class CapturedTrainingStep:
         return call
 
     def _warn_if_shapes_change(self, call: CapturedCall) -> None:
-        if len(call.signatures) > 4 and not self._warned_shapes:
+        if len(call.entries) > 4 and not self._warned_shapes:
             self._warned_shapes = True
             warnings.warn(
-                f"{type(self.module).__name__}(capture_step=True): the batch has had {len(call.signatures)} "
+                f"{type(self.module).__name__}(capture_step=True): the batch has had {len(call.entries)} "
                 "shapes; each new shape costs a capture. Use batches of one shape, or capture_step=False.",
                 stacklevel=4,
             )

@@ -33,8 +33,8 @@ def test_results_equal_eager_bit_for_bit_after_parameter_updates_and_new_batches
         opt.zero_grad()
         model.weighted_loss(batch)[0].backward()
         opt.step()  # in place: the same signature
-    assert len(call.signatures) == 1
-    assert next(iter(call.signatures.values())).calls == 4
+    assert len(call.entries) == 1
+    assert next(iter(call.entries.values())).calls == 4
 
 
 def test_the_function_reads_static_buffers_that_each_call_refills():
@@ -57,15 +57,15 @@ def test_a_new_shape_or_a_new_parameter_set_is_a_new_signature():
     call = CapturedCall(lambda x: net(x).sum(), state=lambda: list(net.parameters()))
     call(torch.ones(3, 2))
     call(torch.ones(3, 2))
-    assert len(call.signatures) == 1
+    assert len(call.entries) == 1
     call(torch.ones(5, 2))
-    assert len(call.signatures) == 2
+    assert len(call.entries) == 2
     net.weight = nn.Parameter(torch.zeros(1, 2))  # a new tensor, not an in-place change
     out = call(torch.ones(3, 2))
-    assert len(call.signatures) == 3
+    assert len(call.entries) == 3
     torch.testing.assert_close(out, net(torch.ones(3, 2)).sum())
     call.clear()
-    assert not call.signatures
+    assert not call.entries
 
 
 def test_tuples_and_disabled_capture():
@@ -155,7 +155,7 @@ def test_point_weights_are_state_of_the_captured_traces_and_each_replay_uses_the
     buffer = model.point_weights["pde"]
     assert any(t is buffer for t in captured_state(model))
     ((call, _),) = est.calls.values()
-    assert len(call.signatures) == 1  # the second ω was written into the same buffer: the same graph
+    assert len(call.entries) == 1  # the second ω was written into the same buffer: the same graph
 
 
 def test_point_weights_stay_out_of_the_loss_in_eval_mode():

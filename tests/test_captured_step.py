@@ -90,7 +90,7 @@ def test_captured_mode_trains_bit_for_bit_like_the_ordinary_module(tmp_path):
     for (name, a), b in zip(plain.state_dict().items(), captured.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     one_graph = captured._captured_step.calls
-    assert len(one_graph) == 1 and len(next(iter(one_graph.values())).signatures) == 1
+    assert len(one_graph) == 1 and len(next(iter(one_graph.values())).entries) == 1
 
 
 def test_a_weight_changed_between_two_steps_takes_effect(tmp_path):

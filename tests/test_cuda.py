@@ -83,7 +83,7 @@ def test_cut_component_backwards_on_cuda_equal_cpu_read_nothing_on_the_host_and_
         opt.zero_grad()
         sum(r.square().mean() for r in model.residuals(step_batch).values()).backward()
         opt.step()
-    (entry,) = call.signatures.values()
+    (entry,) = call.entries.values()
     assert entry.graph is not None and entry.eager_reason is None, entry.eager_reason
 
 
@@ -146,7 +146,7 @@ def test_captured_exact_traces_replay_a_graph_that_follows_parameter_updates():
         opt.zero_grad()
         model.weighted_loss(batch)[0].backward()
         opt.step()
-    (entry,) = call.signatures.values()
+    (entry,) = call.entries.values()
     assert entry.graph is not None and entry.eager_reason is None, entry.eager_reason
 
 
@@ -163,7 +163,7 @@ def test_callback_capture_on_cuda_gives_the_eager_weights(tmp_path, estimator):
     (eager, _), (captured, ntk) = runs
     torch.testing.assert_close(captured.ntk_weights, eager.ntk_weights, rtol=1e-4, atol=0)
     calls = [call for est in ntk._estimators.values() for call, _ in est.calls.values()]
-    graphs = [e.graph for call in calls for e in call.signatures.values()]
+    graphs = [e.graph for call in calls for e in call.entries.values()]
     assert graphs and all(g is not None for g in graphs)
 
 
@@ -182,7 +182,7 @@ def test_capture_step_on_cuda_trains_like_the_ordinary_module(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)  # capturable Adam: the same math in float64
     assert captured.causal["pde"].stage == eager.causal["pde"].stage
     (call,) = captured._captured_step.calls.values()
-    assert all(e.graph is not None for e in call.signatures.values())
+    assert all(e.graph is not None for e in call.entries.values())
 
 
 def test_captured_traces_on_cuda_replay_with_two_different_point_weights():
@@ -204,5 +204,5 @@ def test_captured_traces_on_cuda_replay_with_two_different_point_weights():
         results.append(got)
     assert not torch.equal(results[-1], results[-2])
     ((call, _),) = captured.calls.values()
-    (entry,) = call.signatures.values()
+    (entry,) = call.entries.values()
     assert entry.graph is not None and entry.eager_reason is None, entry.eager_reason
