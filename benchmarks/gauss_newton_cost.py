@@ -4,8 +4,9 @@ The problem is the Kovasznay flow of ``examples/kovasznay_2d.py`` (u, v, p; thre
 ordinary autograd style and a two-column boundary term), float64, one fixed batch. Per row count ``m``:
 
 - phases of a step: the Jacobian rows (one residual evaluation and the Gram path's backwards), ``K = J Jᵀ``
-  (one GEMM), the solve (Cholesky of ``K + μI`` and the triangular solves), ``Jᵀα``, and one try (a residual
-  evaluation for the gain ratio); the whole ``NTKGaussNewton.step`` (one try kept);
+  (``symmetric_gram``: the row blocks on and above the diagonal), the solve (Cholesky of ``K + μI`` and the
+  triangular solves), ``Jᵀα``, and one try (a residual evaluation for the gain ratio); the whole
+  ``NTKGaussNewton.step`` (one try kept);
 - the floor: one GEMM ``J Jᵀ`` of the same shape and one Cholesky of an ``m × m`` matrix, timed in the same run;
 - a plain Adam step of the same module and batch (loss, backward, update), and the memory of ``J`` and ``K``;
 - the matrix-free route (``solver="cg"``): one conjugate-gradient solve at ``μ = 1e-3`` and ``1e-6`` on the
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kovasznay_2d import Kovasznay, sample_points
 
 from lightning_ntk import NTKGaussNewton
-from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows
+from lightning_ntk.gauss_newton import gauss_newton_system, loss_rows, symmetric_gram
 from lightning_ntk.gauss_newton_matrix_free import matrix_free_system
 from lightning_ntk.jacobian.full import residual_jacobian
 
@@ -75,7 +76,7 @@ def case(width: int, depth: int, rows: int, repeats: int, dtype: torch.dtype, cg
     m, p = system.jacobian.shape
     out = {"m": m, "P": p}
     out["rows"] = median_seconds(lambda: residual_jacobian(measured, batch, model.terms), repeats)
-    out["K"] = median_seconds(lambda: system.jacobian @ system.jacobian.T, repeats)
+    out["K"] = median_seconds(lambda: symmetric_gram(system.jacobian), repeats)
 
     def solve():
         damped = system.kernel.clone()

@@ -52,8 +52,13 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     examples = sorted({example for example, _ in groups})
-    fig, axes = plt.subplots(1, len(examples), figsize=(5.5 * len(examples), 4), squeeze=False)
-    for ax, example in zip(axes[0], examples, strict=True):
+    columns = min(3, len(examples))
+    rows = -(-len(examples) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    colors = {"adam": "tab:blue", "gauss_newton": "tab:orange", "soap": "tab:green"}
+    for ax in axes.flat[len(examples) :]:
+        ax.set_visible(False)
+    for ax, example in zip(axes.flat, examples, strict=False):
         for (name, optimizer), runs in sorted(groups.items()):
             if name != example:
                 continue
@@ -62,10 +67,10 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> None:
             keep = [(t, [v for v in row if v is not None]) for t, row in zip(grid, rows, strict=True)]
             keep = [(t, row) for t, row in keep if len(row) == len(runs)]
             ts = [t for t, _ in keep]
-            line = ax.plot(ts, [statistics.median(row) for _, row in keep], label=f"{optimizer} ({len(runs)} seeds)")
-            ax.fill_between(
-                ts, [min(r) for _, r in keep], [max(r) for _, r in keep], alpha=0.25, color=line[0].get_color()
-            )
+            label = f"{optimizer} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+            color = colors.get(optimizer)
+            ax.plot(ts, [statistics.median(row) for _, row in keep], label=label, color=color)
+            ax.fill_between(ts, [min(r) for _, r in keep], [max(r) for _, r in keep], alpha=0.25, color=color)
         ax.set(yscale="log", xlabel="training time [s], one CPU thread", ylabel="relative L² error", title=example)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
