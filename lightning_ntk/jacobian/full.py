@@ -79,7 +79,7 @@ def residual_jacobian(module: nn.Module, batch: object, terms: Sequence[str] | N
         result = gram_jacobian(batch, params, evaluate, entry.gram, frozenset(entry.off_gram))
         if result.gram is not None:
             entry.gram = result.gram
-        residuals = {t: r.reshape(-1) for t, r in result.residuals.items()}
+        residuals = {t: r.detach().reshape(-1) for t, r in result.residuals.items()}
         skipped = set(entry.off_gram) | set(result.unsupported)
         jacobians = {t: rows.reshape(-1, rows.shape[-1]) for t, rows in result.norms.items() if t not in skipped}
     paths = dict.fromkeys(jacobians, "gram")
