@@ -18,13 +18,13 @@ from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.callback import NTKWeightingCallback
-from lightning_ntk.causal import point_scales
 from lightning_ntk.checks import non_negative_number, optional_seed, positive_int
 from lightning_ntk.collocation import draw, point_residual_norms, scored_density
 from lightning_ntk.contract import check_residuals
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.jacobian import per_point_squared_norms
 from lightning_ntk.module import PINNModule, require_pinn_module
+from lightning_ntk.ntk_view import point_scales
 from lightning_ntk.tensorboard import add_density_image, add_histogram, log_metrics
 
 __all__ = ["AdaptiveCollocation"]

@@ -18,8 +18,9 @@ since ``(1/N) Σ_n s_n |r_n|² = (1/M) Σ_k w_k L_k``. The NTK block of the term
 which is exactly JAX-PI's combination (the residual's NTK diagonal averaged per time chunk, multiplied by
 the causal weights, averaged over chunks) times ``N``, the factor that makes it ``Tr K_rr`` when every
 ``w_k = 1`` and the chunks hold equally many points. Because every estimator and the gradient-norm rule
-see the term through ``r̃`` (:class:`CausalResiduals`), they all measure this combination with no code of
-their own: the exact path, the sketches, ``fd`` and ``‖∇_θ mean_k(w_k L_k)‖``.
+see the term through ``r̃`` (:class:`~lightning_ntk.ntk_view.NTKView`, also importable as
+``CausalResiduals``), they all measure this combination with no code of their own: the exact path, the
+sketches, ``fd`` and ``‖∇_θ mean_k(w_k L_k)‖``.
 
 ``ε`` may follow a schedule: it moves to the next value once the smallest weight exceeds ``advance_at``
 (every chunk has been fitted), as in the paper.
@@ -29,14 +30,14 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_ntk.contract import check_residuals, declared_terms
+from lightning_ntk.ntk_view import NTKView, chunk_scales, point_scales, scale_rows
 
 __all__ = [
     "CausalResiduals",
@@ -88,37 +89,6 @@ def chunk_losses(residual: Tensor, chunks: Tensor, num_chunks: int, point_weight
     sums = per_point.new_zeros(num_chunks).index_add(0, chunks, per_point)
     counts = torch.bincount(chunks, minlength=num_chunks).to(per_point.dtype)
     return sums / counts.clamp_min(1)
-
-
-def chunk_scales(chunks: Tensor, weights: Tensor) -> Tensor:
-    """``w_k · N / (M · c_k)`` for every chunk ``k`` (0 for an empty chunk): the ``s_n`` of its points.
-
-    Example:
-        >>> chunk_scales(torch.tensor([0, 0, 0, 1]), torch.tensor([1.0, 0.5]))  # N = 4, M = 2, c = (3, 1)
-        tensor([0.6667, 1.0000])
-    """
-    num_chunks = weights.numel()
-    counts = torch.bincount(chunks.to(weights.device), minlength=num_chunks).to(weights.dtype)
-    return torch.where(counts > 0, weights.detach() * chunks.numel() / (num_chunks * counts.clamp_min(1)), 0.0)
-
-
-def point_scales(chunks: Tensor, weights: Tensor, point_weights: Tensor | None = None) -> Tensor:
-    """``s_n`` of every point: ``chunk_scales(chunks, weights)[chunks]``, or with importance weights ``ω``
-
-        s_n = w_k · ω_n · N / (M · Σ_{j∈k} ω_j),   k = k(n),
-
-    so that ``(1/N) Σ_n s_n |r_n|² = (1/M) Σ_k w_k L_k`` with the self-normalised chunk losses of
-    :func:`chunk_losses` (``ω ≡ 1`` gives ``chunk_scales``)."""
-    if point_weights is None:
-        return chunk_scales(chunks, weights)[chunks.to(weights.device)]
-    num_chunks = weights.numel()
-    chunks = chunks.to(weights.device)
-    omega = point_weights.to(weights)
-    mass = omega.new_zeros(num_chunks).index_add(0, chunks, omega)
-    per_chunk = torch.where(
-        mass > 0, weights.detach() * chunks.numel() / (num_chunks * mass.clamp_min(torch.finfo(omega.dtype).tiny)), 0.0
-    )
-    return per_chunk[chunks] * omega
 
 
 def causal_trace(point_norms: Tensor, chunks: Tensor, weights: Tensor) -> Tensor:
@@ -327,103 +297,5 @@ class CausalWeighting:
         )
 
 
-def scale_rows(residual: Tensor, scales: Tensor) -> Tensor:
-    """``√scales_n ·`` every row of point ``n`` of ``residual`` (``(N,)``, ``(N, d)``, …)."""
-    factor = scales.to(residual).sqrt()
-    return residual * factor.reshape(-1, *([1] * (residual.ndim - 1)))
-
-
-class CausalResiduals(nn.Module):
-    """A module's residuals with its causal terms replaced by ``r̃ = √s · r``, for NTK estimation.
-
-    :meth:`freeze` takes ``s`` from the full batch (its chunk losses at the current parameters, its point
-    counts); after that ``s_n`` depends on point ``n``'s time alone, so the view stays pointwise and every
-    estimator (the exact Gram path, sketches, ``fd``, subsets of points) and the gradient-norm rule
-    measure the causal combination. The callback uses it for a :class:`~lightning_ntk.PINNModule` with
-    ``causal`` terms; without Lightning, wrap the model yourself.
-
-    Args:
-        module: Has ``residuals(batch)`` (and may have ``terms`` and ``term_loss``).
-        causal: ``{term: CausalWeighting}``.
-        points: ``points(batch) -> {term: (N, d) points}`` for the causal terms; default
-            ``module.residual_points``.
-
-    Example::
-
-        view = CausalResiduals(model, {"pde": CausalWeighting(time_column=1)}, points=lambda b: {"pde": b["pde"]})
-        traces = ntk_traces(view.freeze(batch), batch, "exact")
-    """
-
-    def __init__(
-        self,
-        module: nn.Module,
-        causal: Mapping[str, CausalWeighting],
-        points: Callable[[Any], Mapping[str, Tensor]] | None = None,
-        point_weights: Callable[[], Mapping[str, Tensor]] | None = None,
-    ) -> None:
-        super().__init__()
-        self.inner = module
-        self.causal = dict(causal)
-        self._points = points if points is not None else getattr(module, "residual_points", None)
-        self._point_weights = point_weights if point_weights is not None else dict
-        self._scales: dict[str, Tensor] = {}
-        self._omega: dict[str, Tensor] = {}
-
-    @property
-    def terms(self) -> tuple[str, ...] | None:
-        return declared_terms(self.inner)
-
-    def _causal_points(self, batch: Any) -> Mapping[str, Tensor]:
-        if not self.causal:
-            return {}
-        points = self._points(batch)
-        missing = [name for name in self.causal if name not in points]
-        if missing:
-            raise ValueError(f"`residual_points(batch)` must return the points of the causal term(s) {missing}.")
-        return points
-
-    def freeze(self, batch: Any) -> CausalResiduals:
-        """Fix every causal term's ``w_k N / (M c_k)`` from ``batch``; returns ``self``."""
-        with torch.enable_grad():  # residuals in the ordinary style take input derivatives
-            residuals = check_residuals(self.inner.residuals(batch), self.terms, require_grad=False)
-        points = self._causal_points(batch)
-        self._omega = {name: w.detach() for name, w in self._point_weights().items()}
-        self._scales = {}
-        for name, cw in self.causal.items():
-            omega = self._omega.get(name)
-            chunks, weights = cw.weights(residuals[name], points[name], omega)
-            # Per chunk, so that s_n stays a function of point n (its time and its ω_n).
-            self._scales[name] = (
-                chunk_scales(chunks, weights) if omega is None else point_scales(chunks, weights, omega)
-            )
-        return self
-
-    def residuals(self, batch: Any) -> dict[str, Tensor]:
-        if set(self._scales) != set(self.causal):
-            raise RuntimeError("CausalResiduals.freeze(batch) must run before its residuals are used.")
-        out = dict(self.inner.residuals(batch))
-        points = self._causal_points(batch)
-        for name, cw in self.causal.items():
-            if name in self._omega:
-                out[name] = scale_rows(out[name], self._rows_of(name, out[name], self._scales[name]))
-            else:
-                out[name] = scale_rows(out[name], self._scales[name][cw.chunks(points[name]).to(out[name].device)])
-        for name, omega in self._omega.items():
-            if name not in self.causal:
-                out[name] = scale_rows(out[name], self._rows_of(name, out[name], omega))
-        return out
-
-    def _rows_of(self, name: str, residual: Tensor, per_point: Tensor) -> Tensor:
-        # Importance weights belong to the points of the frozen batch, not to a point's coordinates, so a
-        # path that evaluates points one at a time cannot be given them.
-        if residual.shape[0] != per_point.shape[0]:
-            raise ValueError(
-                f"Term {name!r} has importance weights for {per_point.shape[0]} points but its residual has "
-                f"{residual.shape[0]} rows here: importance-weighted traces need an estimator that evaluates the "
-                "whole batch (exact traces on the Gram path, 'fd', the sketches)."
-            )
-        return per_point.to(residual.device)
-
-    def term_loss(self, term: str, residual: Tensor) -> Tensor:
-        loss = getattr(self.inner, "term_loss", None)
-        return residual.square().mean() if loss is None else loss(term, residual)
+# The view, its row scaling and the scales live in lightning_ntk.ntk_view; the old names stay importable here.
+CausalResiduals = NTKView

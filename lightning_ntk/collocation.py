@@ -30,18 +30,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_ntk.causal import CausalResiduals
 from lightning_ntk.contract import check_residuals, declared_terms
 from lightning_ntk.jacobian import per_point_squared_norms
+from lightning_ntk.ntk_view import NTKView
 
 __all__ = ["draw", "ntk_diagonal", "point_residual_norms", "scored_density"]
 
 
 def _measured_view(module: nn.Module, batch: Any) -> nn.Module:
+    """The module's own NTK view (a :class:`~lightning_ntk.PINNModule`'s ``ntk_view``: causal scales and the
+    importance weights of this batch's points), or for another module with ``causal`` terms an
+    :class:`~lightning_ntk.ntk_view.NTKView` of them."""
+    own = getattr(module, "ntk_view", None)
+    if own is not None:
+        return own(batch)
     causal = getattr(module, "causal", None) or {}
-    if not causal:
-        return module
-    return CausalResiduals(module, causal, module.residual_points).freeze(batch)
+    return NTKView(module, causal, module.residual_points).freeze(batch) if causal else module
 
 
 def ntk_diagonal(

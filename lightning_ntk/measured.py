@@ -43,7 +43,7 @@ class CapturedEstimator(TraceEstimator):
     Args:
         estimator: The estimator to replay.
         measured: ``measured(module, batch)``: what the estimator measures (the module, or a view of it
-            such as :class:`~lightning_ntk.causal.CausalResiduals` frozen on the batch). It runs inside
+            such as :class:`~lightning_ntk.ntk_view.NTKView` frozen on the batch). It runs inside
             the captured computation, so what it derives from the batch is replayed too.
         terms: ``terms(module)``: the term names, in the order of the returned values.
 

@@ -17,9 +17,10 @@ from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.captured_step import CapturedTrainingStep
-from lightning_ntk.causal import CausalResiduals, CausalWeighting, scale_rows
+from lightning_ntk.causal import CausalWeighting
 from lightning_ntk.contract import check_residuals, check_terms, input_derivative_error
 from lightning_ntk.losses import StepLosses
+from lightning_ntk.ntk_view import NTKView, scale_rows
 from lightning_ntk.point_weights import PointWeights
 from lightning_ntk.tensorboard import add_chunk_profile
 
@@ -137,7 +138,7 @@ class PINNModule(pl.LightningModule):
         self._causal = _check_causal(causal, self._terms)
         self._point_weights = PointWeights(self._terms)
         # In a dict: a view (an nn.Module holding this module) set as an attribute would be a submodule.
-        self._views: dict[str, CausalResiduals] = {}
+        self._views: dict[str, NTKView] = {}
         self._before_optimizer_step: dict[object, Callable[[], None]] = {}
         self._gauss_newton: NTKGaussNewton | None = None  # set by NTKGaussNewton(self)
 
@@ -213,9 +214,9 @@ class PINNModule(pl.LightningModule):
         else:
             self._point_weights.write(weights, in_loss)
 
-    def ntk_view(self, batch: Any) -> PINNModule | CausalResiduals:
+    def ntk_view(self, batch: Any) -> PINNModule | NTKView:
         """What NTK estimators measure on ``batch``: this module, or with causal terms or point weights the
-        view of it (:class:`~lightning_ntk.causal.CausalResiduals`, frozen on ``batch``) whose causal
+        view of it (:class:`~lightning_ntk.ntk_view.NTKView`, frozen on ``batch``) whose causal
         residuals are scaled by the batch's causal weights and whose weighted points by ``√ω``, so every
         estimator takes the causal, uniform-measure trace. One view per module, kept: the exact path
         remembers its layouts per measured module."""
@@ -223,7 +224,7 @@ class PINNModule(pl.LightningModule):
             return self
         if "ntk" not in self._views:
             points = self.residual_points if self._causal else None
-            self._views["ntk"] = CausalResiduals(self, self._causal, points, self._current_point_weights)
+            self._views["ntk"] = NTKView(self, self._causal, points, self._current_point_weights)
         return self._views["ntk"].freeze(batch)
 
     def _current_point_weights(self) -> dict[str, Tensor]:

@@ -173,3 +173,21 @@ def test_importance_weighted_causal_loss_and_scales_equal_the_hand_computation()
         members = chunk == k
         want = (omega[members] * r[members] ** 2).sum() / omega[members].sum()
         torch.testing.assert_close(losses[k], want, rtol=1e-12, atol=0)
+
+
+def test_diagonal_of_a_pinn_module_counts_the_importance_weights_set_on_it():
+    torch.manual_seed(0)
+    model, batch = AutogradPoisson().double(), poisson_batch(n_r=9)
+    want = reference_point_norms(model, batch)
+    omega = torch.linspace(0.5, 2.0, 9, dtype=torch.float64)
+    model.set_point_weights({"pde": omega})
+    got = ntk_diagonal(model, batch)
+    torch.testing.assert_close(got["pde"], omega * want["pde"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(got["bc"], want["bc"], rtol=1e-10, atol=0)
+
+
+def test_point_scales_with_unit_weights_are_the_chunk_scales_at_each_point_bit_for_bit():
+    chunks = torch.tensor([0, 0, 2, 2, 2, 1, 0])
+    weights = torch.tensor([1.0, 0.3, 0.7], dtype=torch.float64)
+    unit = point_scales(chunks, weights, torch.ones(7, dtype=torch.float64))
+    assert torch.equal(unit, point_scales(chunks, weights)) and torch.equal(unit, chunk_scales(chunks, weights)[chunks])
