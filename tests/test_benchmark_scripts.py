@@ -174,3 +174,16 @@ def test_the_gauss_newton_benchmarks_run_and_print_their_tables(tmp_path):
     assert curves.returncode == 0, curves.stderr[-3000:]
     lines = {line.split()[1]: line.split() for line in curves.stdout.splitlines()[1:]}
     assert lines["gauss_newton"][3:5] == ["4.00e-01", "1.00e-03"] and lines["adam"][4] == "1.00e-01"
+
+
+def test_the_damping_benchmark_runs_both_rules():
+    for rule in ("nielsen", "marquardt"):
+        done = subprocess.run(
+            [sys.executable, "benchmarks/gauss_newton_damping.py", rule, "--seconds", "0.5"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.startswith(rule) and "rel. L2 of u" in done.stdout
