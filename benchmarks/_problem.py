@@ -89,7 +89,7 @@ def train_step_fn(model: FastPoisson, batch):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss, _ = model.weighted_loss(batch)
+        loss = model.step_losses(batch).total
         loss.backward()
         opt.step()
 

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss, _ = model.weighted_loss(batch)
+        loss = model.step_losses(batch).total
         loss.backward()
         opt.step()
 

@@ -207,7 +207,7 @@ def step_phases(model, batch, repeats: int) -> dict[str, float]:
     for i in range(repeats + 1):
         t0 = time.process_time()
         opt.zero_grad(set_to_none=True)
-        loss, _ = model.weighted_loss(batch)
+        loss = model.step_losses(batch).total
         t1 = time.process_time()
         loss.backward()
         t2 = time.process_time()

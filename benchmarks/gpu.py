@@ -83,7 +83,7 @@ def model_rows(model, batch: tuple, label: str, repeats: int) -> dict[str, float
 
     def step(*tensors):
         opt.zero_grad(set_to_none=False)
-        loss, _ = model.weighted_loss(tensors)
+        loss = model.step_losses(tensors).total
         loss.backward()
         opt.step()
         return loss.detach()

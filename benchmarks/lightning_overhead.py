@@ -3,7 +3,7 @@
 One process, one network (default 2×16 tanh, 32 points per term, the Poisson problem of `_problem.py`),
 the same number of Adam steps in each run, each row run ``--repeats`` times interleaved (fastest shown):
 
-- ``raw loop``: ``weighted_loss``, ``backward``, ``step`` in a Python loop (no Lightning);
+- ``raw loop``: ``step_losses``, ``backward``, ``step`` in a Python loop (no Lightning);
 - ``Trainer, bare module``: a LightningModule with the same loss and no ``self.log`` — Lightning's own cost;
 - ``Trainer, PINNModule``: the package's module (logs each term's loss and the total every step);
 - the same with a causal term, with a TensorBoard logger, and with ``capture_step=True``.
@@ -39,7 +39,7 @@ class BareModule(pl.LightningModule):
         self.model = model
 
     def training_step(self, batch, batch_idx):
-        return self.model.weighted_loss(batch)[0]
+        return self.model.step_losses(batch).total
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -91,7 +91,7 @@ def raw_step_time(model: FastPoisson, batch, steps: int) -> float:
     for _ in range(steps):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss, _ = model.weighted_loss(batch)
+        loss = model.step_losses(batch).total
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)

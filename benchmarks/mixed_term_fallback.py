@@ -64,7 +64,7 @@ def main(argv=None) -> None:
 
     def step():
         opt = torch.optim.Adam(pointwise.parameters(), lr=0.0)
-        loss, _ = pointwise.weighted_loss(batch)
+        loss = pointwise.step_losses(batch).total
         loss.backward()
         opt.step()
         opt.zero_grad()

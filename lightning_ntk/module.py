@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
@@ -267,7 +268,16 @@ class PINNModule(pl.LightningModule):
         return residual.square().mean()
 
     def weighted_loss(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(Σ_i w_i L_i, {term: L_i})`` on a batch; the weights are constants to autograd."""
+        """``(Σ_i w_i L_i, {term: L_i})`` on a batch.
+
+        .. deprecated:: 0.1.0
+            One name for one thing: use :meth:`step_losses` (``.total``, ``.losses``), which also carries the
+            causal weights of the step. ``weighted_loss`` will be removed in a later release.
+        """
+        rank_zero_deprecation(
+            "`PINNModule.weighted_loss(batch)` is deprecated: use `step_losses(batch)`, whose `.total` and `.losses` "
+            "are the two values it returned."
+        )
         step = self.step_losses(batch)
         return step.total, step.losses
 
@@ -433,8 +443,8 @@ class PINNModule(pl.LightningModule):
     def _evaluate_with_autograd(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         # Tensors made under inference mode cannot enter an autograd graph: work on fresh copies.
         with torch.inference_mode(False), torch.enable_grad():
-            total, losses = self.weighted_loss(_fresh_tensors(batch))
-        return total.detach(), {name: loss.detach() for name, loss in losses.items()}
+            step = self.step_losses(_fresh_tensors(batch))
+        return step.total.detach(), {name: loss.detach() for name, loss in step.losses.items()}
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

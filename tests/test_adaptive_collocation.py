@@ -156,7 +156,7 @@ def test_causal_loss_with_weights_in_it_uses_self_normalised_chunk_losses(tmp_pa
     at_step, omega = recorder.params[1], recorder.weights[1]["pde"]
     batch = {"ic": heat_batch(1)["ic"], "pde": recorder.points[1]}
     at_step.set_point_weights({"pde": omega})
-    _, losses = at_step.weighted_loss(batch)
+    losses = at_step.step_losses(batch).losses
     with torch.enable_grad():
         r = at_step.residuals(batch)["pde"].detach()
     s = causal_scales_by_hand(r, batch["pde"][:, 1], omega)

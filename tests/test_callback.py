@@ -36,7 +36,7 @@ class Recording(HelperPoisson):
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch, batch_idx):
-        total, _ = self.weighted_loss(batch)
+        total = self.step_losses(batch).total
         self.log("val/total", total, batch_size=1)
 
     def configure_optimizers(self):

@@ -76,7 +76,7 @@ def test_the_module_loss_of_a_causal_term_is_the_weighted_chunk_mean_with_no_gra
     torch.manual_seed(0)
     model, batch = Heat(), heat_batch()
     losses, weights, _ = causal_by_hand(model, batch)
-    _, terms = model.weighted_loss(batch)
+    terms = model.step_losses(batch).losses
     want = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / 4
     assert float(terms["pde"].detach()) == pytest.approx(want, rel=1e-12)
     # The gradient is that of Σ_k w_k L_k / 4 with the weights held constant ...

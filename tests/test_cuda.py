@@ -144,7 +144,7 @@ def test_captured_exact_traces_replay_a_graph_that_follows_parameter_updates():
         batch = to(poisson_batch(n_r=64, seed=seed, dtype=torch.float32), CUDA)
         torch.testing.assert_close(call(*batch), stacked_traces(model)(*batch), rtol=1e-5, atol=0)
         opt.zero_grad()
-        model.weighted_loss(batch)[0].backward()
+        model.step_losses(batch).total.backward()
         opt.step()
     (entry,) = call.entries.values()
     assert entry.graph is not None and entry.eager_reason is None, entry.eager_reason

@@ -108,13 +108,14 @@ def test_training_step_is_weighted_sum_and_term_loss_is_overridable():
     batch = poisson_batch()
     r = model.residuals(batch)
     expected = 3.0 * r["bc"].abs().mean() + 0.5 * r["pde"].square().mean()
-    total, losses = model.weighted_loss(batch)
+    step = model.step_losses(batch)
+    total, losses = step.total, step.losses
     torch.testing.assert_close(total, expected)
     torch.testing.assert_close(losses["pde"], r["pde"].square().mean())
     # The weights are constants for autograd: weights given as a tensor with a graph are not linked.
     w = torch.tensor([3.0, 0.5], dtype=torch.float64, requires_grad=True)
     model.set_term_weights(w)
-    total, _ = model.weighted_loss(batch)
+    total = model.step_losses(batch).total
     assert torch.autograd.grad(total, w, allow_unused=True)[0] is None
 
 
@@ -125,3 +126,16 @@ def test_checkpoint_with_other_terms_fails_clearly():
     other = PINNModule(terms=["boundary", "pde"])
     with pytest.raises(ValueError, match=r"written for terms \['bc', 'pde'\].*declares \['boundary', 'pde'\]"):
         other.on_load_checkpoint(ckpt)
+
+
+def test_weighted_loss_is_a_deprecated_name_of_step_losses():
+    model = HelperPoisson().double()
+    model.set_term_weights({"bc": 3.0, "pde": 0.5})
+    batch = poisson_batch()
+    with pytest.deprecated_call(match=r"step_losses\(batch\)"):
+        total, losses = model.weighted_loss(batch)
+    step = model.step_losses(batch)
+    torch.testing.assert_close(total, step.total, rtol=0, atol=0)
+    assert list(losses) == list(step.losses)
+    for name in losses:
+        torch.testing.assert_close(losses[name], step.losses[name], rtol=0, atol=0)

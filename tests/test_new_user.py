@@ -64,7 +64,7 @@ def test_a_two_point_two_component_residual_is_still_accepted():
 
 def test_points_without_requires_grad_get_an_error_that_says_what_to_change():
     with pytest.raises(RuntimeError, match=r"requires_grad_\(True\).*lightning_ntk.derivatives"):
-        Flow("no_requires_grad").weighted_loss(flow_batch())
+        Flow("no_requires_grad").step_losses(flow_batch())
 
 
 def test_the_lightning_free_core_says_the_same_for_a_plain_module():

@@ -195,7 +195,7 @@ def test_param_grad_is_that_of_the_weighted_loss_alone(tmp_path, estimator):
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[recorder, ntk], logger=False)
     trainer.fit(model, repeat_loader(batch, 1))
     reference.set_term_weights(recorder.weights[0])
-    loss, _ = reference.weighted_loss(batch)
+    loss = reference.step_losses(batch).total
     loss.backward()
     for got, p in zip(recorder.grads[0], reference.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, rtol=1e-12, atol=0)
@@ -237,7 +237,7 @@ def test_validate_and_predict_work_under_inference_mode_and_keep_weights(tmp_pat
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[NTKWeightingCallback(1)], logger=False)
     (metrics,) = trainer.validate(model, repeat_loader(batch, 1), verbose=False)
     assert {"val/loss/bc", "val/loss/pde", "val/loss/total"} <= set(metrics)
-    total, _ = model.weighted_loss(batch)
+    total = model.step_losses(batch).total
     assert metrics["val/loss/total"] == pytest.approx(float(total.detach()), rel=1e-5)
     (pred,) = trainer.predict(model, repeat_loader(batch, 1))
     assert set(pred) == {"bc", "pde"} and pred["pde"].shape == (12, 1)

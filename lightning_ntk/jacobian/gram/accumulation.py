@@ -17,6 +17,7 @@ gradient), the gradient is formed and squared.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -177,13 +178,12 @@ def _accumulate(
             p = params[use.name]
             acc = _accumulator(accs, use.name, p, workspace)
             if use.kind is UseKind.ELEMENTWISE:
-                _add_elementwise_use(acc, c, use, grad, plan, n, p.numel())
+                _add_elementwise_use(acc, c, use, grad, plan, n)
                 continue
             _add_matrix_use(acc, c, use, grad, plan, n)
             if use.factor is not None:
-                s = params[use.factor.name]
-                s_acc = _accumulator(accs, use.factor.name, s, workspace)
-                _factorize_last(acc, s_acc, c, use, plan, p, s.numel(), n)
+                s_acc = _accumulator(accs, use.factor.name, params[use.factor.name], workspace)
+                _factorize_last(acc, s_acc, c, use, plan, p)
     return accs
 
 
@@ -397,9 +397,7 @@ def _add_matrix_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: Use
         acc.add_factors(c, rows_grad, rows_other)
 
 
-def _factorize_last(
-    acc: _Accumulator, s_acc: _Accumulator, c: int, use: Use, plan: UsePlan, v: Tensor, s_numel: int, n: int
-) -> None:
+def _factorize_last(acc: _Accumulator, s_acc: _Accumulator, c: int, use: Use, plan: UsePlan, v: Tensor) -> None:
     """Turn the factors just added for ``Q = exp(S) ⊙ V`` into those of ``V`` and ``S``.
 
     With ``∂r_n/∂Q = Σ_k u_k ⊗ w_k`` (``u`` over the rows of ``V``, ``w`` over its columns) and ``F =
@@ -427,10 +425,11 @@ def _factorize_last(
         scale = factor[0, :].to(acc.dtype)
         grad_s = (w * (u @ q)).sum(0)  # Σ_k w_k ⊙ (Qᵀ u_k), (N, columns of V)
         acc.ys[c][-1] = w * scale
-    s_acc.add_dense(c, grad_s.new_zeros(n, s_numel).index_add_(1, plan.factor_index, grad_s))
+    s_numel = math.prod(s_acc.shape)
+    s_acc.add_dense(c, grad_s.new_zeros(grad_s.shape[0], s_numel).index_add_(1, plan.factor_index, grad_s))
 
 
-def _add_elementwise_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: UsePlan, n: int, numel: int) -> None:
+def _add_elementwise_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan: UsePlan, n: int) -> None:
     contribution = grad if use.other is None else grad * use.other
     if contribution.shape != grad.shape:
         contribution = contribution.expand(grad.shape)
@@ -438,5 +437,5 @@ def _add_elementwise_use(acc: _Accumulator, c: int, use: Use, grad: Tensor, plan
     if plan.identity:
         acc.add_dense(c, per_point if use.scale == 1.0 else per_point * use.scale)
         return
-    dense = per_point.new_zeros(n, numel).index_add_(1, plan.flat_index, per_point)
+    dense = per_point.new_zeros(n, math.prod(acc.shape)).index_add_(1, plan.flat_index, per_point)
     acc.add_dense(c, dense if use.scale == 1.0 else dense * use.scale)
