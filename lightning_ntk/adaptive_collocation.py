@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -13,18 +13,25 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.callback import NTKWeightingCallback
 from lightning_ntk.checks import non_negative_number, optional_seed, positive_int
 from lightning_ntk.collocation import draw, point_residual_norms, scored_density
+from lightning_ntk.collocation_points import (
+    check_points_are_read,
+    check_pool,
+    domain_excess,
+    parameters_frozen,
+    term_points,
+    with_points,
+)
 from lightning_ntk.contract import check_residuals
 from lightning_ntk.generators import CallbackGenerator
 from lightning_ntk.jacobian import per_point_squared_norms
 from lightning_ntk.module import PINNModule, require_pinn_module
-from lightning_ntk.ntk_view import point_scales
+from lightning_ntk.ntk_view import point_scales, scale_rows
 from lightning_ntk.tensorboard import add_density_image, add_histogram, log_metrics
 
 __all__ = ["AdaptiveCollocation"]
@@ -126,6 +133,7 @@ class AdaptiveCollocation(Callback):
         # tensors (a list-backed loader yields the same ones every step) are never lost.
         self._lent: list[tuple[Tensor, Tensor]] = []
         self._domain_checked: set[str] = set()  # terms whose sampler's domain was compared with the batch's
+        self._read_checked: set[str] = set()  # terms whose `points` tensor was probed against their residual
         self.pools: dict[str, Tensor] = {}
         self.densities: dict[str, Tensor] = {}
         self._last_scored: int | None = None  # the step whose pool was scored last (resumes skip it)
@@ -179,7 +187,7 @@ class AdaptiveCollocation(Callback):
             self._last_scored = step
         omegas = {}
         for name in self.samplers:
-            target = self._target(name, batch)
+            target = self._target(pl_module, name, batch)
             indices, omegas[name] = draw(self.densities[name], target.shape[0], self.generator)
             pool = self.pools[name]
             self._lent.append((target, target.clone()))
@@ -203,7 +211,7 @@ class AdaptiveCollocation(Callback):
         assert self.generator is not None
         scored = {}
         for name, sampler in self.samplers.items():
-            target = self._target(name, batch)
+            target = self._target(pl_module, name, batch)
             pool = self._checked_pool(name, sampler, target)
             q, diagonal = self._pool_scores(pl_module, batch, name, target, pool)
             scored[name] = (pool, q, q.pow(self.a), diagonal)
@@ -220,66 +228,22 @@ class AdaptiveCollocation(Callback):
             self.pools[name], self.densities[name] = pool, density.cpu()
             self._log(trainer, name, pool, density, powered, diagonal)
 
-    def _target(self, name: str, batch: Any) -> Tensor:
-        locate = self.points.get(name)
-        if locate is None and not isinstance(batch, Mapping):
-            raise ValueError(
-                f"AdaptiveCollocation: the batch is a {type(batch).__name__}, not a mapping with the key {name!r}: "
-                "pass "
-                f"`points={{{name!r}: lambda batch: ...}}` returning the tensor of term {name!r}'s points in the batch "
-                "(e.g. `lambda batch: batch[1]`)."
-            )
-        target = locate(batch) if locate is not None else batch[name]
-        if not isinstance(target, Tensor) or target.ndim < 1:
-            raise ValueError(
-                f"AdaptiveCollocation: the points of term {name!r} in the batch must be a tensor with one row per "
-                f"point, got {type(target).__name__}; pass `points={{{name!r}: lambda batch: ...}}`."
-            )
+    def _target(self, pl_module: PINNModule, name: str, batch: Any) -> Tensor:
+        target = term_points(batch, name, self.points.get(name))
+        if name not in self._read_checked:  # once per term and fit: one residual evaluation
+            check_points_are_read(pl_module, batch, name, target)
+            self._read_checked.add(name)
         return target
 
     def _checked_pool(self, name: str, sampler: Sampler, target: Tensor) -> Tensor:
         size = self.pool_factor * target.shape[0]
-        pool = sampler(self.generator, size)
-        shape = ", ".join(map(str, (size, *target.shape[1:])))
-        fix = f"The sampler of term {name!r} must return ({shape}) {target.dtype} points"
-        if not isinstance(pool, Tensor):
-            raise TypeError(f"{fix}; it returned {type(pool).__name__}.")
-        if pool.ndim != target.ndim or pool.shape[0] < target.shape[0] or pool.shape[1:] != target.shape[1:]:
-            raise ValueError(
-                f"{fix} (a pool at least as large as the batch's {target.shape[0]} points); it returned shape "
-                f"{tuple(pool.shape)} for n={size}."
-            )
-        if pool.dtype != target.dtype:
-            raise ValueError(f"{fix}; it returned {pool.dtype}.")
-        if pool.device.type != "cpu" and pool.device != target.device:
-            where = "the CPU" if target.device.type == "cpu" else f"the CPU or {target.device}"
-            raise ValueError(f"{fix} on {where}; it returned them on {pool.device}.")
-        pool = pool.to(target.device)
-        self._check_domain(name, pool, target)
+        pool = check_pool(name, sampler(self.generator, size), target, size)
+        if name not in self._domain_checked:  # warn once per term
+            self._domain_checked.add(name)
+            excess = domain_excess(name, pool, target)
+            if excess is not None:
+                rank_zero_warn(excess)
         return pool
-
-    def _check_domain(self, name: str, pool: Tensor, target: Tensor) -> None:
-        """Warn once per term when the candidates reach well beyond the bounding box of the data module's own
-        points in some coordinate: a sampler of the wrong domain."""
-        if name in self._domain_checked or target.ndim != 2 or target.shape[0] < 2:
-            return
-        self._domain_checked.add(name)
-        low, high = target.amin(0), target.amax(0)
-        # A uniform sample of N points misses about 1/N of its domain's width at each end: allow a quarter of
-        # the width plus four such gaps before calling the sampler's domain another one.
-        margin = (0.25 + 4 / target.shape[0]) * (high - low)
-        beyond = ((pool.amin(0) < low - margin) | (pool.amax(0) > high + margin)).nonzero().flatten().tolist()
-        if beyond:
-
-            def box(lo: Tensor, hi: Tensor) -> list[tuple[float, float]]:
-                return [(round(float(a), 4), round(float(b), 4)) for a, b in zip(lo, hi, strict=True)]
-
-            rank_zero_warn(
-                f"AdaptiveCollocation: the sampler of term {name!r} returns points in "
-                f"{box(pool.amin(0), pool.amax(0))} per coordinate, well beyond the batch's own points "
-                f"{box(low, high)} in coordinate(s) {beyond}. Give a sampler of the term's domain: points outside it "
-                "train the network where the PDE does not hold."
-            )
 
     def _pool_scores(
         self, pl_module: PINNModule, batch: Any, name: str, target: Tensor, pool: Tensor
@@ -287,10 +251,10 @@ class AdaptiveCollocation(Callback):
         """``(q, K̃)`` over the pool: residual norms and, for ``"ntk"``, the NTK diagonal (causally scaled)."""
         norms, diagonal = [], []
         # The residual score needs no graph through the parameters: only the input derivatives.
-        frozen = _parameters_frozen(pl_module) if self.score == "rad" else contextlib.nullcontext()
+        frozen = parameters_frozen(pl_module) if self.score == "rad" else contextlib.nullcontext()
         with frozen:
             for chunk in pool.split(self.chunk_size):
-                chunk_batch = _with_leaf(batch, target, chunk.clone())
+                chunk_batch = with_points(batch, target, chunk.clone())
                 with torch.enable_grad():
                     residuals = check_residuals(pl_module.residuals(chunk_batch), pl_module.terms, require_grad=False)
                     if self.score == "ntk":
@@ -305,7 +269,7 @@ class AdaptiveCollocation(Callback):
             # The pool's chunk losses (mean square over a point's components, as in training).
             chunks, weights = cw.weights(r / math.sqrt(components), pool)
             s = point_scales(chunks, weights).to(r)
-            r = r * s.sqrt()
+            r = scale_rows(r, s)  # r̃ = √s r, K̃ = s K: the rows the training loss weighs
             k = None if k is None else k * s
         return (r if k is None else r * k.clamp_min(0).sqrt()), k
 
@@ -380,29 +344,3 @@ def _check_arguments(
     unknown = sorted(set(points or {}) - set(samplers))
     if unknown:
         raise error(f"`points` names term(s) {unknown} without a sampler.")
-
-
-@contextlib.contextmanager
-def _parameters_frozen(module: torch.nn.Module) -> Iterator[None]:
-    """The module's trainable parameters with ``requires_grad=False`` inside, restored after."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    try:
-        for p in trainable:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-
-
-def _with_leaf(batch: Any, target: Tensor, replacement: Tensor) -> Any:
-    """``batch`` with the leaf that is ``target`` replaced (the other leaves shared, not copied)."""
-    leaves, spec = tree_flatten(batch)
-    hits = [i for i, leaf in enumerate(leaves) if leaf is target]
-    if len(hits) != 1:
-        raise ValueError(
-            "AdaptiveCollocation: a term's `points(batch)` must return one tensor of the batch itself (a leaf of "
-            "its dicts, lists and tuples), not a view or a copy of it."
-        )
-    leaves[hits[0]] = replacement
-    return tree_unflatten(leaves, spec)

@@ -437,3 +437,42 @@ def test_a_sampler_of_the_batchs_domain_is_not_warned_about(tmp_path, recwarn):
     cb = AdaptiveCollocation({"pde": unit_square}, score="rad", pool_factor=4, seed=0)
     fit(tmp_path, HeatAdam(), [cb], 2)
     assert not [w for w in recwarn if "sampler of term" in str(w.message)]
+
+
+def _same_size_batches(steps: int):
+    """Batches whose initial-condition points are as many as the PDE points (a wrong `points` passes every shape
+    check)."""
+    batches = []
+    for step in range(steps):
+        batch = heat_batch(step)
+        batch["ic"] = torch.cat([batch["ic"], batch["ic"]])
+        assert batch["ic"].shape == batch["pde"].shape
+        batches.append(batch)
+    return torch.utils.data.DataLoader(batches, batch_size=None)
+
+
+def test_points_aimed_at_another_terms_tensor_of_the_same_size_are_refused(tmp_path):
+    cb = AdaptiveCollocation({"pde": unit_square}, points={"pde": lambda b: b["ic"]}, pool_factor=2, seed=0)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"term 'pde''s residual stays finite when every point of that tensor is NaN"):
+        trainer.fit(HeatAdam(), _same_size_batches(3))
+
+
+def test_the_right_tensor_given_through_points_trains(tmp_path):
+    model = HeatAdam()
+    cb = AdaptiveCollocation({"pde": unit_square}, points={"pde": lambda b: b["pde"]}, pool_factor=2, seed=0)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[cb])
+    trainer.fit(model, _same_size_batches(3))
+    assert trainer.global_step == 2
+
+
+def test_a_residual_with_other_rows_than_the_points_is_refused(tmp_path):
+    class Doubled(HeatAdam):
+        def residuals(self, batch):
+            out = dict(super().residuals(batch))
+            out["pde"] = torch.cat([out["pde"], out["pde"]])
+            return out
+
+    cb = AdaptiveCollocation({"pde": unit_square}, pool_factor=2, seed=0)
+    with pytest.raises(ValueError, match=r"term 'pde''s residual has 16 rows for the tensor's 8 points"):
+        fit(tmp_path, Doubled(), [cb], 1)

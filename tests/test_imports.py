@@ -16,7 +16,8 @@ def test_core_imports_with_lightning_blocked():
     core = "lightning_ntk.traces, lightning_ntk.estimators, lightning_ntk.weights, lightning_ntk.spectrum"
     done = run(
         f"import lightning_ntk, {core}, lightning_ntk.derivatives, lightning_ntk.jacobian, lightning_ntk.averaging, "
-        "lightning_ntk.tags, lightning_ntk.estimators.grad_norm; "
+        "lightning_ntk.tags, lightning_ntk.estimators.grad_norm, lightning_ntk.causal, lightning_ntk.ntk_view, "
+        "lightning_ntk.collocation, lightning_ntk.collocation_points; "
         "print(sorted(m for m, v in sys.modules.items() if m.split('.')[0] == 'lightning' and v is not None))"
     )
     assert done.returncode == 0, done.stderr
