@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "CausalWeighting",
     "causal_trace",
     "causal_weights",
+    "check_causal_terms",
     "chunk_losses",
     "chunk_scales",
     "point_scales",
@@ -299,3 +300,23 @@ class CausalWeighting:
 
 # The view, its row scaling and the scales live in lightning_ntk.ntk_view; the old names stay importable here.
 CausalResiduals = NTKView
+
+
+def check_causal_terms(
+    causal: Mapping[str, CausalWeighting] | None, terms: Sequence[str]
+) -> dict[str, CausalWeighting]:
+    """``causal`` as a dict, checked against the declared ``terms``: one :class:`CausalWeighting` of its own per
+    declared term."""
+    if causal is None:
+        return {}
+    if not isinstance(causal, Mapping):
+        raise TypeError(f"`causal` must be a mapping {{term: CausalWeighting}}, got {type(causal).__name__}.")
+    unknown = [name for name in causal if name not in terms]
+    if unknown:
+        raise ValueError(f"`causal` names term(s) {unknown} that are not declared; declared terms: {list(terms)}.")
+    for name, cw in causal.items():
+        if not isinstance(cw, CausalWeighting):
+            raise TypeError(f"`causal[{name!r}]` must be a lightning_ntk.CausalWeighting, got {type(cw).__name__}.")
+    if len({id(cw) for cw in causal.values()}) != len(causal):
+        raise ValueError("Every causal term needs its own CausalWeighting object (each keeps its own ε stage).")
+    return dict(causal)

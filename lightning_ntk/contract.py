@@ -8,18 +8,24 @@ term's tensor (``shape[0]``) belongs to collocation point ``n``; every entry is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = [
     "ResidualCaller",
     "check_batch",
     "check_residuals",
+    "check_term_weights",
     "check_terms",
     "evaluate_residuals",
+    "explain_input_derivatives",
+    "fresh_tensors",
     "nonfinite_rows",
     "trainable_parameters",
 ]
@@ -243,3 +249,41 @@ def nonfinite_rows(residuals: Mapping[str, Tensor]) -> dict[str, str]:
             which = "the only non-finite row" if bad_rows.numel() == 1 else f"one of {bad_rows.numel()} non-finite rows"
             out[name] = f"{value} at row {row}, {which} ({flat.shape[0]} rows in all)"
     return out
+
+
+def check_term_weights(weights: object, terms: Sequence[str]) -> dict[str, float]:
+    """``{term: weight}`` for some of ``terms``, each a finite number > 0, as floats; else an error that says
+    which term and what it must be."""
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"Weights must be a mapping {{term: weight}}, got {type(weights).__name__}.")
+    unknown = [name for name in weights if name not in terms]
+    if unknown:
+        raise ValueError(f"Unknown term(s) {unknown} in weights; declared terms: {list(terms)}.")
+    for name, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"Weight of term {name!r} must be a finite number > 0, got {value!r}.")
+    return {name: float(value) for name, value in weights.items()}
+
+
+def fresh_tensors(batch: object) -> object:
+    """``batch`` with every tensor leaf cloned: tensors made under inference mode cannot enter an autograd graph,
+    their clones made outside it can."""
+    leaves, spec = tree_flatten(batch)
+    return tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
+
+
+def explain_input_derivatives(residuals: Callable[..., Any]) -> Callable[..., Any]:
+    """``residuals`` with torch's bare error about differentiating w.r.t. points without ``requires_grad``
+    replaced by one that says what to change (:func:`input_derivative_error`)."""
+
+    @functools.wraps(residuals)
+    def wrapped(self: object, batch: object) -> Any:
+        try:
+            return residuals(self, batch)
+        except RuntimeError as err:
+            explained = input_derivative_error(type(self).__name__, err)
+            if explained is None:
+                raise
+            raise explained from err
+
+    return wrapped

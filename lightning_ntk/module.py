@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -13,13 +11,18 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_ntk import tags
 from lightning_ntk.captured_step import CapturedTrainingStep
-from lightning_ntk.causal import CausalWeighting
-from lightning_ntk.contract import check_residuals, check_terms, input_derivative_error
+from lightning_ntk.causal import CausalWeighting, check_causal_terms
+from lightning_ntk.contract import (
+    check_residuals,
+    check_term_weights,
+    check_terms,
+    explain_input_derivatives,
+    fresh_tensors,
+)
 from lightning_ntk.losses import StepLosses
 from lightning_ntk.ntk_view import NTKView, scale_rows
 from lightning_ntk.point_weights import PointWeights
@@ -31,29 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["PINNModule", "StepLosses", "require_pinn_module"]
 
 
-def _fresh_tensors(batch: Any) -> Any:
-    leaves, spec = tree_flatten(batch)
-    return tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
-
-
 _CHECKPOINT_KEY = "lightning_ntk"
-
-
-def _explain_input_derivatives(residuals: Any) -> Any:
-    """``residuals`` with torch's bare error about differentiating w.r.t. points without ``requires_grad``
-    replaced by one that says what to change (:func:`~lightning_ntk.contract.input_derivative_error`)."""
-
-    @functools.wraps(residuals)
-    def wrapped(self: PINNModule, batch: Any) -> Any:
-        try:
-            return residuals(self, batch)
-        except RuntimeError as err:
-            explained = input_derivative_error(type(self).__name__, err)
-            if explained is None:
-                raise
-            raise explained from err
-
-    return wrapped
 
 
 class PINNModule(pl.LightningModule):
@@ -108,7 +89,7 @@ class PINNModule(pl.LightningModule):
         super().__init_subclass__(**kwargs)
         # Only plain methods: a staticmethod or a descriptor is left as the subclass wrote it.
         if inspect.isfunction(cls.__dict__.get("residuals")):
-            cls.residuals = _explain_input_derivatives(cls.__dict__["residuals"])
+            cls.residuals = explain_input_derivatives(cls.__dict__["residuals"])
 
     def __init__(
         self,
@@ -136,7 +117,7 @@ class PINNModule(pl.LightningModule):
         self.register_buffer("ntk_weights", torch.ones(len(self._terms)), persistent=True)
         if init_weights is not None:
             self.set_term_weights(init_weights)
-        self._causal = _check_causal(causal, self._terms)
+        self._causal = check_causal_terms(causal, self._terms)
         self._point_weights = PointWeights(self._terms)
         # In a dict: a view (an nn.Module holding this module) set as an attribute would be a submodule.
         self._views: dict[str, NTKView] = {}
@@ -174,17 +155,9 @@ class PINNModule(pl.LightningModule):
             with torch.no_grad():
                 self.ntk_weights.copy_(weights)
             return
-        if not isinstance(weights, Mapping):
-            raise TypeError(f"Weights must be a mapping {{term: weight}}, got {type(weights).__name__}.")
-        unknown = [name for name in weights if name not in self._terms]
-        if unknown:
-            raise ValueError(f"Unknown term(s) {unknown} in weights; declared terms: {list(self._terms)}.")
-        for name, value in weights.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"Weight of term {name!r} must be a finite number > 0, got {value!r}.")
         with torch.no_grad():
-            for name, value in weights.items():
-                self.ntk_weights[self._terms.index(name)] = float(value)
+            for name, value in check_term_weights(weights, self._terms).items():
+                self.ntk_weights[self._terms.index(name)] = value
 
     @property
     def point_weights(self) -> dict[str, Tensor]:
@@ -437,13 +410,13 @@ class PINNModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Returns the residuals ``{term: tensor}`` of the batch (detached); override to predict the solution."""
         with torch.inference_mode(False), torch.enable_grad():
-            residuals = check_residuals(self.residuals(_fresh_tensors(batch)), self._terms, require_grad=False)
+            residuals = check_residuals(self.residuals(fresh_tensors(batch)), self._terms, require_grad=False)
         return {name: r.detach() for name, r in residuals.items()}
 
     def _evaluate_with_autograd(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         # Tensors made under inference mode cannot enter an autograd graph: work on fresh copies.
         with torch.inference_mode(False), torch.enable_grad():
-            step = self.step_losses(_fresh_tensors(batch))
+            step = self.step_losses(fresh_tensors(batch))
         return step.total.detach(), {name: loss.detach() for name, loss in step.losses.items()}
 
     @override
@@ -469,22 +442,6 @@ class PINNModule(pl.LightningModule):
             )
         for name, state in causal.items():
             self._causal[name].load_state_dict(state)
-
-
-def _check_causal(causal: Mapping[str, CausalWeighting] | None, terms: Sequence[str]) -> dict[str, CausalWeighting]:
-    if causal is None:
-        return {}
-    if not isinstance(causal, Mapping):
-        raise TypeError(f"`causal` must be a mapping {{term: CausalWeighting}}, got {type(causal).__name__}.")
-    unknown = [name for name in causal if name not in terms]
-    if unknown:
-        raise ValueError(f"`causal` names term(s) {unknown} that are not declared; declared terms: {list(terms)}.")
-    for name, cw in causal.items():
-        if not isinstance(cw, CausalWeighting):
-            raise TypeError(f"`causal[{name!r}]` must be a lightning_ntk.CausalWeighting, got {type(cw).__name__}.")
-    if len({id(cw) for cw in causal.values()}) != len(causal):
-        raise ValueError("Every causal term needs its own CausalWeighting object (each keeps its own ε stage).")
-    return dict(causal)
 
 
 def require_pinn_module(module: pl.LightningModule, user: str) -> None:
