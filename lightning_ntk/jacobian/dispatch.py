@@ -6,7 +6,8 @@ tried fastest first, each term on the first path that applies to it.
     per output component (``benchmarks/exact_cost.py``: 0.8–1.1 training steps for scalar residuals,
     1.0 for a two-output 2-D PINN) for residuals in any style (autograd,
     :mod:`lightning_ntk.derivatives`, ``torch.func``, :class:`~lightning_ntk.taylor.TaylorMLP`).
-    Cross-checked once per module and batch signature against a per-point path on three points per term.
+    Cross-checked once per module and batch signature against a per-point path on up to three points per term
+    (first, middle, last).
 ``"vmap"`` (:mod:`~lightning_ntk.jacobian.vmap`)
     ``torch.func.vmap`` over points of ``jacrev``: residuals that run under ``torch.func``.
 ``"loop"`` (:mod:`~lightning_ntk.jacobian.loop`)
@@ -234,7 +235,7 @@ def _gram_step(request: _Request) -> _GramStep:
 
 
 def _cross_check(request: _Request, norms: Mapping[str, Tensor]) -> dict[str, str]:
-    """The terms whose Gram norms disagree with a per-point path on three points, with the reason.
+    """The terms whose Gram norms disagree with a per-point path on up to three points each, with the reason.
 
     The recorded uses cannot show everything (say, a parameter used inside a custom
     ``autograd.Function``): this runs once per module and batch signature.
