@@ -699,13 +699,13 @@ def test_a_thin_parameter_sums_factors_that_autograd_returns_as_zero_tensors():
     # torch 2.15's autograd hands some unreached gradients back as ZeroTensors, which are immutable: the
     # sum of a thin parameter's rank-one factors must not write into one (it sent the 1-D Poisson example
     # to the slow vmap path there). Per point: Σ_k x_k ⊗ y_k with y of width 1.
-    from lightning_ntk.jacobian.gram.accumulation import _Accumulator
+    from lightning_ntk.jacobian.gram.accumulator import Accumulator
 
     g = torch.Generator().manual_seed(0)
     n, a = 5, 3
     zero = torch._efficientzerotensor((1, n, a), dtype=torch.float64)
     x1, y0, y1 = (torch.rand(1, n, w, generator=g, dtype=torch.float64) for w in (a, 1, 1))
-    acc = _Accumulator("w", (a, 1), torch.float64, None)
+    acc = Accumulator("w", (a, 1), torch.float64, None)
     acc.add_factors(0, zero, y0)
     acc.add_factors(0, x1, y1)
     torch.testing.assert_close(acc.thin_sum(0), x1[0] * y1[0], rtol=1e-12, atol=0)
@@ -715,10 +715,10 @@ def test_a_thin_parameter_sums_factors_that_autograd_returns_as_zero_tensors():
 def test_per_parameter_norms_of_several_dtypes_add_up_with_promotion():
     # A module whose parameters differ in dtype gives per-parameter norms of several dtypes: they are
     # summed with promotion to the widest dtype, as the adds they replaced did.
-    from lightning_ntk.jacobian.gram.accumulation import _sum
+    from lightning_ntk.jacobian.gram.accumulator import sum_all
 
     parts = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25], dtype=torch.float64), torch.tensor([1.0, 1.0])]
-    total = _sum(parts)
+    total = sum_all(parts)
     assert total.dtype == torch.float64
     torch.testing.assert_close(total, torch.tensor([2.5, 3.25], dtype=torch.float64))
-    torch.testing.assert_close(_sum(parts[::2]), torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(sum_all(parts[::2]), torch.tensor([2.0, 3.0]))

@@ -19,8 +19,9 @@ One call, in three steps, each in its own module:
    plainly and finds the uses in the autograd graph (:mod:`~.walking`), where the confirming call
    showed that this finds every use with the same operand.
 2. :mod:`~.layouts` — where the points sit in each use's output, confirmed once per module and batch
-   layout by a seeded second backward and kept as one :class:`~.layouts.GramEntry`.
-3. :mod:`~.accumulation` — the Gram products, per parameter, for all uses and output components.
+   signature by a seeded second backward and kept as one :class:`~.layouts.GramEntry`.
+3. :mod:`~.accumulation` — each use's gradient as factors of its parameter's per-point gradient, and
+   :mod:`~.accumulator` — the Gram products on them, per parameter, for all uses and output components.
 
 Between 1 and 3 run the backward passes: on a warm call one per output component for every group of
 terms whose uses are disjoint (each term evaluating the network on its own points: one group), so a
