@@ -19,7 +19,8 @@ One call, in three steps, each in its own module:
    plainly and finds the uses in the autograd graph (:mod:`~.walking`), where the confirming call
    showed that this finds every use with the same operand.
 2. :mod:`~.layouts` — where the points sit in each use's output, confirmed once per module and batch
-   signature by a seeded second backward and kept as one :class:`~.layouts.GramEntry`.
+   signature by a seeded second backward (:func:`~.confirming.confirm_uses`, which also groups the terms
+   and finds the cuts) and kept as one :class:`~.layouts.GramEntry`.
 3. :mod:`~.accumulation` — each use's gradient as factors of its parameter's per-point gradient, and
    :mod:`~.accumulator` — the Gram products on them, per parameter, for all uses and output components.
 
@@ -68,13 +69,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge
 
 from lightning_ntk.jacobian.gram import cuts, walking
-from lightning_ntk.jacobian.gram.accumulation import plan_use, term_jacobian, term_norms
+from lightning_ntk.jacobian.gram.accumulation import term_jacobian, term_norms
+from lightning_ntk.jacobian.gram.confirming import UseOutputs, confirm_uses
 from lightning_ntk.jacobian.gram.cuts import Grads
-from lightning_ntk.jacobian.gram.graph import Graph, locate
-from lightning_ntk.jacobian.gram.layouts import GramEntry, UseKey, UsePlan, choose_layout
+from lightning_ntk.jacobian.gram.graph import locate
+from lightning_ntk.jacobian.gram.layouts import GramEntry, UsePlan
 from lightning_ntk.jacobian.gram.recording import GramUnsupported, Use, evaluate_plainly, fingerprint, record_uses
 
 __all__ = ["GramEntry", "GramResult", "GramUnsupported", "gram_jacobian", "gram_squared_norms"]
@@ -134,9 +135,9 @@ def gram_squared_norms(
     found = _found_again(batch, params, residuals_fn, known)
     residuals, flat, uses, entry, located = found.residuals, found.flat, found.uses, found.entry, found.located
     rows = {term: r.numel() for term, r in residuals.items()}
-    outputs = _Outputs(uses)
+    outputs = UseOutputs(uses)
     if entry is None:
-        entry, grads, backwards = _confirm(uses, flat, outputs, params, skip)
+        entry, grads, backwards = confirm_uses(uses, flat, outputs, params, skip)
         # Rows that are not finite confirm nothing about the layout there: such an entry is not kept.
         keep = entry if all(bool(torch.isfinite(r).all()) for r in residuals.values()) else None
         if keep is not None:
@@ -185,7 +186,7 @@ class _TermReduction:
 
     entry: GramEntry
     uses: list[Use]
-    outputs: _Outputs
+    outputs: UseOutputs
     params: Mapping[str, Tensor]
     flat: Mapping[str, Tensor]
     reduce: Callable[..., Tensor]
@@ -277,84 +278,6 @@ def _flat(residuals: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {term: r.reshape(r.shape[0], -1) for term, r in residuals.items()}
 
 
-class _Outputs:
-    """Where autograd gives the gradients at the uses' outputs (the tensors, or the edges of a walk),
-    once each, and each use's position."""
-
-    def __init__(self, uses: list[Use]) -> None:
-        self.tensors: list[Tensor | GradientEdge] = []
-        self.slot: dict[int, int] = {}  # use index → position in tensors
-        positions: dict[object, int] = {}
-        for i, use in enumerate(uses):
-            target = use.output
-            if target is None or (isinstance(target, Tensor) and not target.requires_grad):
-                continue
-            key = id(target) if isinstance(target, Tensor) else (id(target.node), target.output_nr)
-            j = positions.setdefault(key, len(self.tensors))
-            if j == len(self.tensors):
-                self.tensors.append(target)
-            self.slot[i] = j
-
-
-def _confirm(
-    uses: list[Use], flat: Mapping[str, Tensor], outputs: _Outputs, params: Mapping[str, Tensor], skip: frozenset[str]
-) -> tuple[GramEntry, dict[str, list[Grads]], int]:
-    """Layouts and plans of every use, term by term and component by component (two backwards each:
-    plain and seeded), the groups of terms that may share a backward from now on, and, with several
-    output components, where each group's backward of a component is cut (one traced backward per
-    term and component)."""
-    entry = GramEntry(fingerprint(uses))
-    seeds = torch.Generator(device="cpu").manual_seed(0)
-    terms = [t for t in flat if t not in skip]
-    several = any(flat[t].shape[1] > 1 for t in terms)
-    graph = Graph(list(flat.values())) if several else None
-    reach: dict[str, list[set[int]]] = {}
-    grads: dict[str, list[Grads]] = {}
-    touched: dict[str, set[int]] = {}
-    backwards = 0
-    for term in terms:
-        rows = flat[term]
-        n = rows.shape[0]
-        weights = (1 + torch.rand(n, generator=seeds, dtype=torch.float64)).to(rows)
-        plans: dict[UseKey, UsePlan] = {}
-        per_component: list[Grads] = []
-        if graph is not None:
-            reach[term] = [cuts.reached(graph, rows[:, c].sum(), outputs.tensors) for c in range(rows.shape[1])]
-            backwards += rows.shape[1]
-        try:
-            for c in range(rows.shape[1]):
-                cut = [] if graph is None else [graph.nodes[i] for i in _cut_nodes(graph, [reach[term]], c)]
-                g = cuts.backward(rows[:, c].sum(), outputs.tensors, cut)
-                seeded = cuts.backward((rows[:, c] * weights).sum(), outputs.tensors, cut)
-                backwards += 2
-                for i, j in outputs.slot.items():
-                    if g[j] is not None:
-                        layout = choose_layout(uses[i], g[j], seeded[j], weights, n)
-                        plans[UseKey(term, c, i)] = plan_use(uses[i], layout, n, params)
-                per_component.append(g)
-        except GramUnsupported as err:
-            entry.unsupported[term] = str(err)
-            continue
-        entry.plans.update(plans)
-        grads[term] = per_component
-        touched[term] = {key.use for key in plans}
-    entry.groups = _disjoint_groups(touched)
-    if graph is not None:
-        for k, group in enumerate(entry.groups):
-            for c in range(max(flat[t].shape[1] for t in group)):
-                found = _cut_nodes(graph, [reach[t] for t in group], c)
-                if found:
-                    entry.cuts[(k, c)] = tuple(graph.path(i) for i in found)
-    return entry, grads, backwards
-
-
-def _cut_nodes(graph: Graph, reach: list[list[set[int]]], c: int) -> list[int]:
-    """Where to cut the backward of component ``c`` of some terms, given what each term's components reach."""
-    mine = set().union(*(r[c] for r in reach if c < len(r)))
-    others = set().union(*(s for r in reach for k, s in enumerate(r) if k != c))
-    return cuts.find_cuts(graph, mine, others)
-
-
 def _locate_cuts(entry: GramEntry, roots: list[Tensor]) -> dict[tuple[int, int], list] | None:
     """The entry's cut nodes in this call's graph, or ``None`` if the graph is not the confirmed one."""
     located = {}
@@ -366,25 +289,11 @@ def _locate_cuts(entry: GramEntry, roots: list[Tensor]) -> dict[tuple[int, int],
     return located
 
 
-def _disjoint_groups(touched: Mapping[str, set[int]]) -> list[list[str]]:
-    """Terms in groups whose recorded uses do not overlap (first fit, in term order)."""
-    groups: list[tuple[list[str], set[int]]] = []
-    for term, mine in touched.items():
-        for names, seen in groups:
-            if not mine & seen:
-                names.append(term)
-                seen |= mine
-                break
-        else:
-            groups.append(([term], set(mine)))
-    return [names for names, _ in groups]
-
-
 def _grads_by_group(
     entry: GramEntry,
     uses: list[Use],
     flat: Mapping[str, Tensor],
-    outputs: _Outputs,
+    outputs: UseOutputs,
     skip: frozenset[str],
     located: Mapping[tuple[int, int], list],
 ) -> Iterator[_GroupGrads]:
