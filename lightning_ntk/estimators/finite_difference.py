@@ -192,24 +192,44 @@ def finite_difference_traces(
     sampler, layout = _point_sampler(module, batch, evaluate, points_per_probe, generator, params[0].device)
     samples: dict[str, list[Tensor]] = {}
     rows: dict[str, int] = {}
+
+    def probe_batch() -> object:
+        return batch if sampler is None else sampler()
+
     for _ in range(num_probes):
-        hz = {
-            k: h * rademacher(tuple(p.shape), generator=generator, device=p.device, dtype=p.dtype)
-            for k, p in named.items()
-        }
-        probe_batch = batch if sampler is None else sampler()
-        # Perturbed copies are swapped in by functional_call and swapped out again in its own
-        # `finally`, so the module's parameters are never written to.
-        plus = evaluate(probe_batch, hz)
-        minus = evaluate(probe_batch, {k: -v for k, v in hz.items()})
-        for name in plus:
-            points = layout.get(name, plus[name].shape[0])
-            diff = (plus[name] - minus[name]) / (2 * h)
-            samples.setdefault(name, []).append(diff.square().sum() * (points / diff.shape[0]))
-            rows[name] = plus[name].numel() // plus[name].shape[0] * points  # integers: no rounding down
+        for name, (sample, count) in _one_probe(evaluate, named, h, generator, probe_batch, layout).items():
+            samples.setdefault(name, []).append(sample)
+            rows[name] = count
     stats = {name: mean_and_stderr(torch.stack(values)) for name, values in samples.items()}
     info = {"num_probes": num_probes, "step_size": h, "points_per_probe": points_per_probe}
     return TraceEstimate({n: t for n, (t, _) in stats.items()}, {n: e for n, (_, e) in stats.items()}, rows, "fd", info)
+
+
+def _one_probe(
+    evaluate: Callable[..., dict[str, Tensor]],
+    named: Mapping[str, Tensor],
+    h: float,
+    generator: torch.Generator | None,
+    probe_batch: Callable[[], object],
+    layout: Mapping[str, int],
+) -> dict[str, tuple[Tensor, int]]:
+    """One probe ``z``: per term ``‖(r(θ+hz) − r(θ−hz)) / 2h‖²`` scaled from the points evaluated to all ``N_i``,
+    and the term's row count. ``z`` is drawn before ``probe_batch()`` draws the points (same generator)."""
+    hz = {
+        k: h * rademacher(tuple(p.shape), generator=generator, device=p.device, dtype=p.dtype) for k, p in named.items()
+    }
+    b = probe_batch()
+    # Perturbed copies are swapped in by functional_call and swapped out again in its own
+    # `finally`, so the module's parameters are never written to.
+    plus = evaluate(b, hz)
+    minus = evaluate(b, {k: -v for k, v in hz.items()})
+    out = {}
+    for name in plus:
+        points = layout.get(name, plus[name].shape[0])
+        diff = (plus[name] - minus[name]) / (2 * h)
+        # Row count from integers: no rounding down.
+        out[name] = (diff.square().sum() * (points / diff.shape[0]), plus[name].numel() // plus[name].shape[0] * points)
+    return out
 
 
 def _check_call(num_probes: int, step_scale: float, step_size: float | None, points_per_probe: PointsPerProbe) -> None:
