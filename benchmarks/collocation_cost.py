@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         cb = AdaptiveCollocation(
             {"pde": interior}, score=score, pool_factor=args.pool_factor, chunk_size=args.chunk_size, seed=0
         )
-        cb.generator = torch.Generator().manual_seed(0)
+        cb.rng.start(torch.device("cpu"))  # what `setup` does (seed 0, rank 0)
 
         def scoring(cb=cb) -> None:
             cb.score_pools(trainer, model, batch)

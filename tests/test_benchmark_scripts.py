@@ -187,3 +187,25 @@ def test_the_damping_benchmark_runs_both_rules():
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.startswith(rule) and "rel. L2 of u" in done.stdout
+
+
+def test_the_collocation_cost_benchmark_runs_and_prints_both_scores():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/collocation_cost.py",
+            "--pool-factor",
+            "1",
+            "--repeats",
+            "1",
+            "--steps-per-repeat",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split()[0] for line in done.stdout.strip().splitlines()[2:]]
+    assert rows == ["rad", "ntk"], done.stdout
