@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_ntk.contract import check_term_mapping
 from lightning_ntk.ntk_view import NTKView, chunk_scales, point_scales, scale_rows
 
 __all__ = [
@@ -309,11 +310,7 @@ def check_causal_terms(
     declared term."""
     if causal is None:
         return {}
-    if not isinstance(causal, Mapping):
-        raise TypeError(f"`causal` must be a mapping {{term: CausalWeighting}}, got {type(causal).__name__}.")
-    unknown = [name for name in causal if name not in terms]
-    if unknown:
-        raise ValueError(f"`causal` names term(s) {unknown} that are not declared; declared terms: {list(terms)}.")
+    check_term_mapping(causal, terms, "`causal`", "CausalWeighting")
     for name, cw in causal.items():
         if not isinstance(cw, CausalWeighting):
             raise TypeError(f"`causal[{name!r}]` must be a lightning_ntk.CausalWeighting, got {type(cw).__name__}.")

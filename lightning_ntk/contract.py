@@ -21,6 +21,7 @@ __all__ = [
     "ResidualCaller",
     "check_batch",
     "check_residuals",
+    "check_term_mapping",
     "check_term_weights",
     "check_terms",
     "evaluate_residuals",
@@ -251,14 +252,21 @@ def nonfinite_rows(residuals: Mapping[str, Tensor]) -> dict[str, str]:
     return out
 
 
+def check_term_mapping(value: object, terms: Sequence[str], what: str, entry: str) -> Mapping:
+    """``value`` if it is a mapping ``{term: entry}`` whose keys are all declared ``terms``; else an error that
+    names ``what`` was given and the declared terms."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping {{term: {entry}}}, got {type(value).__name__}.")
+    unknown = [name for name in value if name not in terms]
+    if unknown:
+        raise ValueError(f"Unknown term(s) {unknown} in {what}; declared terms: {list(terms)}.")
+    return value
+
+
 def check_term_weights(weights: object, terms: Sequence[str]) -> dict[str, float]:
     """``{term: weight}`` for some of ``terms``, each a finite number > 0, as floats; else an error that says
     which term and what it must be."""
-    if not isinstance(weights, Mapping):
-        raise TypeError(f"Weights must be a mapping {{term: weight}}, got {type(weights).__name__}.")
-    unknown = [name for name in weights if name not in terms]
-    if unknown:
-        raise ValueError(f"Unknown term(s) {unknown} in weights; declared terms: {list(terms)}.")
+    weights = check_term_mapping(weights, terms, "weights", "weight")
     for name, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"Weight of term {name!r} must be a finite number > 0, got {value!r}.")

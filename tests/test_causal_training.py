@@ -185,8 +185,10 @@ def test_tensorboard_gets_the_chunk_weights_the_smallest_weight_and_epsilon(tmp_
 
 
 def test_misconfigured_causal_terms_fail_early(tmp_path):
-    with pytest.raises(ValueError, match=r"not declared"):
+    with pytest.raises(ValueError, match=r"Unknown term\(s\) \['res'\] in `causal`; declared terms: \['ic', 'pde'\]"):
         PINNModule(terms=["ic", "pde"], causal={"res": CausalWeighting(time_column=1)})
+    with pytest.raises(TypeError, match=r"`causal` must be a mapping \{term: CausalWeighting\}, got list"):
+        PINNModule(terms=["ic", "pde"], causal=[CausalWeighting(time_column=1)])
     with pytest.raises(TypeError, match="CausalWeighting"):
         PINNModule(terms=["ic", "pde"], causal={"pde": {"time_column": 1}})
     shared = CausalWeighting(time_column=1)
