@@ -170,8 +170,9 @@ class AdaptiveCollocation(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Moves restored pools to the module's device."""
+        """Moves restored pools to the module's device; each term's points are probed again in this fit."""
         self.pools = {name: pool.to(pl_module.device) for name, pool in self.pools.items()}
+        self._read_checked.clear()
 
     @override
     def on_train_batch_start(

@@ -476,3 +476,17 @@ def test_a_residual_with_other_rows_than_the_points_is_refused(tmp_path):
     cb = AdaptiveCollocation({"pde": unit_square}, pool_factor=2, seed=0)
     with pytest.raises(ValueError, match=r"term 'pde''s residual has 16 rows for the tensor's 8 points"):
         fit(tmp_path, Doubled(), [cb], 1)
+
+
+def test_the_points_probe_runs_once_per_term_and_fit(tmp_path, monkeypatch):
+    import lightning_ntk.adaptive_collocation as module
+
+    probed = []
+    original = module.check_points_are_read
+    monkeypatch.setattr(module, "check_points_are_read", lambda *a: probed.append(a[2]) or original(*a))
+    cb = AdaptiveCollocation({"pde": unit_square}, every_n_steps=1, pool_factor=2, seed=0)
+    model = HeatAdam()
+    fit(tmp_path, model, [cb], 3)
+    assert probed == ["pde"]
+    fit(tmp_path, model, [cb], 2)
+    assert probed == ["pde", "pde"]
