@@ -490,3 +490,10 @@ def test_the_points_probe_runs_once_per_term_and_fit(tmp_path, monkeypatch):
     assert probed == ["pde"]
     fit(tmp_path, model, [cb], 2)
     assert probed == ["pde", "pde"]
+
+
+def test_the_points_probe_is_not_mistaken_for_an_anomaly(tmp_path):
+    # Trainer(detect_anomaly=True) raises on NaN in any backward; the probe's NaN points are deliberate.
+    cb = AdaptiveCollocation({"pde": unit_square}, pool_factor=2, seed=0)
+    trainer = fit(tmp_path, HeatAdam(), [cb], 2, detect_anomaly=True)
+    assert trainer.global_step == 2
